@@ -1,0 +1,153 @@
+"""CPU mode: the one place that lets Megatron-Core's MoE path run on CPU over gloo.
+
+Nothing here runs on import. ``enable_cpu_mode()`` applies every adaptation (idempotent) and
+``disable_cpu_mode()`` restores the originals. Entry points, tests and the CPU demo call it
+explicitly. Each adaptation names the upstream code (megatron-core 0.16.1) it stands in for.
+
+Still CUDA-only after this: the GPU RNG tracker (build with ``use_cpu_initialization=True``),
+MoE recompute, GroupedMLP / TEGroupedMLP experts, fused permutation and the flex dispatcher.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+_originals: dict[str, tuple[object, str, object]] = {}
+
+
+class _NoStream:
+    """Stands in for the CUDA stream the all-to-all dispatcher keeps for device-to-host copies."""
+
+    def __repr__(self) -> str:
+        return "<no CUDA stream: megatron_adamoe CPU mode>"
+
+
+def _cpu_current_device() -> torch.device:
+    return torch.device("cpu")
+
+
+def _maybe_dtoh_and_synchronize_cpu(self, point: str, tokens_per_expert=None):
+    """Mirrors ``MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize``.
+
+    Upstream copies the split sizes to the host on a side CUDA stream at ``cuda_dtoh_point`` and
+    waits on an event at ``cuda_sync_point``. On CPU there is nothing to wait for: only the
+    conversion of the split sizes to host integers (what the collectives take) is kept.
+    """
+
+    def to_host(value):
+        return value.tolist() if torch.is_tensor(value) and value.dim() > 0 else value
+
+    if not self.drop_and_pad and point == self.cuda_dtoh_point:
+        self.input_splits = to_host(self.input_splits)
+        self.output_splits = to_host(self.output_splits)
+        if torch.is_tensor(self.num_out_tokens):
+            self.num_out_tokens = int(self.num_out_tokens)
+    return tokens_per_expert
+
+
+def _gather_along_first_dim_gloo(input_, group, output_split_sizes=None, use_global_buffer=False):
+    """Mirrors ``tensor_parallel.mappings._gather_along_first_dim``.
+
+    Upstream gathers uneven splits with a list ``all_gather``, which gloo rejects. Here every rank
+    pads its piece to the largest split, gathers evenly, and the padding is cut away.
+    """
+    world_size = group.size()
+    if world_size == 1:
+        return input_
+    input_ = input_.contiguous()
+    if output_split_sizes is None:
+        output = input_.new_empty((input_.size(0) * world_size, *input_.shape[1:]))
+        dist.all_gather_into_tensor(output, input_, group=group)
+        return output
+    max_rows = max(output_split_sizes)
+    padded = input_.new_zeros((max_rows, *input_.shape[1:]))
+    padded[: input_.size(0)] = input_
+    gathered = input_.new_empty((max_rows * world_size, *input_.shape[1:]))
+    dist.all_gather_into_tensor(gathered, padded, group=group)
+    pieces = [gathered[r * max_rows : r * max_rows + n] for r, n in enumerate(output_split_sizes)]
+    return torch.cat(pieces, dim=0)
+
+
+def _reduce_scatter_along_first_dim_gloo(
+    input_, group, input_split_sizes=None, use_global_buffer=False
+):
+    """Mirrors ``tensor_parallel.mappings._reduce_scatter_along_first_dim``.
+
+    Upstream reduce-scatters uneven splits with a list ``reduce_scatter``, which gloo does not
+    implement. Here the full tensor is all-reduced and each rank keeps its own split.
+    """
+    world_size = group.size()
+    if world_size == 1:
+        return input_
+    input_ = input_.contiguous()
+    if input_split_sizes is None:
+        assert input_.size(0) % world_size == 0
+        output = input_.new_empty((input_.size(0) // world_size, *input_.shape[1:]))
+        dist.reduce_scatter_tensor(output, input_, group=group)
+        return output
+    reduced = input_.clone()
+    dist.all_reduce(reduced, group=group)
+    start = sum(input_split_sizes[: group.rank()])
+    return reduced[start : start + input_split_sizes[group.rank()]].clone()
+
+
+def _patch(name: str, owner, attribute: str, replacement) -> None:
+    if name not in _originals:
+        _originals[name] = (owner, attribute, getattr(owner, attribute, None))
+    setattr(owner, attribute, replacement)
+
+
+def enable_cpu_mode() -> None:
+    """Apply the CPU/gloo adaptations to Megatron-Core (idempotent). Call before building layers."""
+    from megatron.core.tensor_parallel import mappings
+    from megatron.core.transformer.moe import moe_utils
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    # 1. `torch.cuda.current_device()` picks the device of new buffers in Router.gating (it moves
+    #    the gate weight there), TopKRouter's expert-bias buffers, tensor_parallel.mappings'
+    #    collective outputs and GlobalMemoryBuffer: on CPU they all belong on the CPU.
+    if not torch.cuda.is_available():
+        _patch("current_device", torch.cuda, "current_device", _cpu_current_device)
+    # 2. MoEAlltoAllTokenDispatcher.__init__: `torch.cuda.Stream()` when the class attribute
+    #    `cuda_dtoh_stream` is None. A placeholder makes it skip the CUDA call.
+    if MoEAlltoAllTokenDispatcher.cuda_dtoh_stream is None:
+        _patch("dtoh_stream", MoEAlltoAllTokenDispatcher, "cuda_dtoh_stream", _NoStream())
+    # 3. MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize: CUDA streams and events.
+    _patch(
+        "dtoh_sync",
+        MoEAlltoAllTokenDispatcher,
+        "_maybe_dtoh_and_synchronize",
+        _maybe_dtoh_and_synchronize_cpu,
+    )
+    # 4. moe_utils.RouterGatingLinearFunction reads `te_general_gemm`, a name bound only when
+    #    Transformer Engine imports.
+    if not hasattr(moe_utils, "te_general_gemm"):
+        _patch("te_general_gemm", moe_utils, "te_general_gemm", None)
+    # 5. Uneven all-gather / reduce-scatter (expert-TP > 1): list collectives gloo lacks.
+    _patch("gather_first", mappings, "_gather_along_first_dim", _gather_along_first_dim_gloo)
+    _patch(
+        "reduce_scatter_first",
+        mappings,
+        "_reduce_scatter_along_first_dim",
+        _reduce_scatter_along_first_dim_gloo,
+    )
+    logger.debug("megatron_adamoe CPU mode enabled: %s", sorted(_originals))
+
+
+def disable_cpu_mode() -> None:
+    """Undo :func:`enable_cpu_mode`."""
+    for owner, attribute, original in _originals.values():
+        if original is None and attribute == "te_general_gemm":
+            delattr(owner, attribute)
+        else:
+            setattr(owner, attribute, original)
+    _originals.clear()
+
+
+def cpu_mode_enabled() -> bool:
+    return bool(_originals)

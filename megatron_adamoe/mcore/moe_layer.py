@@ -1,0 +1,79 @@
+"""AdaMoELayer: Megatron-Core's MoELayer with the AdaMoE router, dispatcher and identity nulls."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+from megatron_adamoe.mcore.config import AdaMoEConfig
+from megatron_adamoe.mcore.router import AdaMoERouter
+from megatron_adamoe.mcore.token_dispatcher import DISPATCHERS
+
+
+class AdaMoELayer(MoELayer):
+    """MoELayer whose token dispatcher ships true-expert assignments only.
+
+    The router must be an :class:`AdaMoERouter` (``MoESubmodules.router``). Identity null experts
+    add ``identity_weight * x`` to the routed output locally, with no communication.
+
+    Note: Megatron's TransformerLayer passes ``pg_collection`` only to modules that *are* MoELayer,
+    so inside a TransformerLayer this layer uses the process groups of ``parallel_state``.
+    """
+
+    def __init__(
+        self,
+        config: AdaMoEConfig,
+        submodules: Optional[MoESubmodules] = None,
+        layer_number: Optional[int] = None,
+        pg_collection=None,
+    ):
+        """Mirrors MoELayer.__init__, then replaces the stock token dispatcher.
+
+        MoELayer picks its dispatcher class from ``moe_token_dispatcher_type`` with no hook, so the
+        stock one is built and then swapped for the AdaMoE subclass of the same type.
+        """
+        if not isinstance(config, AdaMoEConfig):
+            raise TypeError(f"AdaMoELayer needs an AdaMoEConfig, got {type(config).__name__}")
+        if submodules is None or not issubclass(_router_class(submodules.router), AdaMoERouter):
+            raise TypeError("AdaMoELayer needs MoESubmodules(router=AdaMoERouter, ...)")
+        if pg_collection is None:
+            pg_collection = get_default_pg_collection()
+        super().__init__(config, submodules, layer_number, pg_collection)
+        dispatcher_class = DISPATCHERS[config.moe_token_dispatcher_type]
+        self.token_dispatcher = dispatcher_class(
+            self.num_local_experts,
+            self.local_expert_indices,
+            config=self.config,
+            pg_collection=pg_collection,
+        )
+        if self.use_shared_expert and self.shared_expert_overlap:
+            self.token_dispatcher.set_shared_experts(self.shared_experts)
+        self._identity_weight_T = None
+
+    def route(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        """Mirrors MoELayer.route; keeps the identity-null weights for ``forward``."""
+        routing = self.router.route(hidden_states, padding_mask)
+        if self.config.adamoe_null_expert_type == "identity":
+            self._identity_weight_T = routing.identity_weight_T
+        return routing.probs_TE, routing.routing_map_TE
+
+    def forward(self, hidden_states: torch.Tensor, intermediate_tensors=None, padding_mask=None):
+        """Mirrors MoELayer.forward, adding the identity-null term ``s * x`` to the output."""
+        if intermediate_tensors is not None:
+            raise ValueError(
+                "intermediate_tensors (partial CUDA-graph capture) is not supported by AdaMoELayer"
+            )
+        output, mlp_bias = super().forward(hidden_states, padding_mask=padding_mask)
+        if self._identity_weight_T is not None:
+            identity_weight = self._identity_weight_T.view(*hidden_states.shape[:-1], 1)
+            output = output + (identity_weight * hidden_states).to(output.dtype)
+            self._identity_weight_T = None
+        return output, mlp_bias
+
+
+def _router_class(router_builder) -> type:
+    return router_builder if isinstance(router_builder, type) else type(router_builder)
+

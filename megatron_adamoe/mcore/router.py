@@ -1,0 +1,173 @@
+"""AdaMoERouter: Megatron-Core's TopKRouter over n true + m null experts."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core.transformer.moe.moe_utils import (
+    apply_random_logits,
+    get_tokens_per_expert_and_token_count,
+    save_to_aux_losses_tracker,
+)
+from megatron.core.transformer.moe.router import TopKRouter
+
+from megatron_adamoe.mcore.config import AdaMoEConfig
+from megatron_adamoe.ops.losses import null_aware_load_balancing_loss
+from megatron_adamoe.ops.routing import NullExpertRouting, null_expert_topk_routing, routing_stats
+
+LOAD_METRICS = ("adamoe/load", "adamoe/bypass_fraction", "adamoe/null_fraction")
+
+
+def k_eff_metric_names(topk: int) -> tuple[str, ...]:
+    """Tracker names of the k_eff histogram: fraction of tokens using j true experts."""
+    return tuple(f"adamoe/k_eff_{j}_fraction" for j in range(topk + 1))
+
+
+class AdaMoERouter(TopKRouter):
+    """Top-k over n true + m null experts; hands the dispatcher the true experts only.
+
+    The gate weight is [n + m, hidden]. ``forward`` returns ``probs`` and ``routing_map`` of shape
+    [tokens, n] (a row has 0..k entries), as the Megatron dispatcher contract requires.
+    ``route`` also returns the identity-null weights. With m = 0 every output equals TopKRouter's
+    bit for bit.
+
+    Attributes set by each forward, for logging: ``last_routing_stats`` (ops.RoutingStats).
+    ``training_step`` drives the aux-loss coefficient schedule; the training loop sets it
+    (``megatron_adamoe.set_adamoe_training_step``).
+    """
+
+    def __init__(self, config: AdaMoEConfig, pg_collection=None) -> None:
+        if not isinstance(config, AdaMoEConfig):
+            raise TypeError(f"AdaMoERouter needs an AdaMoEConfig, got {type(config).__name__}")
+        super().__init__(config=config, pg_collection=pg_collection)
+        self.num_null_experts = config.adamoe_num_null_experts
+        self.num_experts_with_nulls = config.adamoe_num_experts_with_nulls
+        if self.num_null_experts > 0:
+            # Router.__init__ sizes the gate by num_moe_experts: re-create it over n + m rows.
+            self.weight = torch.nn.Parameter(
+                torch.empty((self.num_experts_with_nulls, config.hidden_size), dtype=torch.float32)
+            )
+            if self.bias is not None:
+                self.bias = torch.nn.Parameter(
+                    torch.empty((self.num_experts_with_nulls,), dtype=torch.float32)
+                )
+            self.reset_parameters()
+        self.aux_loss_schedule = config.aux_loss_coeff_schedule()
+        self.training_step = 0
+        self.last_routing_stats = None
+
+    def current_aux_loss_coeff(self) -> float:
+        return self.aux_loss_schedule(self.training_step)
+
+    def is_aux_loss_enabled(self) -> bool:
+        """Mirrors TopKRouter.is_aux_loss_enabled; the coefficient comes from the schedule."""
+        return self.current_aux_loss_coeff() > 0
+
+    def route(
+        self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None
+    ) -> NullExpertRouting:
+        """Mirrors TopKRouter.forward, returning the identity-null weights as well."""
+        input = self.apply_input_jitter(input)
+        logits = self.gating(input)
+        if self.config.moe_router_force_load_balancing:
+            logits = apply_random_logits(logits)
+        return self._route_logits(logits, padding_mask)
+
+    def forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        """Mirrors TopKRouter.forward: (probs [T, n], routing_map [T, n])."""
+        routing = self.route(input, padding_mask)
+        return routing.probs_TE, routing.routing_map_TE
+
+    def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        """Mirrors TopKRouter.routing over [.., n + m] logits; returns the true-expert slice."""
+        routing = self._route_logits(logits, padding_mask)
+        return routing.probs_TE, routing.routing_map_TE
+
+    def _route_logits(self, logits, padding_mask) -> NullExpertRouting:
+        """TopKRouter.routing with null experts: z-loss, top-k over n + m, null-aware aux loss.
+
+        Upstream's token dropping, sinkhorn, seq/global aux losses and expert bias are rejected
+        by AdaMoEConfig, so they have no branch here.
+        """
+        seq_length, bsz = logits.shape[:2]
+        logits = logits.view(-1, self.num_experts_with_nulls)
+        if padding_mask is not None:
+            padding_mask = padding_mask.reshape(-1)
+        logits = self.apply_z_loss(logits, padding_mask=padding_mask)
+
+        routing = null_expert_topk_routing(
+            logits,
+            self.topk,
+            self.config.num_moe_experts,
+            weight_norm=self.config.adamoe_weight_norm,
+            scaling_factor=self.config.moe_router_topk_scaling_factor,
+        )
+        probs = routing.probs_TE
+        if self.training and torch.is_grad_enabled() and self.is_aux_loss_enabled():
+            probs = self._apply_null_aware_aux_loss(probs, logits, routing, padding_mask)
+        self._record_routing_stats(routing, padding_mask)
+        return NullExpertRouting(
+            probs, routing.routing_map_TE, routing.routing_map_TX, routing.identity_weight_T
+        )
+
+    def _apply_null_aware_aux_loss(self, probs, logits, routing, padding_mask):
+        """Mirrors TopKRouter._apply_aux_loss with paper Eq. 6 in place of the Switch loss."""
+        coeff = self.current_aux_loss_coeff()
+        scores_TX = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        routing_map_TX = routing.routing_map_TX
+        if padding_mask is not None:
+            valid_T1 = (~padding_mask).unsqueeze(-1)
+            scores_TX, routing_map_TX = scores_TX * valid_T1, routing_map_TX * valid_T1
+        assignments_X, local_num_tokens, total_num_tokens = get_tokens_per_expert_and_token_count(
+            routing_map=routing_map_TX,
+            reduce_group=self.tp_cp_group,
+            topk=self.topk,
+            with_padding_mask=padding_mask is not None,
+        )
+        aux_loss = null_aware_load_balancing_loss(
+            scores_TX,
+            assignments_X,
+            total_num_tokens,
+            self.topk,
+            self.num_null_experts,
+            coeff,
+        )
+        return self.attach_and_log_load_balancing_loss(
+            probs,
+            coeff,
+            aux_loss,
+            "load_balancing_loss",
+            self.tp_cp_group,
+            valid_token_count=local_num_tokens,
+        )
+
+    def _record_routing_stats(self, routing: NullExpertRouting, padding_mask) -> None:
+        """Keep this forward's statistics; in training also feed Megatron's MoE metrics tracker.
+
+        Tracker values are local sums over this rank's tokens divided by the tokens of the whole
+        tensor/context-parallel group, so the tracker's reduction over that group gives the mean
+        (the same convention as the load-balancing loss).
+        """
+        with torch.no_grad():
+            valid_T = None if padding_mask is None else ~padding_mask
+            stats = routing_stats(routing.routing_map_TE, self.topk, valid_T)
+            self.last_routing_stats = stats
+            if not (self.training and torch.is_grad_enabled()) or self.layer_number is None:
+                return
+            group_tokens = stats.num_tokens.clamp(min=1) * self.tp_cp_group.size()
+            values = {
+                "adamoe/load": stats.num_true_assignments / group_tokens,
+                "adamoe/bypass_fraction": stats.k_eff_histogram_K1[0] / group_tokens,
+                "adamoe/null_fraction": (
+                    stats.num_tokens * self.topk - stats.num_true_assignments
+                )
+                / (group_tokens * self.topk),
+            }
+            for name, count in zip(k_eff_metric_names(self.topk), stats.k_eff_histogram_K1):
+                values[name] = count / group_tokens
+            num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
+            for name, value in values.items():
+                save_to_aux_losses_tracker(
+                    name, value, self.layer_number, num_layers, reduce_group=self.tp_cp_group
+                )

@@ -1,0 +1,29 @@
+"""Pure torch math for AdaMoE: routing, the null-aware loss, statistics, schedules.
+
+Nothing here imports Megatron-Core or torch.distributed.
+"""
+
+from megatron_adamoe.ops.losses import null_aware_assignment_counts, null_aware_load_balancing_loss
+from megatron_adamoe.ops.routing import (
+    WEIGHT_NORMS,
+    NullExpertRouting,
+    RoutingStats,
+    expected_load,
+    null_expert_topk_routing,
+    routing_stats,
+    topk_slots_from_routing_map,
+)
+from megatron_adamoe.ops.schedule import AuxLossCoeffSchedule
+
+__all__ = [
+    "WEIGHT_NORMS",
+    "AuxLossCoeffSchedule",
+    "NullExpertRouting",
+    "RoutingStats",
+    "expected_load",
+    "null_aware_assignment_counts",
+    "null_aware_load_balancing_loss",
+    "null_expert_topk_routing",
+    "routing_stats",
+    "topk_slots_from_routing_map",
+]

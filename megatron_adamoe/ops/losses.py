@@ -1,0 +1,53 @@
+"""Null-aware load-balancing loss (AdaMoE paper Eq. 6).
+
+Pure torch. Shape legend: T tokens, E true experts, Z null experts, X = E + Z all experts
+(true experts first).
+
+    f_i  = (1 / (K T)) * sum_t 1[i in S_t]        fraction of the K*T assignments given to expert i
+    P_i  = (1 / T)     * sum_t p_{t,i}            mean router probability (softmax over X)
+    f~_i = f_i for true experts; for null experts the mean of f over the nulls
+    L    = coeff * X * sum_i f~_i P_i
+
+Nulls form one averaged bucket, so they are never balanced against each other (paper Table 4).
+With Z = 0 this is the Switch-Transformer loss, computed with the same operations as Megatron-Core's
+``switch_load_balancing_loss_func``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def null_aware_assignment_counts(assignments_X: torch.Tensor, num_null_experts: int) -> torch.Tensor:
+    """Replace the null experts' assignment counts by their mean (the f~ of Eq. 6, unnormalised)."""
+    if num_null_experts == 0:
+        return assignments_X
+    num_true = assignments_X.numel() - num_null_experts
+    assignments_X = assignments_X.float()
+    null_mean = assignments_X[num_true:].mean().expand(num_null_experts)
+    return torch.cat([assignments_X[:num_true], null_mean])
+
+
+def null_aware_load_balancing_loss(
+    scores_TX: torch.Tensor,
+    assignments_X: torch.Tensor,
+    total_num_tokens: int | torch.Tensor,
+    topk: int,
+    num_null_experts: int,
+    coeff: float,
+) -> torch.Tensor:
+    """Eq. 6 on one rank's share of a batch.
+
+    scores_TX:        softmax router probabilities of this rank's tokens (over all X experts).
+    assignments_X:    assignment counts per expert over the whole batch (all ranks that share it).
+    total_num_tokens: tokens in the whole batch.
+    Summing the result over the ranks that share the batch gives the loss of the whole batch, as in
+    Megatron's sequence-parallel aux loss.
+    """
+    num_experts = scores_TX.size(1)
+    assert assignments_X.numel() == num_experts and 0 <= num_null_experts < num_experts
+    balanced_X = null_aware_assignment_counts(assignments_X, num_null_experts)
+    aggregated_probs_X = scores_TX.sum(dim=0)
+    return torch.sum(aggregated_probs_X * balanced_X) * (
+        num_experts * coeff / (topk * total_num_tokens * total_num_tokens)
+    )

@@ -1,0 +1,178 @@
+"""AdaMoE routing math: top-k over true + null experts, and the per-layer routing statistics.
+
+Pure torch: no Megatron, no torch.distributed. Allocates on the input's device.
+
+Shape legend:
+    T  tokens
+    E  true experts (n in the paper)
+    Z  null experts (m in the paper)
+    X  all experts, X = E + Z; columns [0, E) are true experts, [E, X) null experts
+    K  top-k picks per token over all X experts
+
+Weights of the selected experts (``weight_norm``), with p = softmax over all X logits and S the
+token's K picks:
+
+    "true_experts"  g_i = p_i / sum_{j in S, j true} p_j         (paper section 3.4, option 2)
+    "all_selected"  g_i = p_i / sum_{j in S} p_j                  (paper option 1)
+    "none"          g_i = p_i                                     (no renormalisation)
+
+A token whose K picks are all null gets no true weight at all: its routed output is zero.
+
+Identity null experts add ``identity_weight_T * x`` to the routed output. The identity weight is
+the null picks' share of the selected probability mass, s = sum_{j in S, j null} p_j / sum_{j in S}
+p_j, for "true_experts" and "all_selected" (so it lies in [0, 1]), and the raw mass
+sum_{j in S, j null} p_j for "none". Under "all_selected" the true weights and s sum to one: a
+convex mix of expert outputs and x. Under "true_experts" the true experts keep the paper's
+renormalisation (they sum to one whenever any is picked) and s is added on top; a token whose picks
+are all null therefore passes through as y = x.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+WEIGHT_NORMS = ("true_experts", "all_selected", "none")
+
+
+@dataclass(frozen=True)
+class NullExpertRouting:
+    """Result of :func:`null_expert_topk_routing`.
+
+    probs_TE:        weights of the selected true experts, zero elsewhere.
+    routing_map_TE:  bool, True where a true expert is selected; a row has 0..K entries.
+    routing_map_TX:  bool, the full selection over all X experts; every row has exactly K entries.
+    identity_weight_T: weight of the identity path per token (see module docstring).
+    """
+
+    probs_TE: torch.Tensor
+    routing_map_TE: torch.Tensor
+    routing_map_TX: torch.Tensor
+    identity_weight_T: torch.Tensor
+
+
+def null_expert_topk_routing(
+    logits_TX: torch.Tensor,
+    topk: int,
+    num_true_experts: int,
+    weight_norm: str = "true_experts",
+    scaling_factor: Optional[float] = None,
+) -> NullExpertRouting:
+    """Top-k routing over true and null experts.
+
+    With no null experts (X == E) and weight_norm "true_experts" or "all_selected" this performs the
+    same operations, in the same order, as Megatron-Core's ``topk_routing_with_score_function``
+    with a softmax score function and ``use_pre_softmax=False``; with "none" it matches
+    ``use_pre_softmax=True``. The outputs are then bit-identical.
+    """
+    assert logits_TX.dim() == 2, f"expected [T, X] logits, got shape {tuple(logits_TX.shape)}"
+    num_tokens, num_experts = logits_TX.shape
+    assert 0 < num_true_experts <= num_experts and 0 < topk <= num_experts
+    assert weight_norm in WEIGHT_NORMS, weight_norm
+
+    if weight_norm == "none":
+        scores_TX = torch.softmax(logits_TX, dim=-1, dtype=torch.float32).type_as(logits_TX)
+        weights_TK, top_indices_TK = torch.topk(scores_TX, k=topk, dim=1)
+        is_null_TK = top_indices_TK >= num_true_experts
+        identity_weight_T = (weights_TK * is_null_TK).sum(dim=-1)
+    else:
+        top_logits_TK, top_indices_TK = torch.topk(logits_TX, k=topk, dim=1)
+        is_null_TK = top_indices_TK >= num_true_experts
+        # Softmax over the K picks = p_i / sum_{j in S} p_j (the partition function cancels).
+        selected_TK = torch.softmax(top_logits_TK, dim=-1, dtype=torch.float32).type_as(logits_TX)
+        identity_weight_T = (selected_TK * is_null_TK).sum(dim=-1)
+        if weight_norm == "all_selected":
+            weights_TK = selected_TK
+        else:
+            # Softmax over the selected true experts only: nulls masked out of the denominator.
+            # A token with only null picks would give softmax(all -inf) = NaN (in the forward and
+            # in the gradient): give it finite dummy logits, then zero its weights below.
+            all_null_T = is_null_TK.all(dim=-1, keepdim=True)
+            masked_TK = top_logits_TK.masked_fill(is_null_TK, float("-inf"))
+            masked_TK = torch.where(all_null_T, torch.zeros_like(masked_TK), masked_TK)
+            weights_TK = torch.softmax(masked_TK, dim=-1, dtype=torch.float32).type_as(logits_TX)
+    weights_TK = weights_TK.masked_fill(is_null_TK, 0.0)
+
+    if scaling_factor:
+        weights_TK = weights_TK * scaling_factor
+        identity_weight_T = identity_weight_T * scaling_factor
+
+    probs_TX = torch.zeros_like(logits_TX).scatter(1, top_indices_TK, weights_TK)
+    routing_map_TX = torch.zeros_like(logits_TX).int().scatter(1, top_indices_TK, 1).bool()
+    if num_experts == num_true_experts:
+        probs_TE, routing_map_TE = probs_TX, routing_map_TX
+    else:
+        probs_TE = probs_TX[:, :num_true_experts].contiguous()
+        routing_map_TE = routing_map_TX[:, :num_true_experts].contiguous()
+    return NullExpertRouting(probs_TE, routing_map_TE, routing_map_TX, identity_weight_T)
+
+
+@dataclass(frozen=True)
+class RoutingStats:
+    """Per-layer routing statistics of one forward pass, as local sums (reduce them to average).
+
+    num_tokens:           tokens routed (padding excluded).
+    num_true_assignments: sum over tokens of k_eff, the number of true experts a token uses.
+    k_eff_histogram_K1:   tokens using 0, 1, ..., K true experts ([K + 1] counts).
+    """
+
+    num_tokens: torch.Tensor
+    num_true_assignments: torch.Tensor
+    k_eff_histogram_K1: torch.Tensor
+
+    @property
+    def topk(self) -> int:
+        return self.k_eff_histogram_K1.numel() - 1
+
+    @property
+    def load(self) -> torch.Tensor:
+        """Mean true experts per token (the paper's "load")."""
+        return self.num_true_assignments / self.num_tokens.clamp(min=1)
+
+    @property
+    def bypass_fraction(self) -> torch.Tensor:
+        """Fraction of tokens whose K picks are all null (they skip the routed experts)."""
+        return self.k_eff_histogram_K1[0] / self.num_tokens.clamp(min=1)
+
+    @property
+    def null_fraction(self) -> torch.Tensor:
+        """Fraction of all K-per-token assignments that went to null experts."""
+        return 1.0 - self.load / self.topk
+
+
+def routing_stats(
+    routing_map_TE: torch.Tensor, topk: int, valid_T: Optional[torch.Tensor] = None
+) -> RoutingStats:
+    """Statistics of a true-expert routing map; ``valid_T`` (bool) excludes padding tokens."""
+    k_eff_T = routing_map_TE.sum(dim=-1)
+    if valid_T is not None:
+        k_eff_T = k_eff_T[valid_T]
+    histogram_K1 = torch.bincount(k_eff_T, minlength=topk + 1).float()
+    num_tokens = torch.tensor(float(k_eff_T.numel()), device=routing_map_TE.device)
+    return RoutingStats(num_tokens, k_eff_T.sum().float(), histogram_K1)
+
+
+def expected_load(topk: int, num_true_experts: int, num_null_experts: int) -> float:
+    """Load at perfect balance over all X experts: K * E / (E + Z)."""
+    return topk * num_true_experts / (num_true_experts + num_null_experts)
+
+
+def topk_slots_from_routing_map(
+    probs_TE: torch.Tensor, routing_map_TE: torch.Tensor, topk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, E] routing -> K slots per token for index-based dispatchers (DeepEP).
+
+    Upstream takes ``topk(probs, K)`` and marks a slot empty (-1) only under a capacity factor; a
+    token with fewer than K true picks would then ship its zero-probability slots. Here a slot is
+    empty whenever the routing map does not select it. Returns (probs_TK, indices_TK), -1 = empty.
+    """
+    # Rank slots by selection, not by probability: a selected expert whose weight underflowed to
+    # zero must still be dispatched, and an unselected one never.
+    k = min(topk, probs_TE.size(1))
+    selected_TK, indices_TK = torch.topk(routing_map_TE.float(), k=k, dim=-1)
+    selected_TK = selected_TK.bool()
+    probs_TK = torch.gather(probs_TE, 1, indices_TK).masked_fill(~selected_TK, 0.0)
+    indices_TK = indices_TK.masked_fill(~selected_TK, -1)
+    return probs_TK, indices_TK

@@ -1,0 +1,38 @@
+"""Shared fixtures: a single-rank gloo process group with Megatron parallel state, CPU mode on."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def single_rank():
+    """World of one gloo rank with TP = PP = EP = 1, for unit tests of Megatron modules."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megatron_adamoe import enable_cpu_mode
+
+    enable_cpu_mode()
+    store_dir = tempfile.mkdtemp(prefix="adamoe-store-")
+    if not dist.is_initialized():
+        store = dist.FileStore(os.path.join(store_dir, "store"), 1)
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    parallel_state.initialize_model_parallel(1, 1)
+    yield
+    parallel_state.destroy_model_parallel()
+
+
+@pytest.fixture
+def megatron_env(single_rank):
+    """Per test: fixed seed, train mode, and Megatron's MoE metrics tracker emptied."""
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    torch.manual_seed(1234)
+    get_moe_layer_wise_logging_tracker().clear()
+    yield
+    get_moe_layer_wise_logging_tracker().clear()
