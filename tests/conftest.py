@@ -14,6 +14,7 @@ def single_rank():
     """World of one gloo rank with TP = PP = EP = 1, for unit tests of Megatron modules."""
     import torch.distributed as dist
     from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from megatron_adamoe import enable_cpu_mode
 
@@ -23,6 +24,7 @@ def single_rank():
         store = dist.FileStore(os.path.join(store_dir, "store"), 1)
         dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     parallel_state.initialize_model_parallel(1, 1)
+    model_parallel_cuda_manual_seed(1234)
     yield
     parallel_state.destroy_model_parallel()
 

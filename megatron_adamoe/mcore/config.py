@@ -65,20 +65,28 @@ class AdaMoEConfig(TransformerConfig):
         if not isinstance(m, int) or isinstance(m, bool) or m < 0:
             fail("adamoe_num_null_experts", "be an integer >= 0", "use 0 for plain top-k routing")
         if self.adamoe_null_expert_type not in NULL_EXPERT_TYPES:
-            fail("adamoe_null_expert_type", f"be one of {NULL_EXPERT_TYPES}", "pick 'zero'")
+            fail(
+                "adamoe_null_expert_type",
+                f"be one of {NULL_EXPERT_TYPES}",
+                "use 'zero' (paper default) or 'identity'",
+            )
         if self.adamoe_weight_norm not in WEIGHT_NORMS:
-            fail("adamoe_weight_norm", f"be one of {WEIGHT_NORMS}", "pick 'true_experts'")
+            fail(
+                "adamoe_weight_norm",
+                f"be one of {WEIGHT_NORMS}",
+                "use 'true_experts' (the paper's choice)",
+            )
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= n + m:
             fail(
                 "moe_router_topk",
                 f"be an integer in [1, num_moe_experts + adamoe_num_null_experts = {n + m}]",
-                "k counts picks over true and null experts together",
+                "lower it or add null experts (k counts picks over true and null experts)",
             )
         if k == 1 and self.adamoe_weight_norm != "none":
             fail(
                 "adamoe_weight_norm",
                 "be 'none' when moe_router_topk is 1",
-                "a single renormalised pick has weight 1 and gives the router no gradient",
+                "set adamoe_weight_norm='none' (one renormalised pick has weight 1: no router gradient)",
             )
         if self.moe_router_pre_softmax and self.adamoe_weight_norm != "none":
             fail(
@@ -90,7 +98,7 @@ class AdaMoEConfig(TransformerConfig):
             fail(
                 "num_moe_experts",
                 f"be divisible by expert_model_parallel_size ({self.expert_model_parallel_size})",
-                "null experts live in the router only, so EP shards the true experts",
+                "change the EP size (null experts live in the router; EP shards the true experts)",
             )
         self._reject_unsupported_router_options()
         self._validate_aux_loss()

@@ -4,8 +4,9 @@ Nothing here runs on import. ``enable_cpu_mode()`` applies every adaptation (ide
 ``disable_cpu_mode()`` restores the originals. Entry points, tests and the CPU demo call it
 explicitly. Each adaptation names the upstream code (megatron-core 0.16.1) it stands in for.
 
-Still CUDA-only after this: the GPU RNG tracker (build with ``use_cpu_initialization=True``),
-MoE recompute, GroupedMLP / TEGroupedMLP experts, fused permutation and the flex dispatcher.
+Still CUDA-only after this: GPU weight initialisation (build with ``use_cpu_initialization=True``),
+MoE recompute, GroupedMLP / TEGroupedMLP experts, fused permutation and the flex dispatcher; a
+TransformerBlock on CPU needs an explicit attention mask.
 """
 
 from __future__ import annotations
@@ -96,6 +97,29 @@ def _reduce_scatter_along_first_dim_gloo(
     return reduced[start : start + input_split_sizes[group.rank()]].clone()
 
 
+def _get_cpu_rng_state(device=None, clone: bool = False, graph_safe: bool = False):
+    """Mirrors ``tensor_parallel.random._get_cuda_rng_state`` for the CPU generator."""
+    return torch.get_rng_state()
+
+
+def _set_cpu_rng_state(new_state, device=-1, graph_safe: bool = False):
+    """Mirrors ``tensor_parallel.random._set_cuda_rng_state`` for the CPU generator."""
+    torch.set_rng_state(new_state)
+
+
+def _rng_tracker_add_cpu(self, name, seed):
+    """Mirrors ``CudaRNGStatesTracker.add``: the named state is a CPU generator state."""
+    if seed in self.seeds_:
+        raise Exception(f"seed {seed} already exists")
+    self.seeds_.add(seed)
+    if name in self.states_:
+        raise Exception(f"cuda rng state {name} already exists")
+    original = torch.get_rng_state()
+    torch.manual_seed(seed)
+    self.states_[name] = torch.get_rng_state()
+    torch.set_rng_state(original)
+
+
 def _patch(name: str, owner, attribute: str, replacement) -> None:
     if name not in _originals:
         _originals[name] = (owner, attribute, getattr(owner, attribute, None))
@@ -104,7 +128,7 @@ def _patch(name: str, owner, attribute: str, replacement) -> None:
 
 def enable_cpu_mode() -> None:
     """Apply the CPU/gloo adaptations to Megatron-Core (idempotent). Call before building layers."""
-    from megatron.core.tensor_parallel import mappings
+    from megatron.core.tensor_parallel import mappings, random
     from megatron.core.transformer.moe import moe_utils
     from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
@@ -136,6 +160,13 @@ def enable_cpu_mode() -> None:
         "_reduce_scatter_along_first_dim",
         _reduce_scatter_along_first_dim_gloo,
     )
+    # 6. tensor_parallel.random's RNG tracker (dropout under `get_cuda_rng_tracker().fork()`,
+    #    `model_parallel_cuda_manual_seed`) reads and sets CUDA generator states; on CPU the
+    #    tracked states are CPU generator states, forked the same way.
+    if not torch.cuda.is_available():
+        _patch("rng_get", random, "_get_cuda_rng_state", _get_cpu_rng_state)
+        _patch("rng_set", random, "_set_cuda_rng_state", _set_cpu_rng_state)
+        _patch("rng_add", random.CudaRNGStatesTracker, "add", _rng_tracker_add_cpu)
     logger.debug("megatron_adamoe CPU mode enabled: %s", sorted(_originals))
 
 

@@ -149,11 +149,12 @@ class AdaMoERouter(TopKRouter):
         tensor/context-parallel group, so the tracker's reduction over that group gives the mean
         (the same convention as the load-balancing loss).
         """
+        track = self.training and torch.is_grad_enabled() and self.layer_number is not None
         with torch.no_grad():
             valid_T = None if padding_mask is None else ~padding_mask
             stats = routing_stats(routing.routing_map_TE, self.topk, valid_T)
             self.last_routing_stats = stats
-            if not (self.training and torch.is_grad_enabled()) or self.layer_number is None:
+            if not track:
                 return
             group_tokens = stats.num_tokens.clamp(min=1) * self.tp_cp_group.size()
             values = {

@@ -1,0 +1,154 @@
+"""Every user-settable AdaMoE value is validated with a one-line message; the messages are pinned."""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_adamoe import get_adamoe_gpt_layer_spec
+from tests.builders import adamoe_config
+
+PINNED = {
+    "no experts": (
+        dict(num_moe_experts=None),
+        "num_moe_experts (None) must be a positive integer; set --num-experts to the true experts",
+    ),
+    "negative m": (
+        dict(adamoe_num_null_experts=-1),
+        "adamoe_num_null_experts (-1) must be an integer >= 0; use 0 for plain top-k routing",
+    ),
+    "null type": (
+        dict(adamoe_null_expert_type="copy"),
+        "adamoe_null_expert_type ('copy') must be one of ('zero', 'identity'); "
+        "use 'zero' (paper default) or 'identity'",
+    ),
+    "weight norm": (
+        dict(adamoe_weight_norm="softmax"),
+        "adamoe_weight_norm ('softmax') must be one of ('true_experts', 'all_selected', 'none'); "
+        "use 'true_experts' (the paper's choice)",
+    ),
+    "k over n+m": (
+        dict(moe_router_topk=9),
+        "moe_router_topk (9) must be an integer in [1, num_moe_experts + adamoe_num_null_experts "
+        "= 8]; lower it or add null experts (k counts picks over true and null experts)",
+    ),
+    "k zero": (dict(moe_router_topk=0), "moe_router_topk (0) must be an integer in [1, "),
+    "k one": (
+        dict(moe_router_topk=1),
+        "adamoe_weight_norm ('true_experts') must be 'none' when moe_router_topk is 1; set "
+        "adamoe_weight_norm='none' (one renormalised pick has weight 1: no router gradient)",
+    ),
+    "pre-softmax": (
+        dict(moe_router_pre_softmax=True),
+        "moe_router_pre_softmax (True) must be False unless adamoe_weight_norm is 'none'; "
+        "adamoe_weight_norm chooses the normalisation; 'none' is the pre-softmax behaviour",
+    ),
+    "EP divides n": (
+        dict(expert_model_parallel_size=3),
+        "num_moe_experts (4) must be divisible by expert_model_parallel_size (3); change the EP "
+        "size (null experts live in the router; EP shards the true experts)",
+    ),
+    "capacity": (
+        dict(moe_expert_capacity_factor=1.0),
+        "moe_expert_capacity_factor (1.0) must be None; AdaMoE is dropless: capacity padding "
+        "would ship pad rows over the all-to-all; leave it unset",
+    ),
+    "router padding": (
+        dict(moe_router_padding_for_quantization=True),
+        "moe_router_padding_for_quantization (True) must be False; it ships pad rows over the "
+        "all-to-all; the FP8 grouped GEMM pads each expert's chunk locally instead",
+    ),
+    "sigmoid": (
+        dict(moe_router_score_function="sigmoid"),
+        "moe_router_score_function ('sigmoid') must be 'softmax'; AdaMoE's null experts are "
+        "defined on a softmax over true + null experts",
+    ),
+    "expert bias": (
+        dict(moe_router_enable_expert_bias=True),
+        "moe_router_enable_expert_bias (True) must be False; the bias update pulls null experts "
+        "toward the mean load and fights the null-aware loss; use the aux loss",
+    ),
+    "groups": (
+        dict(moe_router_num_groups=2, moe_router_group_topk=1),
+        "moe_router_num_groups (2) must be None; group-limited routing is not defined over null "
+        "experts",
+    ),
+    "router fusion": (
+        dict(moe_router_fusion=True),
+        "moe_router_fusion (True) must be False; the fused top-k kernel knows no null experts",
+    ),
+    "routing replay": (
+        dict(moe_enable_routing_replay=True),
+        "moe_enable_routing_replay (True) must be False; routing replay records stock top-k "
+        "indices, not null-expert picks",
+    ),
+    "cuda graphs": (
+        dict(cuda_graph_impl="local"),
+        "cuda_graph_impl ('local') must be 'none'; per-token expert counts vary, so dispatch "
+        "sizes cannot be captured in a CUDA graph",
+    ),
+    "hybridep": (
+        dict(moe_token_dispatcher_type="flex", moe_flex_dispatcher_backend="hybridep"),
+        "moe_flex_dispatcher_backend ('hybridep') must be 'deepep' with AdaMoE; only the DeepEP "
+        "manager masks null slots",
+    ),
+    "sinkhorn": (
+        dict(moe_router_load_balancing_type="sinkhorn"),
+        "moe_router_load_balancing_type ('sinkhorn') must be one of ('aux_loss', 'none'); AdaMoE "
+        "applies its null-aware loss as 'aux_loss'",
+    ),
+    "negative coeff": (
+        dict(moe_aux_loss_coeff=-0.1),
+        "moe_aux_loss_coeff (-0.1) must be one number >= 0; AdaMoE has a single load-balancing loss",
+    ),
+    "schedule without loss": (
+        dict(moe_router_load_balancing_type="none", adamoe_aux_loss_coeff_schedule="constant:0.1"),
+        "adamoe_aux_loss_coeff_schedule ('constant:0.1') must be unset when "
+        "moe_router_load_balancing_type is 'none'; set the type to 'aux_loss'",
+    ),
+    "schedule and coeff": (
+        dict(moe_aux_loss_coeff=0.01, adamoe_aux_loss_coeff_schedule="constant:0.1"),
+        "adamoe_aux_loss_coeff_schedule ('constant:0.1') must not be combined with "
+        "moe_aux_loss_coeff (0.01); keep only one of them",
+    ),
+    "bad schedule": (
+        dict(adamoe_aux_loss_coeff_schedule="bogus"),
+        "adamoe_aux_loss_coeff_schedule ('bogus') is not a schedule; use 'constant:C', "
+        "'piecewise:C0,STEP1:C1,...' or 'linear:START,END,END_STEP[,START_STEP]'",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(PINNED))
+def test_pinned_messages(name):
+    overrides, message = PINNED[name]
+    with pytest.raises(ValueError) as error:
+        adamoe_config(**overrides)
+    assert str(error.value).startswith(message)
+    assert "\n" not in str(error.value)
+
+
+def test_valid_config_and_schedule():
+    config = adamoe_config(
+        num_moe_experts=8,
+        adamoe_num_null_experts=8,
+        moe_router_topk=3,
+        adamoe_aux_loss_coeff_schedule="piecewise:0.1,100:0.01",
+    )
+    assert config.adamoe_num_experts_with_nulls == 16
+    schedule = config.aux_loss_coeff_schedule()
+    assert (schedule(0), schedule(100)) == (0.1, 0.01)
+    assert adamoe_config(moe_aux_loss_coeff=0.02).aux_loss_coeff_schedule()(10**9) == 0.02
+    no_loss = adamoe_config(moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.5)
+    assert no_loss.aux_loss_coeff_schedule()(0) == 0.0
+    # k = 1 is fine with unnormalised weights (and needs upstream's pre-softmax flag).
+    adamoe_config(moe_router_topk=1, adamoe_weight_norm="none", moe_router_pre_softmax=True)
+
+
+def test_layer_spec_needs_experts_and_transformer_engine_for_te():
+    with pytest.raises(ValueError, match=r"^num_experts \(None\) must be a positive integer"):
+        get_adamoe_gpt_layer_spec(num_experts=None)
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="needs Transformer Engine"):
+            get_adamoe_gpt_layer_spec(num_experts=4, use_transformer_engine=True)

@@ -1,0 +1,123 @@
+"""GPTModel built from the AdaMoE specs, per-layer metrics, and the dispatcher's exact sizing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+from megatron_adamoe import (
+    AdaMoELayer,
+    AdaMoERouter,
+    collect_routing_stats,
+    get_adamoe_gpt_decoder_block_spec,
+    get_adamoe_gpt_layer_spec,
+    set_adamoe_training_step,
+)
+from megatron_adamoe.mcore.router import LOAD_METRICS, k_eff_metric_names
+from tests.builders import adamoe_config, build_adamoe_layer
+
+VOCAB, SEQ, BATCH = 64, 8, 2
+
+
+def tiny_gpt(config, spec):
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=VOCAB,
+        max_sequence_length=SEQ,
+        position_embedding_type="rope",
+    )
+
+
+def lm_loss(model):
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=generator)
+    positions = torch.arange(SEQ).expand(BATCH, -1)
+    causal = torch.triu(torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool), diagonal=1)
+    labels = torch.roll(tokens, -1, dims=1)
+    return model(tokens, positions, causal, labels=labels).float().mean()
+
+
+def test_gpt_model_with_adamoe_layer_spec_trains(megatron_env):
+    config = adamoe_config(num_layers=2, adamoe_aux_loss_coeff_schedule="piecewise:0.1,5:0.0")
+    model = tiny_gpt(config, get_adamoe_gpt_layer_spec(num_experts=config.num_moe_experts))
+    layers = model.decoder.layers
+    assert all(isinstance(layer.mlp, AdaMoELayer) for layer in layers)
+    assert all(layer.mlp.router.weight.shape == (8, config.hidden_size) for layer in layers)
+    lm_loss(model).backward()
+    assert all(layer.mlp.router.weight.grad is not None for layer in layers)
+
+    stats = collect_routing_stats(model)
+    assert sorted(stats) == [1, 2]
+    tracker = get_moe_layer_wise_logging_tracker()
+    for name in LOAD_METRICS + k_eff_metric_names(config.moe_router_topk):
+        assert name in tracker, name
+    for layer_number, layer_stats in stats.items():
+        assert tracker["adamoe/load"]["values"][layer_number - 1].item() == (
+            layer_stats.load.item()
+        )
+        histogram = [tracker[n]["values"][layer_number - 1].item() for n in k_eff_metric_names(3)]
+        assert sum(histogram) == pytest.approx(1.0)
+    assert tracker["load_balancing_loss"]["values"].gt(0).all()
+
+    # The schedule switches the aux loss off from step 5: no loss is logged past it.
+    tracker.clear()
+    set_adamoe_training_step(model, 5)
+    assert layers[0].mlp.router.current_aux_loss_coeff() == 0.0
+    lm_loss(model).backward()
+    assert "load_balancing_loss" not in tracker
+
+
+def test_decoder_block_spec_mixes_dense_and_adamoe_layers(megatron_env):
+    config = adamoe_config(num_layers=4, moe_layer_freq=[1, 0, 0, 1])
+    model = tiny_gpt(config, get_adamoe_gpt_decoder_block_spec(config))
+    kinds = [type(layer.mlp).__name__ for layer in model.decoder.layers]
+    assert kinds == ["AdaMoELayer", "MLP", "MLP", "AdaMoELayer"]
+    lm_loss(model).backward()
+    assert sorted(collect_routing_stats(model)) == [1, 4]
+
+
+def test_eval_mode_routes_without_aux_loss_or_tracker(megatron_env):
+    layer = build_adamoe_layer(adamoe_config(moe_aux_loss_coeff=0.1))
+    layer.eval()
+    with torch.no_grad():
+        layer(torch.randn(4, 2, layer.config.hidden_size))
+    assert get_moe_layer_wise_logging_tracker() == {}
+    assert layer.router.last_routing_stats.num_tokens.item() == 8
+
+
+def fused_permute_semantics(tokens, routing_map, num_out_tokens):
+    """What a fused permute kernel does (TE, and the unfused argsort path from Megatron 0.17):
+    allocate ``num_out_tokens`` rows and fill them in expert order; extra rows stay as padding."""
+    rows = tokens.index_select(0, routing_map.T.nonzero()[:, 1])
+    out = tokens.new_zeros((int(num_out_tokens), tokens.shape[1]))
+    out[: rows.shape[0]] = rows[: int(num_out_tokens)]
+    return out
+
+
+def test_alltoall_dispatcher_is_sized_by_the_routing_map(megatron_env):
+    layer = build_adamoe_layer(adamoe_config(moe_aux_loss_coeff=0.0))
+    hidden = torch.randn(6, 2, layer.config.hidden_size)
+    probs, routing_map = layer.router(hidden)
+    dispatcher = layer.token_dispatcher
+    permuted, _ = dispatcher.dispatch_preprocess(hidden, routing_map, probs)
+
+    num_true = int(routing_map.sum())
+    assert num_true < 12 * layer.config.moe_router_topk  # some picks were null
+    assert int(dispatcher.num_out_tokens) == num_true == permuted.shape[0]
+    assert dispatcher.cuda_sync_point == "before_permutation_1"
+    # Under fused-permute semantics the exact size leaves no phantom rows; upstream's T * k would.
+    tokens = hidden.view(-1, hidden.shape[-1])
+    exact = fused_permute_semantics(tokens, routing_map, dispatcher.num_out_tokens)
+    assert exact.shape[0] == sum(dispatcher.tokens_per_expert.tolist())
+    stock_size = tokens.shape[0] * layer.config.moe_router_topk
+    assert fused_permute_semantics(tokens, routing_map, stock_size).shape[0] > num_true
+    assert isinstance(dispatcher, MoEAlltoAllTokenDispatcher)
+
+
+def test_router_is_pluggable_into_stock_moe_submodules(megatron_env):
+    spec = get_adamoe_gpt_layer_spec(num_experts=4)
+    assert spec.submodules.mlp.submodules.router is AdaMoERouter
