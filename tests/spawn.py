@@ -7,12 +7,14 @@ module-level function (it is pickled by reference).
 
 from __future__ import annotations
 
+import io
 import os
 import queue as queue_module
 import tempfile
 import traceback
 from datetime import timedelta
 
+import torch
 import torch.multiprocessing as mp
 
 DEFAULT_TIMEOUT_S = 300
@@ -36,7 +38,11 @@ def _worker(target, rank, world_size, store_path, results, args, timeout_s):
 
         enable_cpu_mode()
         result = target(rank, world_size, *args)
-        results.put((rank, "ok", result))
+        # Bytes, not tensors: torch's queue would share tensor storage through file descriptors
+        # that vanish once this process exits, racing the parent's read.
+        buffer = io.BytesIO()
+        torch.save(result, buffer)
+        results.put((rank, "ok", buffer.getvalue()))
     except BaseException:  # noqa: BLE001 - every failure goes back to the parent
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -87,4 +93,6 @@ def run_distributed(target, world_size: int, *args, timeout_s: int = DEFAULT_TIM
         for rank, (status, payload) in sorted(outcomes.items()):
             if status == "error":
                 raise RuntimeError(f"rank {rank} of {world_size} failed:\n{payload}")
-    return [outcomes[rank][1] for rank in range(world_size)]
+    return [
+        torch.load(io.BytesIO(outcomes[rank][1]), weights_only=False) for rank in range(world_size)
+    ]
