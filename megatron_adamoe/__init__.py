@@ -15,7 +15,6 @@ _MCORE_EXPORTS = (
     "AdaMoELayer",
     "AdaMoERouter",
     "AdaMoEAlltoAllTokenDispatcher",
-    "AdaMoEAllGatherTokenDispatcher",
     "AdaMoEFlexTokenDispatcher",
     "enable_cpu_mode",
     "disable_cpu_mode",

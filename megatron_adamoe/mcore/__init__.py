@@ -10,7 +10,6 @@ from megatron_adamoe.mcore.layer_specs import (
 from megatron_adamoe.mcore.moe_layer import AdaMoELayer
 from megatron_adamoe.mcore.router import AdaMoERouter
 from megatron_adamoe.mcore.token_dispatcher import (
-    AdaMoEAllGatherTokenDispatcher,
     AdaMoEAlltoAllTokenDispatcher,
     AdaMoEFlexTokenDispatcher,
 )
@@ -18,7 +17,6 @@ from megatron_adamoe.mcore.training_state import collect_routing_stats, set_adam
 
 __all__ = [
     "MEGATRON_CORE_VERSION",
-    "AdaMoEAllGatherTokenDispatcher",
     "AdaMoEAlltoAllTokenDispatcher",
     "AdaMoEConfig",
     "AdaMoEFlexTokenDispatcher",

@@ -33,7 +33,8 @@ class AdaMoELayer(MoELayer):
         """Mirrors MoELayer.__init__, then replaces the stock token dispatcher.
 
         MoELayer picks its dispatcher class from ``moe_token_dispatcher_type`` with no hook, so the
-        stock one is built and then swapped for the AdaMoE subclass of the same type.
+        stock one is built and then swapped for the AdaMoE subclass of the same type (all-to-all,
+        flex); the stock all-gather dispatcher is kept as it is.
         """
         if not isinstance(config, AdaMoEConfig):
             raise TypeError(f"AdaMoELayer needs an AdaMoEConfig, got {type(config).__name__}")
@@ -42,15 +43,16 @@ class AdaMoELayer(MoELayer):
         if pg_collection is None:
             pg_collection = get_default_pg_collection()
         super().__init__(config, submodules, layer_number, pg_collection)
-        dispatcher_class = DISPATCHERS[config.moe_token_dispatcher_type]
-        self.token_dispatcher = dispatcher_class(
-            self.num_local_experts,
-            self.local_expert_indices,
-            config=self.config,
-            pg_collection=pg_collection,
-        )
-        if self.use_shared_expert and self.shared_expert_overlap:
-            self.token_dispatcher.set_shared_experts(self.shared_experts)
+        dispatcher_class = DISPATCHERS.get(config.moe_token_dispatcher_type)
+        if dispatcher_class is not None:
+            self.token_dispatcher = dispatcher_class(
+                self.num_local_experts,
+                self.local_expert_indices,
+                config=self.config,
+                pg_collection=pg_collection,
+            )
+            if self.use_shared_expert and self.shared_expert_overlap:
+                self.token_dispatcher.set_shared_experts(self.shared_experts)
         self._identity_weight_T = None
 
     def route(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):

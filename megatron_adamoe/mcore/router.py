@@ -38,6 +38,7 @@ class AdaMoERouter(TopKRouter):
     """
 
     def __init__(self, config: AdaMoEConfig, pg_collection=None) -> None:
+        """Mirrors TopKRouter.__init__; with m > 0 the gate is re-created over n + m rows."""
         if not isinstance(config, AdaMoEConfig):
             raise TypeError(f"AdaMoERouter needs an AdaMoEConfig, got {type(config).__name__}")
         super().__init__(config=config, pg_collection=pg_collection)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 from megatron.core.transformer.moe.token_dispatcher import (
-    MoEAllGatherTokenDispatcher,
     MoEAlltoAllTokenDispatcher,
     MoEFlexTokenDispatcher,
     _DeepepManager,
@@ -35,11 +34,6 @@ class AdaMoEAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         self.num_out_tokens = routing_map.sum()
         self._maybe_update_cuda_sync_point("before_permutation_1")
         return num_tokens_per_local_expert
-
-
-class AdaMoEAllGatherTokenDispatcher(MoEAllGatherTokenDispatcher):
-    """The all-gather dispatcher already sizes its permutation from the local routing map
-    (``tokens_per_expert.sum()``), so it needs no change; the subclass names it for the layer."""
 
 
 class AdaMoEDeepepManager(_DeepepManager):
@@ -75,8 +69,6 @@ class AdaMoEFlexTokenDispatcher(MoEFlexTokenDispatcher):
         )
 
 
-DISPATCHERS = {
-    "alltoall": AdaMoEAlltoAllTokenDispatcher,
-    "allgather": AdaMoEAllGatherTokenDispatcher,
-    "flex": AdaMoEFlexTokenDispatcher,
-}
+# moe_token_dispatcher_type -> the AdaMoE replacement. The stock all-gather dispatcher stays: it
+# already sizes its permutation from the local routing map (``tokens_per_expert.sum()``).
+DISPATCHERS = {"alltoall": AdaMoEAlltoAllTokenDispatcher, "flex": AdaMoEFlexTokenDispatcher}

@@ -53,6 +53,11 @@ def case_tensors(case):
     if case.get("starved_experts"):
         x[..., 0] = x[..., 0].abs() + 3.0
         weights.router[case["starved_experts"], 0] = -100.0
+    if case.get("all_null_first_half"):
+        # Tokens of the first half of the batch pick only nulls; the rest never pick a null.
+        half = case["batch"] // 2
+        x[:, :half, 0], x[:, half:, 0] = 3.0, -3.0
+        weights.router[case["num_true"] :, 0] = 100.0
     return weights, x, grad_out
 
 

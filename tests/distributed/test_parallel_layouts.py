@@ -20,6 +20,8 @@ CASE = dict(
 )
 # Experts 2 and 3 (EP rank 1 of 2) are never picked: that rank receives zero tokens.
 STARVED_CASE = dict(CASE, seed=5, null_type="zero", glu=False, starved_experts=[2, 3])
+# EP rank 0's tokens all pick only null experts: it sends nothing and still receives.
+ALL_NULL_RANK_CASE = dict(CASE, seed=3, null_type="zero", glu=False, all_null_first_half=True)
 
 TWO_RANK_LAYOUTS = {
     "EP2": dict(ep=2),
@@ -36,13 +38,14 @@ def references():
     return run_distributed(reference_worker, 1, CASE, [1, 2, 4])[0]
 
 
-def assert_all_to_all_ships_true_assignments_only(report, topk):
+def assert_all_to_all_ships_true_assignments_only(report, topk, strictly_fewer=True):
     rows_sent = report["all_to_all_rows"]
     assert rows_sent, "expected all-to-all traffic under EP"
     tokens_sent, _ = rows_sent[0]
     probs_sent, _ = rows_sent[1]
     assert tokens_sent == probs_sent == report["true_assignments"]
-    assert tokens_sent < report["num_tokens"] * topk  # m > 0: strictly fewer rows than T*k
+    if strictly_fewer:
+        assert tokens_sent < report["num_tokens"] * topk  # m > 0: fewer rows than T*k
 
 
 def test_two_rank_layouts_match_single_process(references):
@@ -69,3 +72,14 @@ def test_ep_rank_receiving_no_tokens():
     assert received == 0
     for report in reports:
         assert_all_to_all_ships_true_assignments_only(report["EP2-alltoall"], CASE["topk"])
+
+
+def test_ep_rank_whose_tokens_are_all_null():
+    references = run_distributed(reference_worker, 1, ALL_NULL_RANK_CASE, [2])[0]
+    layouts = {"EP2": dict(ep=2)}
+    reports = run_distributed(parallel_worker, 2, ALL_NULL_RANK_CASE, layouts, references)
+    silent, busy = reports[0]["EP2"], reports[1]["EP2"]
+    assert silent["true_assignments"] == 0 and silent["all_to_all_rows"][0][0] == 0
+    assert busy["true_assignments"] == busy["num_tokens"] * CASE["topk"]  # no null picks there
+    assert_all_to_all_ships_true_assignments_only(silent, CASE["topk"])
+    assert_all_to_all_ships_true_assignments_only(busy, CASE["topk"], strictly_fewer=False)

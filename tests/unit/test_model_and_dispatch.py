@@ -121,3 +121,31 @@ def test_alltoall_dispatcher_is_sized_by_the_routing_map(megatron_env):
 def test_router_is_pluggable_into_stock_moe_submodules(megatron_env):
     spec = get_adamoe_gpt_layer_spec(num_experts=4)
     assert spec.submodules.mlp.submodules.router is AdaMoERouter
+
+
+def test_deepep_manager_masks_null_slots_where_upstream_dispatches_them():
+    """Metadata only (DeepEP itself needs GPUs): the manager is built without its __init__."""
+    from megatron.core.transformer.moe.token_dispatcher import _DeepepManager
+
+    from megatron_adamoe.mcore.token_dispatcher import AdaMoEDeepepManager
+
+    routing = null_expert_routing_example()
+    slots = {}
+    for cls in (_DeepepManager, AdaMoEDeepepManager):
+        manager = object.__new__(cls)
+        manager.num_experts, manager.router_topk, manager.capacity_factor = 4, 3, None
+        manager.setup_metadata(routing["routing_map"], routing["probs"])
+        slots[cls] = manager.token_indices
+    dispatched = lambda indices: int((indices >= 0).sum())  # noqa: E731
+    assert dispatched(slots[AdaMoEDeepepManager]) == int(routing["routing_map"].sum()) == 3
+    assert dispatched(slots[_DeepepManager]) == 9  # upstream ships k slots for every token
+    for token, row in enumerate(slots[AdaMoEDeepepManager].tolist()):
+        selected = set(routing["routing_map"][token].nonzero().flatten().tolist())
+        assert {i for i in row if i >= 0} == selected
+
+
+def null_expert_routing_example():
+    # k = 3 over 4 true + nulls: token 0 picked experts 0 and 2, token 1 expert 3, token 2 none.
+    routing_map = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 1], [0, 0, 0, 0]], dtype=torch.bool)
+    probs = torch.tensor([[0.7, 0.0, 0.3, 0.0], [0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    return dict(routing_map=routing_map, probs=probs)
