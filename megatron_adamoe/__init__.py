@@ -22,6 +22,7 @@ _MCORE_EXPORTS = (
     "get_adamoe_gpt_decoder_block_spec",
     "set_adamoe_training_step",
     "collect_routing_stats",
+    "adamoe_metric_names",
 )
 
 __all__ = ["__version__", *_MCORE_EXPORTS]

@@ -8,7 +8,7 @@ from megatron_adamoe.mcore.layer_specs import (
     get_adamoe_gpt_layer_spec,
 )
 from megatron_adamoe.mcore.moe_layer import AdaMoELayer
-from megatron_adamoe.mcore.router import AdaMoERouter
+from megatron_adamoe.mcore.router import AdaMoERouter, adamoe_metric_names
 from megatron_adamoe.mcore.token_dispatcher import (
     AdaMoEAlltoAllTokenDispatcher,
     AdaMoEFlexTokenDispatcher,
@@ -22,6 +22,7 @@ __all__ = [
     "AdaMoEFlexTokenDispatcher",
     "AdaMoELayer",
     "AdaMoERouter",
+    "adamoe_metric_names",
     "collect_routing_stats",
     "disable_cpu_mode",
     "enable_cpu_mode",

@@ -24,6 +24,17 @@ def k_eff_metric_names(topk: int) -> tuple[str, ...]:
     return tuple(f"adamoe/k_eff_{j}_fraction" for j in range(topk + 1))
 
 
+def adamoe_metric_names(config: AdaMoEConfig) -> tuple[str, ...]:
+    """The names AdaMoE routers write to Megatron's MoE tracker at every training step under this
+    config (``track_moe_metrics(track_names=...)`` reduces and logs only the names it is given)."""
+    names = [*LOAD_METRICS, *k_eff_metric_names(config.moe_router_topk)]
+    if config.moe_router_load_balancing_type == "aux_loss":
+        names.insert(0, "load_balancing_loss")
+    if config.moe_z_loss_coeff is not None:
+        names.insert(0, "z_loss")
+    return tuple(names)
+
+
 class AdaMoERouter(TopKRouter):
     """Top-k over n true + m null experts; hands the dispatcher the true experts only.
 
@@ -65,6 +76,11 @@ class AdaMoERouter(TopKRouter):
         """Mirrors TopKRouter.is_aux_loss_enabled; the coefficient comes from the schedule."""
         return self.current_aux_loss_coeff() > 0
 
+    def is_aux_loss_tracked(self) -> bool:
+        """The loss is logged at every training step under "aux_loss", also while the schedule's
+        coefficient is zero (then it is measured, not applied), so logged names never vary."""
+        return self.config.moe_router_load_balancing_type == "aux_loss"
+
     def route(
         self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None
     ) -> NullExpertRouting:
@@ -91,7 +107,6 @@ class AdaMoERouter(TopKRouter):
         Upstream's token dropping, sinkhorn, seq/global aux losses and expert bias are rejected
         by AdaMoEConfig, so they have no branch here.
         """
-        seq_length, bsz = logits.shape[:2]
         logits = logits.view(-1, self.num_experts_with_nulls)
         if padding_mask is not None:
             padding_mask = padding_mask.reshape(-1)
@@ -105,7 +120,7 @@ class AdaMoERouter(TopKRouter):
             scaling_factor=self.config.moe_router_topk_scaling_factor,
         )
         probs = routing.probs_TE
-        if self.training and torch.is_grad_enabled() and self.is_aux_loss_enabled():
+        if self.training and torch.is_grad_enabled() and self.is_aux_loss_tracked():
             probs = self._apply_null_aware_aux_loss(probs, logits, routing, padding_mask)
         self._record_routing_stats(routing, padding_mask)
         return NullExpertRouting(
@@ -113,7 +128,10 @@ class AdaMoERouter(TopKRouter):
         )
 
     def _apply_null_aware_aux_loss(self, probs, logits, routing, padding_mask):
-        """Mirrors TopKRouter._apply_aux_loss with paper Eq. 6 in place of the Switch loss."""
+        """Mirrors TopKRouter._apply_aux_loss with paper Eq. 6 in place of the Switch loss.
+
+        The coefficient is the schedule's at ``training_step``; the logged value is unscaled.
+        """
         coeff = self.current_aux_loss_coeff()
         scores_TX = torch.softmax(logits, dim=-1, dtype=torch.float32)
         routing_map_TX = routing.routing_map_TX
@@ -126,6 +144,19 @@ class AdaMoERouter(TopKRouter):
             topk=self.topk,
             with_padding_mask=padding_mask is not None,
         )
+        if coeff == 0:  # measure for the log only: nothing to attach
+            with torch.no_grad():
+                unit_loss = null_aware_load_balancing_loss(
+                    scores_TX, assignments_X, total_num_tokens, self.topk, self.num_null_experts, 1.0
+                )
+            save_to_aux_losses_tracker(
+                "load_balancing_loss",
+                unit_loss,
+                self.layer_number,
+                self._num_tracked_layers(),
+                reduce_group=self.tp_cp_group,
+            )
+            return probs
         aux_loss = null_aware_load_balancing_loss(
             scores_TX,
             assignments_X,
@@ -168,8 +199,15 @@ class AdaMoERouter(TopKRouter):
             }
             for name, count in zip(k_eff_metric_names(self.topk), stats.k_eff_histogram_K1):
                 values[name] = count / group_tokens
-            num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
             for name, value in values.items():
                 save_to_aux_losses_tracker(
-                    name, value, self.layer_number, num_layers, reduce_group=self.tp_cp_group
+                    name,
+                    value,
+                    self.layer_number,
+                    self._num_tracked_layers(),
+                    reduce_group=self.tp_cp_group,
                 )
+
+    def _num_tracked_layers(self) -> int:
+        """Layers in Megatron's tracker arrays (as in TopKRouter.attach_and_log_load_balancing_loss)."""
+        return self.config.num_layers + (self.config.mtp_num_layers or 0)

@@ -25,6 +25,9 @@ sum_{j in S, j null} p_j for "none". Under "all_selected" the true weights and s
 convex mix of expert outputs and x. Under "true_experts" the true experts keep the paper's
 renormalisation (they sum to one whenever any is picked) and s is added on top; a token whose picks
 are all null therefore passes through as y = x.
+
+``scaling_factor`` (Megatron's ``moe_router_topk_scaling_factor``) multiplies the true weights and
+the identity weight alike.
 """
 
 from __future__ import annotations

@@ -5,12 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 from megatron.core.models.gpt import GPTModel
-from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+from megatron.core.transformer.moe.moe_utils import (
+    get_moe_layer_wise_logging_tracker,
+    track_moe_metrics,
+)
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
 from megatron_adamoe import (
     AdaMoELayer,
     AdaMoERouter,
+    adamoe_metric_names,
     collect_routing_stats,
     get_adamoe_gpt_decoder_block_spec,
     get_adamoe_gpt_layer_spec,
@@ -63,12 +67,28 @@ def test_gpt_model_with_adamoe_layer_spec_trains(megatron_env):
         assert sum(histogram) == pytest.approx(1.0)
     assert tracker["load_balancing_loss"]["values"].gt(0).all()
 
-    # The schedule switches the aux loss off from step 5: no loss is logged past it.
-    tracker.clear()
+    # Megatron's own reduction and logging of the tracked names: means over the AdaMoE layers.
+    logged = {}
+    track_moe_metrics(
+        loss_scale=1.0,
+        iteration=0,
+        total_loss_dict=logged,
+        track_names=list(adamoe_metric_names(config)),
+        num_layers=config.num_layers,
+    )
+    mean_load = sum(s.load.item() for s in stats.values()) / len(stats)
+    assert logged["adamoe/load"].item() == pytest.approx(mean_load)
+
+    # From step 5 the schedule's coefficient is 0: the loss is still logged (measured), but it
+    # no longer reaches the gradient.
     set_adamoe_training_step(model, 5)
     assert layers[0].mlp.router.current_aux_loss_coeff() == 0.0
+    model.zero_grad()
     lm_loss(model).backward()
-    assert "load_balancing_loss" not in tracker
+    assert tracker["load_balancing_loss"]["values"].gt(0).all()
+    assert set(adamoe_metric_names(config)) == set(tracker)
+    null_rows = torch.stack([layer.mlp.router.weight.grad[4:] for layer in layers])
+    assert not null_rows.any()  # zero nulls + true_experts: only the aux loss reaches null rows
 
 
 def test_decoder_block_spec_mixes_dense_and_adamoe_layers(megatron_env):
