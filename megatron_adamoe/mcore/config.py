@@ -42,6 +42,9 @@ class AdaMoEConfig(TransformerConfig):
     def __post_init__(self) -> None:
         self._validate_adamoe()
         super().__post_init__()
+        # Upstream rewrites deprecated aliases (enable_cuda_graph, moe_router_topk_limited_devices,
+        # ...) into the fields checked above: check those again.
+        self._reject_unsupported_router_options()
 
     @property
     def adamoe_num_experts_with_nulls(self) -> int:
@@ -109,7 +112,7 @@ class AdaMoEConfig(TransformerConfig):
             ("moe_expert_capacity_factor", None, "be None", "AdaMoE is dropless: capacity padding "
              "would ship pad rows over the all-to-all; leave it unset"),
             ("moe_pad_expert_input_to_capacity", False, "be False", "AdaMoE is dropless: padding to "
-             "capacity ships pad rows over the all-to-all"),
+             "capacity ships pad rows over the all-to-all; leave it False"),
             ("moe_router_padding_for_quantization", False, "be False", "it ships pad rows over the "
              "all-to-all; the FP8 grouped GEMM pads each expert's chunk locally instead"),
             ("moe_router_padding_for_fp8", False, "be False", "it ships pad rows over the "
@@ -127,10 +130,21 @@ class AdaMoEConfig(TransformerConfig):
              "indices, not null-expert picks"),
             ("cuda_graph_impl", "none", "be 'none'", "per-token expert counts vary, so dispatch "
              "sizes cannot be captured in a CUDA graph"),
+            ("enable_cuda_graph", False, "be False", "per-token expert counts vary, so dispatch "
+             "sizes cannot be captured in a CUDA graph"),
+            ("external_cuda_graph", False, "be False", "per-token expert counts vary, so dispatch "
+             "sizes cannot be captured in a CUDA graph"),
+            ("moe_router_topk_limited_devices", None, "be None", "device-limited (group) routing "
+             "is not defined over null experts"),
         ]
         for field, fine, rule, fix in unsupported:
             if getattr(self, field) != fine:
                 raise ValueError(f"{field} ({getattr(self, field)!r}) must {rule}; {fix}")
+        if self.adamoe_null_expert_type == "identity" and self.overlap_moe_expert_parallel_comm:
+            raise ValueError(
+                "overlap_moe_expert_parallel_comm (True) must be False with identity null experts; "
+                "the overlapped schedule bypasses AdaMoELayer's identity term (use 'zero' nulls)"
+            )
         if (
             self.moe_token_dispatcher_type == "flex"
             and self.moe_flex_dispatcher_backend != "deepep"

@@ -5,7 +5,7 @@ Nothing here runs on import. ``enable_cpu_mode()`` applies every adaptation (ide
 explicitly. Each adaptation names the upstream code (megatron-core 0.16.1) it stands in for.
 
 Still CUDA-only after this: GPU weight initialisation (build with ``use_cpu_initialization=True``),
-MoE recompute, GroupedMLP / TEGroupedMLP experts, fused permutation and the flex dispatcher; a
+GroupedMLP / TEGroupedMLP experts, fused permutation and the flex dispatcher; a
 TransformerBlock on CPU needs an explicit attention mask.
 """
 

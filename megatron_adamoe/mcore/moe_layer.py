@@ -53,28 +53,28 @@ class AdaMoELayer(MoELayer):
             )
             if self.use_shared_expert and self.shared_expert_overlap:
                 self.token_dispatcher.set_shared_experts(self.shared_experts)
-        self._identity_weight_T = None
+        self._identity_input = None
 
     def route(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
-        """Mirrors MoELayer.route; keeps the identity-null weights for ``forward``."""
+        """Mirrors MoELayer.route; keeps the identity-null weights and input for ``postprocess``.
+
+        Both run inside upstream's ``custom_forward``, so under MoE recompute the recomputed pass
+        stores tensors that carry gradient.
+        """
         routing = self.router.route(hidden_states, padding_mask)
         if self.config.adamoe_null_expert_type == "identity":
-            self._identity_weight_T = routing.identity_weight_T
+            self._identity_input = (routing.identity_weight_T, hidden_states)
         return routing.probs_TE, routing.routing_map_TE
 
-    def forward(self, hidden_states: torch.Tensor, intermediate_tensors=None, padding_mask=None):
-        """Mirrors MoELayer.forward, adding the identity-null term ``s * x`` to the output."""
-        if intermediate_tensors is not None:
-            raise ValueError(
-                "intermediate_tensors (partial CUDA-graph capture) is not supported by AdaMoELayer"
-            )
-        output, mlp_bias = super().forward(hidden_states, padding_mask=padding_mask)
-        if self._identity_weight_T is not None:
-            identity_weight = self._identity_weight_T.view(*hidden_states.shape[:-1], 1)
+    def postprocess(self, output: torch.Tensor, shared_expert_output: Optional[torch.Tensor]):
+        """Mirrors MoELayer.postprocess, adding the identity-null term ``s * x``."""
+        output = super().postprocess(output, shared_expert_output)
+        if self._identity_input is not None:
+            identity_weight_T, hidden_states = self._identity_input
+            self._identity_input = None
+            identity_weight = identity_weight_T.view(*hidden_states.shape[:-1], 1)
             output = output + (identity_weight * hidden_states).to(output.dtype)
-            self._identity_weight_T = None
-        return output, mlp_bias
-
+        return output
 
 def _router_class(router_builder) -> type:
     return router_builder if isinstance(router_builder, type) else type(router_builder)

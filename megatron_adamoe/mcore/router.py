@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
 from megatron.core.transformer.moe.moe_utils import (
     apply_random_logits,
     get_tokens_per_expert_and_token_count,
@@ -177,8 +178,8 @@ class AdaMoERouter(TopKRouter):
     def _record_routing_stats(self, routing: NullExpertRouting, padding_mask) -> None:
         """Keep this forward's statistics; in training also feed Megatron's MoE metrics tracker.
 
-        Tracker values are local sums over this rank's tokens divided by the tokens of the whole
-        tensor/context-parallel group, so the tracker's reduction over that group gives the mean
+        Tracker values are local sums over this rank's tokens divided by the (valid) tokens of the
+        whole tensor/context-parallel group, so the tracker's sum over that group gives the mean
         (the same convention as the load-balancing loss).
         """
         track = self.training and torch.is_grad_enabled() and self.layer_number is not None
@@ -188,7 +189,13 @@ class AdaMoERouter(TopKRouter):
             self.last_routing_stats = stats
             if not track:
                 return
-            group_tokens = stats.num_tokens.clamp(min=1) * self.tp_cp_group.size()
+            if padding_mask is None:  # every rank of the group holds as many tokens
+                group_tokens = stats.num_tokens * self.tp_cp_group.size()
+            else:
+                group_tokens = reduce_from_tensor_model_parallel_region(
+                    stats.num_tokens.clone(), self.tp_cp_group
+                )
+            group_tokens = group_tokens.clamp(min=1)
             values = {
                 "adamoe/load": stats.num_true_assignments / group_tokens,
                 "adamoe/bypass_fraction": stats.k_eff_histogram_K1[0] / group_tokens,

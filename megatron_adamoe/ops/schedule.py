@@ -1,6 +1,6 @@
 """Aux-loss coefficient schedules over training steps ("tight to loose", paper section 3.4).
 
-Specification strings (what ``--adamoe-aux-loss-coeff-schedule`` takes):
+Specification strings (the value of ``AdaMoEConfig.adamoe_aux_loss_coeff_schedule``):
 
     constant:0.01                    0.01 at every step
     piecewise:0.1,1000:0.01          0.1 from step 0, 0.01 from step 1000 (any number of pieces)

@@ -179,3 +179,34 @@ def _run_layout(case, layout, weights, x, grad_out, references, name):
         num_tokens=tokens.shape[0],
         local_experts=list(layer.local_expert_indices),
     )
+
+
+def padded_load_metric_worker(rank, world_size, case):
+    """TP = 2 with sequence parallel and uneven padding: the tracker's load is the mean over the
+    valid tokens of the whole group. Returns (logged load, dense-reference load)."""
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
+    layer = build_adamoe_layer(
+        case_config(case, tensor_model_parallel_size=2, sequence_parallel=True)
+    )
+    weights, x, _ = case_tensors(case)
+    etp_rank = parallel_state.get_expert_tensor_parallel_rank()
+    load_full_weights(layer, weights, etp_rank, 2, glu=case["glu"])
+    seq_len = x.shape[0]
+    padded_BS = torch.zeros(x.shape[1], seq_len, dtype=torch.bool)  # True = padding
+    padded_BS[:, 1 : seq_len // 2] = True  # rank 0 keeps one position per sequence, rank 1 all
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    seq = slice(tp_rank * seq_len // 2, (tp_rank + 1) * seq_len // 2)
+    get_moe_layer_wise_logging_tracker().clear()
+    layer(x[seq].clone().requires_grad_(True), padding_mask=padded_BS[:, seq])
+    logged = get_moe_layer_wise_logging_tracker()["adamoe/load"]["values"][0].clone()
+    dist.all_reduce(logged, group=parallel_state.get_tensor_model_parallel_group())
+
+    valid_tokens = x.transpose(0, 1)[~padded_BS]
+    with torch.no_grad():
+        _, selections = dense_adamoe_layer(
+            valid_tokens, weights, case["topk"], case["weight_norm"], case["null_type"], case["glu"]
+        )
+    expected = sum(len(true_picks) for true_picks, _ in selections) / len(selections)
+    return logged.item(), expected

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import pytest
 
-from tests.distributed.layouts import parallel_worker, reference_worker
+from tests.distributed.layouts import (
+    padded_load_metric_worker,
+    parallel_worker,
+    reference_worker,
+)
 from tests.spawn import run_distributed
 
 pytestmark = pytest.mark.distributed
@@ -83,3 +87,8 @@ def test_ep_rank_whose_tokens_are_all_null():
     assert busy["true_assignments"] == busy["num_tokens"] * CASE["topk"]  # no null picks there
     assert_all_to_all_ships_true_assignments_only(silent, CASE["topk"])
     assert_all_to_all_ships_true_assignments_only(busy, CASE["topk"], strictly_fewer=False)
+
+
+def test_logged_load_under_uneven_padding_is_the_group_mean():
+    for logged, expected in run_distributed(padded_load_metric_worker, 2, CASE):
+        assert logged == pytest.approx(expected, abs=1e-6)

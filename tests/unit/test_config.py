@@ -52,6 +52,45 @@ PINNED = {
         "moe_expert_capacity_factor (1.0) must be None; AdaMoE is dropless: capacity padding "
         "would ship pad rows over the all-to-all; leave it unset",
     ),
+    "pad to capacity": (
+        dict(moe_pad_expert_input_to_capacity=True),
+        "moe_pad_expert_input_to_capacity (True) must be False; AdaMoE is dropless: padding to "
+        "capacity ships pad rows over the all-to-all; leave it False",
+    ),
+    "router padding for fp8": (
+        dict(moe_router_padding_for_fp8=True),
+        "moe_router_padding_for_fp8 (True) must be False; it ships pad rows over the all-to-all; "
+        "the FP8 grouped GEMM pads each expert's chunk locally instead",
+    ),
+    "group topk": (
+        dict(moe_router_group_topk=1),
+        "moe_router_group_topk (1) must be None; group-limited routing is not defined over null "
+        "experts",
+    ),
+    "limited devices": (
+        dict(moe_router_topk_limited_devices=1),
+        "moe_router_topk_limited_devices (1) must be None; device-limited (group) routing is not "
+        "defined over null experts",
+    ),
+    "enable cuda graph": (
+        dict(enable_cuda_graph=True),
+        "enable_cuda_graph (True) must be False; per-token expert counts vary, so dispatch sizes "
+        "cannot be captured in a CUDA graph",
+    ),
+    "external cuda graph": (
+        dict(external_cuda_graph=True),
+        "external_cuda_graph (True) must be False; per-token expert counts vary, so dispatch "
+        "sizes cannot be captured in a CUDA graph",
+    ),
+    "identity with a2a overlap": (
+        dict(
+            adamoe_null_expert_type="identity",
+            overlap_moe_expert_parallel_comm=True,
+            expert_model_parallel_size=2,
+        ),
+        "overlap_moe_expert_parallel_comm (True) must be False with identity null experts; the "
+        "overlapped schedule bypasses AdaMoELayer's identity term (use 'zero' nulls)",
+    ),
     "router padding": (
         dict(moe_router_padding_for_quantization=True),
         "moe_router_padding_for_quantization (True) must be False; it ships pad rows over the "

@@ -105,3 +105,33 @@ def test_null_logits_get_gradient_only_from_aux_loss(megatron_env):
 
     layer, *_ = run_layer_and_reference("zero", "true_experts", glu=False, aux_coeff=AUX_COEFF)
     assert layer.router.weight.grad[NUM_TRUE:].abs().sum() > 0
+
+
+@pytest.mark.parametrize("null_type", ["zero", "identity"])
+def test_moe_recompute_gives_the_same_outputs_and_grads(megatron_env, null_type):
+    """Selective MoE recompute reruns route/postprocess in backward: identity nulls must still
+    reach the router and the input through the recomputed pass."""
+    weights = make_full_weights(11, HIDDEN, FFN, NUM_TRUE, NUM_NULL)
+    generator = torch.Generator().manual_seed(12)
+    x = torch.randn(SEQ, BATCH, HIDDEN, generator=generator)
+    grad_out = torch.randn(SEQ, BATCH, HIDDEN, generator=generator)
+    results = []
+    for recompute in (False, True):
+        config = adamoe_config(
+            hidden_size=HIDDEN,
+            moe_ffn_hidden_size=FFN,
+            adamoe_null_expert_type=null_type,
+            moe_aux_loss_coeff=AUX_COEFF,
+            **(dict(recompute_granularity="selective", recompute_modules=["moe"]) if recompute else {}),
+        )
+        layer = build_adamoe_layer(config)
+        assert layer.moe_layer_recompute == recompute
+        load_full_weights(layer, weights)
+        x_layer = x.clone().requires_grad_(True)
+        out, _ = layer(x_layer)
+        (out * grad_out).sum().backward()
+        results.append((out.detach(), x_layer.grad, layer.router.weight.grad))
+    (out, x_grad, router_grad), (out_rc, x_grad_rc, router_grad_rc) = results
+    torch.testing.assert_close(out_rc, out, **TOL)
+    torch.testing.assert_close(x_grad_rc, x_grad, **TOL)
+    torch.testing.assert_close(router_grad_rc, router_grad, **TOL)

@@ -109,33 +109,48 @@ def test_eval_mode_routes_without_aux_loss_or_tracker(megatron_env):
     assert layer.router.last_routing_stats.num_tokens.item() == 8
 
 
-def fused_permute_semantics(tokens, routing_map, num_out_tokens):
-    """What a fused permute kernel does (TE, and the unfused argsort path from Megatron 0.17):
-    allocate ``num_out_tokens`` rows and fill them in expert order; extra rows stay as padding."""
-    rows = tokens.index_select(0, routing_map.T.nonzero()[:, 1])
-    out = tokens.new_zeros((int(num_out_tokens), tokens.shape[1]))
-    out[: rows.shape[0]] = rows[: int(num_out_tokens)]
-    return out
+def argsort_permute(tokens, routing_map, probs=None, num_out_tokens=None, fused=False, **_):
+    """Permutation that trusts ``num_out_tokens``, as Megatron-Core 0.17's unfused argsort permute
+    and TE's fused permute do: the first ``num_out_tokens`` (expert, token) slots in expert-major
+    order, selected slots first. A size larger than the true count takes unselected slots."""
+    num_tokens, num_experts = routing_map.shape
+    mask_flat = routing_map.T.contiguous().view(-1)
+    order = torch.argsort(mask_flat.to(torch.int8), descending=True, stable=True)
+    order = order[: int(num_out_tokens)]
+    sorted_indices = order % num_tokens
+    permuted_probs = None if probs is None else probs.T.contiguous().view(-1)[order]
+    return tokens.index_select(0, sorted_indices), permuted_probs, sorted_indices
 
 
-def test_alltoall_dispatcher_is_sized_by_the_routing_map(megatron_env):
+def test_alltoall_dispatcher_is_sized_by_the_routing_map(megatron_env, monkeypatch):
+    from megatron.core.transformer.moe import token_dispatcher as upstream
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
     layer = build_adamoe_layer(adamoe_config(moe_aux_loss_coeff=0.0))
-    hidden = torch.randn(6, 2, layer.config.hidden_size)
-    probs, routing_map = layer.router(hidden)
-    dispatcher = layer.token_dispatcher
-    permuted, _ = dispatcher.dispatch_preprocess(hidden, routing_map, probs)
-
+    x = torch.randn(6, 2, layer.config.hidden_size)
+    with torch.no_grad():
+        reference, _ = layer(x)
+        probs, routing_map = layer.router(x)
+        layer.token_dispatcher.dispatch_preprocess(x, routing_map, probs)
     num_true = int(routing_map.sum())
     assert num_true < 12 * layer.config.moe_router_topk  # some picks were null
-    assert int(dispatcher.num_out_tokens) == num_true == permuted.shape[0]
-    assert dispatcher.cuda_sync_point == "before_permutation_1"
-    # Under fused-permute semantics the exact size leaves no phantom rows; upstream's T * k would.
-    tokens = hidden.view(-1, hidden.shape[-1])
-    exact = fused_permute_semantics(tokens, routing_map, dispatcher.num_out_tokens)
-    assert exact.shape[0] == sum(dispatcher.tokens_per_expert.tolist())
-    stock_size = tokens.shape[0] * layer.config.moe_router_topk
-    assert fused_permute_semantics(tokens, routing_map, stock_size).shape[0] > num_true
-    assert isinstance(dispatcher, MoEAlltoAllTokenDispatcher)
+    assert int(layer.token_dispatcher.num_out_tokens) == num_true
+    assert layer.token_dispatcher.cuda_sync_point == "before_permutation_1"
+
+    # A permute that allocates num_out_tokens rows gives the same output with exact sizing...
+    monkeypatch.setattr(upstream, "permute", argsort_permute)
+    with torch.no_grad():
+        out, _ = layer(x)
+    torch.testing.assert_close(out, reference)
+    # ...and phantom rows with upstream's tokens * k: the expert split no longer adds up.
+    layer.token_dispatcher = MoEAlltoAllTokenDispatcher(
+        layer.num_local_experts,
+        layer.local_expert_indices,
+        config=layer.config,
+        pg_collection=get_default_pg_collection(),
+    )
+    with pytest.raises(RuntimeError, match="split"), torch.no_grad():
+        layer(x)
 
 
 def test_router_is_pluggable_into_stock_moe_submodules(megatron_env):
