@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from megatron_adamoe.ops import expected_load
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -249,9 +251,11 @@ def print_table(args, rows):
         f"{'ratio AdaMoE/stock':<22}{a['load'] / s['load']:>8.3f}"
         f"{a['layer_ms'] / s['layer_ms']:>13.3f}{a['router_ms'] / s['router_ms']:>12.3f}{a2a_ratio}"
     )
+    balanced = expected_load(args.moe_router_topk, args.num_experts, args.adamoe_num_null_experts)
     print(
         f"\nload ratio {a['load'] / s['load']:.3f} vs fwd+bwd time ratio "
-        f"{a['layer_ms'] / s['layer_ms']:.3f} (expert FLOPs scale with load)"
+        f"{a['layer_ms'] / s['layer_ms']:.3f} (expert FLOPs scale with load; "
+        f"AdaMoE load at perfect balance k*n/(n+m) = {balanced:.3f})"
     )
 
 

@@ -178,7 +178,3 @@ def disable_cpu_mode() -> None:
         else:
             setattr(owner, attribute, original)
     _originals.clear()
-
-
-def cpu_mode_enabled() -> bool:
-    return bool(_originals)

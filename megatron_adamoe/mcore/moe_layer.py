@@ -76,6 +76,7 @@ class AdaMoELayer(MoELayer):
             output = output + (identity_weight * hidden_states).to(output.dtype)
         return output
 
+
 def _router_class(router_builder) -> type:
     return router_builder if isinstance(router_builder, type) else type(router_builder)
 

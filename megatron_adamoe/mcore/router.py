@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -124,9 +125,7 @@ class AdaMoERouter(TopKRouter):
         if self.training and torch.is_grad_enabled() and self.is_aux_loss_tracked():
             probs = self._apply_null_aware_aux_loss(probs, logits, routing, padding_mask)
         self._record_routing_stats(routing, padding_mask)
-        return NullExpertRouting(
-            probs, routing.routing_map_TE, routing.routing_map_TX, routing.identity_weight_T
-        )
+        return dataclasses.replace(routing, probs_TE=probs)
 
     def _apply_null_aware_aux_loss(self, probs, logits, routing, padding_mask):
         """Mirrors TopKRouter._apply_aux_loss with paper Eq. 6 in place of the Switch loss.
