@@ -29,13 +29,13 @@ from megatron_adamoe.ops import expected_load
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--ffn", type=int, default=512)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--ffn", type=int, default=1024)
     parser.add_argument("--num-experts", type=int, default=8)
     parser.add_argument("--adamoe-num-null-experts", type=int, default=8)
     parser.add_argument("--moe-router-topk", type=int, default=3, help="AdaMoE k over n + m")
     parser.add_argument("--baseline-topk", type=int, default=2, help="stock top-k baseline")
-    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
@@ -108,44 +108,60 @@ def build_layers(args, ep=1):
     return stock, adamoe
 
 
-def time_call(fn, iters, warmup, device):
+def time_alternating(steps, iters, warmup, device):
+    """Median ms of each named step; the steps alternate within every iteration so that drift in
+    machine load hits all of them alike."""
     for _ in range(warmup):
-        fn()
-    samples = []
+        for step in steps.values():
+            step()
+    samples = {name: [] for name in steps}
     for _ in range(iters):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples) * 1e3
+        for name, step in steps.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(times) * 1e3 for name, times in samples.items()}
 
 
-def measure(layer, x, args):
-    """Median ms of layer fwd+bwd and router fwd+bwd; measured load."""
+def measure(layers, x, args):
+    """Per layer: median ms of layer fwd+bwd and router fwd+bwd, and the measured load."""
     from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 
-    def layer_step():
+    def layer_step(layer):
         x_step = x.detach().requires_grad_(True)
         out, _ = layer(x_step)
         out.float().sum().backward()
         layer.zero_grad(set_to_none=True)
         clear_aux_losses_tracker()
 
-    def router_step():
+    def router_step(layer):
         probs, _ = layer.router(x)
         probs.float().sum().backward()
         layer.zero_grad(set_to_none=True)
         clear_aux_losses_tracker()
 
-    layer_ms = time_call(layer_step, args.iters, args.warmup, args.device)
-    router_ms = time_call(router_step, args.iters, args.warmup, args.device)
-    with torch.no_grad():
-        _, routing_map = layer.router(x)
-    load = routing_map.sum().item() / routing_map.shape[0]
-    return dict(layer_ms=layer_ms, router_ms=router_ms, load=load)
+    layer_ms = time_alternating(
+        {name: (lambda l=layer: layer_step(l)) for name, layer in layers.items()},
+        args.iters, args.warmup, args.device,
+    )
+    router_ms = time_alternating(
+        {name: (lambda l=layer: router_step(l)) for name, layer in layers.items()},
+        args.iters, args.warmup, args.device,
+    )
+    rows = {}
+    for name, layer in layers.items():
+        with torch.no_grad():
+            _, routing_map = layer.router(x)
+        rows[name] = dict(
+            layer_ms=layer_ms[name],
+            router_ms=router_ms[name],
+            load=routing_map.sum().item() / routing_map.shape[0],
+        )
+    return rows
 
 
 def ep2_rank(rank, world_size, store_path, args, results):
@@ -217,7 +233,7 @@ def main(argv=None):
         x = make_input(args, seed=args.seed)
         print(f"measuring fwd+bwd on {args.device} ({torch.get_num_threads()} threads) ...",
               flush=True)
-        rows = {"stock": measure(stock, x, args), "adamoe": measure(adamoe, x, args)}
+        rows = measure({"stock": stock, "adamoe": adamoe}, x, args)
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
     if not args.skip_ep:
