@@ -12,7 +12,8 @@ EQUIVALENT = [("true_experts", False), ("all_selected", False), ("none", True)]
 
 
 def build_pair(weight_norm, pre_softmax, **overrides):
-    common = dict(moe_router_topk=2, moe_aux_loss_coeff=0.01, moe_z_loss_coeff=1e-3, **overrides)
+    common = dict(moe_router_topk=2, moe_aux_loss_coeff=0.01, moe_z_loss_coeff=1e-3)
+    common.update(overrides)
     stock = build_stock_layer(stock_config(moe_router_pre_softmax=pre_softmax, **common))
     adamoe = build_adamoe_layer(
         adamoe_config(
@@ -26,9 +27,18 @@ def build_pair(weight_norm, pre_softmax, **overrides):
     return stock, adamoe
 
 
+# Upstream router options that keep working with AdaMoE.
+ROUTER_OPTIONS = [
+    {},
+    dict(moe_router_topk_scaling_factor=2.5, moe_router_dtype="fp64"),
+    dict(moe_router_dtype="fp32", moe_router_topk=3),
+]
+
+
 @pytest.mark.parametrize("weight_norm,pre_softmax", EQUIVALENT)
-def test_router_outputs_bit_identical(megatron_env, weight_norm, pre_softmax):
-    stock, adamoe = build_pair(weight_norm, pre_softmax)
+@pytest.mark.parametrize("options", ROUTER_OPTIONS, ids=["default", "scaled-fp64", "fp32-k3"])
+def test_router_outputs_bit_identical(megatron_env, weight_norm, pre_softmax, options):
+    stock, adamoe = build_pair(weight_norm, pre_softmax, **options)
     x = torch.randn(7, 3, stock.config.hidden_size)
     stock_probs, stock_map = stock.router(x)
     adamoe_probs, adamoe_map = adamoe.router(x)
