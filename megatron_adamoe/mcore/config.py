@@ -42,9 +42,6 @@ class AdaMoEConfig(TransformerConfig):
     def __post_init__(self) -> None:
         self._validate_adamoe()
         super().__post_init__()
-        # Upstream rewrites deprecated aliases (enable_cuda_graph, moe_router_topk_limited_devices,
-        # ...) into the fields checked above: check those again.
-        self._reject_unsupported_router_options()
 
     @property
     def adamoe_num_experts_with_nulls(self) -> int:
@@ -107,35 +104,36 @@ class AdaMoEConfig(TransformerConfig):
         self._validate_aux_loss()
 
     def _reject_unsupported_router_options(self) -> None:
+        pad_rows = (
+            "it ships pad rows over the all-to-all; the FP8 grouped GEMM pads each expert's "
+            "chunk locally instead"
+        )
+        no_graphs = "per-token expert counts vary, so dispatch sizes cannot be captured in a CUDA graph"
+        no_groups = "group-limited routing is not defined over null experts"
+        # Checked before upstream's __post_init__, which rewrites the deprecated aliases
+        # (enable_cuda_graph, moe_router_topk_limited_devices, ...) into other fields.
         unsupported = [
             # (field, value that is fine, rule, why / fix)
             ("moe_expert_capacity_factor", None, "be None", "AdaMoE is dropless: capacity padding "
              "would ship pad rows over the all-to-all; leave it unset"),
             ("moe_pad_expert_input_to_capacity", False, "be False", "AdaMoE is dropless: padding to "
              "capacity ships pad rows over the all-to-all; leave it False"),
-            ("moe_router_padding_for_quantization", False, "be False", "it ships pad rows over the "
-             "all-to-all; the FP8 grouped GEMM pads each expert's chunk locally instead"),
-            ("moe_router_padding_for_fp8", False, "be False", "it ships pad rows over the "
-             "all-to-all; the FP8 grouped GEMM pads each expert's chunk locally instead"),
+            ("moe_router_padding_for_quantization", False, "be False", pad_rows),
+            ("moe_router_padding_for_fp8", False, "be False", pad_rows),
             ("moe_router_score_function", "softmax", "be 'softmax'", "AdaMoE's null experts are "
              "defined on a softmax over true + null experts"),
             ("moe_router_enable_expert_bias", False, "be False", "the bias update pulls null "
              "experts toward the mean load and fights the null-aware loss; use the aux loss"),
-            ("moe_router_num_groups", None, "be None", "group-limited routing is not defined over "
-             "null experts"),
-            ("moe_router_group_topk", None, "be None", "group-limited routing is not defined over "
-             "null experts"),
+            ("moe_router_num_groups", None, "be None", no_groups),
+            ("moe_router_group_topk", None, "be None", no_groups),
+            ("moe_router_topk_limited_devices", None, "be None", "device-limited (group) routing "
+             "is not defined over null experts"),
             ("moe_router_fusion", False, "be False", "the fused top-k kernel knows no null experts"),
             ("moe_enable_routing_replay", False, "be False", "routing replay records stock top-k "
              "indices, not null-expert picks"),
-            ("cuda_graph_impl", "none", "be 'none'", "per-token expert counts vary, so dispatch "
-             "sizes cannot be captured in a CUDA graph"),
-            ("enable_cuda_graph", False, "be False", "per-token expert counts vary, so dispatch "
-             "sizes cannot be captured in a CUDA graph"),
-            ("external_cuda_graph", False, "be False", "per-token expert counts vary, so dispatch "
-             "sizes cannot be captured in a CUDA graph"),
-            ("moe_router_topk_limited_devices", None, "be None", "device-limited (group) routing "
-             "is not defined over null experts"),
+            ("cuda_graph_impl", "none", "be 'none'", no_graphs),
+            ("enable_cuda_graph", False, "be False", no_graphs),
+            ("external_cuda_graph", False, "be False", no_graphs),
         ]
         for field, fine, rule, fix in unsupported:
             if getattr(self, field) != fine:

@@ -74,10 +74,6 @@ class AdaMoERouter(TopKRouter):
     def current_aux_loss_coeff(self) -> float:
         return self.aux_loss_schedule(self.training_step)
 
-    def is_aux_loss_enabled(self) -> bool:
-        """Mirrors TopKRouter.is_aux_loss_enabled; the coefficient comes from the schedule."""
-        return self.current_aux_loss_coeff() > 0
-
     def is_aux_loss_tracked(self) -> bool:
         """The loss is logged at every training step under "aux_loss", also while the schedule's
         coefficient is zero (then it is measured, not applied), so logged names never vary."""
