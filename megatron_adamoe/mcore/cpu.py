@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import logging
 
+import functools
+import inspect
+
 import torch
 import torch.distributed as dist
+from torch.overrides import TorchFunctionMode
 
 logger = logging.getLogger(__name__)
 
@@ -120,9 +124,46 @@ def _rng_tracker_add_cpu(self, name, seed):
     torch.set_rng_state(original)
 
 
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, int):
+        return True
+    return isinstance(device, (str, torch.device)) and torch.device(device).type == "cuda"
+
+
+class _CudaOnCpu(TorchFunctionMode):
+    """Inside upstream code that hard-codes ``device='cuda'``, the CPU stands in for the GPU.
+
+    Tensor factories asked for a CUDA device get the CPU, ``Tensor.cuda()`` keeps the tensor where
+    it is, and ``Tensor.type()`` of a CPU float tensor reports the CUDA type name that upstream
+    assertions check. Only active while a wrapped upstream function runs.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs = {**kwargs, "device": "cpu"}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            return func(*args).replace("torch.", "torch.cuda.", 1)
+        return func(*args, **kwargs)
+
+
+def _cuda_on_cpu(function):
+    """Run an upstream function that hard-codes CUDA tensors with the CPU standing in."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with _CudaOnCpu():
+            return function(*args, **kwargs)
+
+    wrapper.__wrapped_for_cpu__ = True
+    return wrapper
+
+
 def _patch(name: str, owner, attribute: str, replacement) -> None:
     if name not in _originals:
-        _originals[name] = (owner, attribute, getattr(owner, attribute, None))
+        _originals[name] = (owner, attribute, inspect.getattr_static(owner, attribute, None))
     setattr(owner, attribute, replacement)
 
 
@@ -167,6 +208,52 @@ def enable_cpu_mode() -> None:
         _patch("rng_get", random, "_get_cuda_rng_state", _get_cpu_rng_state)
         _patch("rng_set", random, "_set_cuda_rng_state", _set_cpu_rng_state)
         _patch("rng_add", random.CudaRNGStatesTracker, "add", _rng_tracker_add_cpu)
+    # 7. Scalars created with a literal `device='cuda'` (plus one `grad.type() ==
+    #    'torch.cuda.FloatTensor'` assertion) in: FP32Optimizer.__init__ (`_scale`),
+    #    clip_grads.get_grad_norm_fp32 / clip_grad_by_total_norm_fp32 / count_zeros_fp32 (as bound
+    #    in optimizer.optimizer), the no-pipelining and 1F1B schedules (`total_num_tokens`), and
+    #    dist_checkpointing's save-plan verification. Each runs under `_CudaOnCpu`, which hands
+    #    them the CPU.
+    if not torch.cuda.is_available():
+        from megatron.core.dist_checkpointing.strategies import state_dict_saver
+        from megatron.core.optimizer import clip_grads
+        from megatron.core.optimizer import optimizer as megatron_optimizer
+        from megatron.core.pipeline_parallel import schedules
+
+        wrapped = [
+            (megatron_optimizer.FP32Optimizer, "__init__"),
+            (megatron_optimizer, "get_grad_norm_fp32"),
+            (megatron_optimizer, "clip_grad_by_total_norm_fp32"),
+            (megatron_optimizer, "count_zeros_fp32"),
+            (clip_grads, "get_grad_norm_fp32"),
+            (clip_grads, "clip_grad_by_total_norm_fp32"),
+            (clip_grads, "count_zeros_fp32"),
+            (schedules, "forward_backward_no_pipelining"),
+            (schedules, "forward_backward_pipelining_without_interleaving"),
+            (state_dict_saver, "verify_global_md_reuse"),
+        ]
+        for owner, attribute in wrapped:
+            original = getattr(owner, attribute)
+            if not getattr(original, "__wrapped_for_cpu__", False):
+                name = f"cuda_on_cpu:{getattr(owner, '__name__', owner)}.{attribute}"
+                _patch(name, owner, attribute, _cuda_on_cpu(original))
+    # 8. FileSystemWriterAsync.preload_tensors (dist_checkpointing's torch_dist writer) copies
+    #    tensors to the host with non_blocking=True and then calls torch.cuda.synchronize(); CPU
+    #    tensors need a plain blocking copy and no synchronisation.
+    if not torch.cuda.is_available():
+        from megatron.core.dist_checkpointing.strategies.filesystem_async import (
+            FileSystemWriterAsync,
+        )
+
+        preload = FileSystemWriterAsync.preload_tensors
+        if not getattr(preload, "__wrapped_for_cpu__", False):
+
+            def preload_tensors_blocking(write_buckets, non_blocking=True):
+                return preload(write_buckets, non_blocking=False)
+
+            preload_tensors_blocking.__wrapped_for_cpu__ = True
+            _patch("preload_tensors", FileSystemWriterAsync, "preload_tensors",
+                   staticmethod(preload_tensors_blocking))
     logger.debug("megatron_adamoe CPU mode enabled: %s", sorted(_originals))
 
 

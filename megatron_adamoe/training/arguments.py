@@ -1,0 +1,334 @@
+"""Pretraining options: Megatron's names, read from YAML, overridden from the command line.
+
+``load_arguments(config_path, overrides, world_size)`` returns validated ``PretrainArguments``.
+Every key is a Megatron argument name (``num_experts``, ``moe_router_topk``; new ones start with
+``adamoe_``). Command-line overrides use Megatron's flag spelling (``--moe-router-topk 3``,
+``--bf16``, ``--no-bf16``). Anything wrong raises a one-line ``ValueError`` naming the field.
+
+This module does not import Megatron-Core or torch, so the launch script can check a config
+in a fraction of a second before it starts any process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import yaml
+
+
+@dataclass
+class PretrainArguments:
+    # --- model (GPTModel) ---
+    num_layers: int = 4
+    hidden_size: int = 128
+    ffn_hidden_size: Optional[int] = None
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None
+    seq_length: int = 128
+    max_position_embeddings: Optional[int] = None
+    position_embedding_type: str = "rope"
+    rotary_base: int = 10000
+    normalization: str = "RMSNorm"
+    swiglu: bool = True
+    untie_embeddings_and_output_weights: bool = True
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    init_method_std: float = 0.02
+    make_vocab_size_divisible_by: int = 128
+    # --- MoE ---
+    num_experts: int = 4
+    moe_ffn_hidden_size: Optional[int] = None
+    moe_router_topk: int = 2
+    moe_layer_freq: Union[int, list] = 1
+    moe_aux_loss_coeff: Optional[float] = None  # 0.01, or 0 under adamoe_aux_loss_coeff_schedule
+    moe_z_loss_coeff: Optional[float] = None
+    moe_router_dtype: Optional[str] = "fp32"
+    moe_token_dispatcher_type: str = "alltoall"
+    moe_grouped_gemm: bool = False
+    moe_permute_fusion: bool = False
+    # --- AdaMoE ---
+    adamoe_num_null_experts: int = 0
+    adamoe_null_expert_type: str = "zero"
+    adamoe_weight_norm: str = "true_experts"
+    adamoe_aux_loss_coeff_schedule: Optional[str] = None
+    adamoe_flops_baseline_topk: Optional[int] = None
+    # --- parallelism ---
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    expert_model_parallel_size: int = 1
+    expert_tensor_parallel_size: Optional[int] = None
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+    # --- optimisation ---
+    micro_batch_size: int = 4
+    global_batch_size: Optional[int] = None
+    train_iters: int = 100
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    lr_decay_style: str = "cosine"
+    lr_warmup_iters: int = 0
+    lr_decay_iters: Optional[int] = None
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    bf16: bool = False
+    seed: int = 1234
+    # --- data ---
+    data_path: Optional[list] = None
+    split: str = "98,2,0"
+    tokenizer_model: Optional[str] = None
+    data_cache_path: Optional[str] = None
+    # --- checkpoints ---
+    save: Optional[str] = None
+    load: Optional[str] = None
+    save_interval: Optional[int] = None
+    exit_interval: Optional[int] = None  # stop (after saving) when iteration % exit_interval == 0
+    finetune: bool = False
+    no_load_optim: bool = False
+    no_load_rng: bool = False
+    # --- logging and evaluation ---
+    log_interval: int = 10
+    eval_interval: Optional[int] = None
+    eval_iters: int = 10
+    tensorboard_dir: Optional[str] = None
+    wandb_project: Optional[str] = None
+    adamoe_metrics_file: Optional[str] = None  # JSON lines, one per iteration, exact floats
+    # --- filled in by load_arguments, not settable ---
+    world_size: int = field(default=1, metadata={"derived": True})
+    data_parallel_size: int = field(default=1, metadata={"derived": True})
+    config_path: Optional[str] = field(default=None, metadata={"derived": True})
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.data_parallel_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if _settable(f)}
+
+
+CHOICES = {
+    "position_embedding_type": ("rope", "learned_absolute"),
+    "normalization": ("RMSNorm", "LayerNorm"),
+    "lr_decay_style": ("constant", "linear", "cosine", "inverse-square-root"),
+    "moe_router_dtype": (None, "fp32", "fp64"),
+    "moe_token_dispatcher_type": ("alltoall", "allgather", "flex"),
+    "adamoe_null_expert_type": ("zero", "identity"),
+    "adamoe_weight_norm": ("true_experts", "all_selected", "none"),
+}
+POSITIVE = (
+    "num_layers hidden_size num_attention_heads seq_length num_experts moe_router_topk "
+    "tensor_model_parallel_size pipeline_model_parallel_size expert_model_parallel_size "
+    "context_parallel_size micro_batch_size train_iters log_interval eval_iters "
+    "make_vocab_size_divisible_by"
+).split()
+OPTIONAL_POSITIVE = (
+    "ffn_hidden_size num_query_groups max_position_embeddings moe_ffn_hidden_size "
+    "expert_tensor_parallel_size global_batch_size save_interval eval_interval "
+    "lr_decay_iters adamoe_flops_baseline_topk exit_interval"
+).split()
+NON_NEGATIVE = "adamoe_num_null_experts moe_aux_loss_coeff lr min_lr lr_warmup_iters weight_decay clip_grad".split()
+
+
+def _settable(f: dataclasses.Field) -> bool:
+    return not f.metadata.get("derived", False)
+
+
+def settable_fields() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(PretrainArguments) if _settable(f)}
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    """Check a raw YAML/CLI value against the field's declared type."""
+    hint = typing.get_type_hints(PretrainArguments)[name]
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{name} (None) must be set ({source}); give it a value or drop the key")
+    allowed = [a for a in args if a is not type(None)] or [hint]
+    if name == "data_path" and isinstance(value, str):
+        value = value.split()
+    for kind in allowed:
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind is list and isinstance(value, list):
+            return value
+        if kind in (int, bool, str) and type(value) is kind:
+            return value
+    names = " or ".join(getattr(k, "__name__", str(k)) for k in allowed)
+    raise ValueError(f"{name} ({value!r}) must be {names} ({source}); fix the value")
+
+
+def _unknown_key(key: str, source: str) -> ValueError:
+    guess = difflib.get_close_matches(key, list(settable_fields()), n=1, cutoff=0.5)
+    hint = f"did you mean '{guess[0]}'?" if guess else "see configs/README.md for the keys"
+    return ValueError(f"config key '{key}' ({source}) is not a known option; {hint}")
+
+
+def parse_overrides(argv: list[str]) -> dict[str, Any]:
+    """``--moe-router-topk 3 --bf16 --no-swiglu --data-path a b`` -> {key: value}."""
+    overrides: dict[str, Any] = {}
+    index = 0
+    while index < len(argv):
+        token = argv[index]
+        if not token.startswith("--"):
+            raise ValueError(
+                f"command-line argument ({token!r}) must be a --flag or its value; "
+                "write overrides as --key value"
+            )
+        flag, _, inline = token[2:].partition("=")
+        values = [inline] if inline else []
+        index += 1
+        while not inline and index < len(argv) and not argv[index].startswith("--"):
+            values.append(argv[index])
+            index += 1
+        key = flag.replace("-", "_")
+        if not values and key.startswith("no_") and key[3:] in settable_fields():
+            overrides[key[3:]] = False
+        elif not values:
+            overrides[key] = True
+        elif len(values) == 1:
+            overrides[key] = yaml.safe_load(values[0])
+        else:
+            overrides[key] = [yaml.safe_load(v) for v in values]
+    return overrides
+
+
+def load_arguments(
+    config_path: Optional[str], overrides: Optional[dict] = None, world_size: int = 1
+) -> PretrainArguments:
+    """YAML file, then overrides, then derived values and validation."""
+    raw: dict[str, Any] = {}
+    if config_path is not None:
+        if not os.path.isfile(config_path):
+            raise ValueError(
+                f"config ({config_path!r}) must be an existing YAML file; check the path"
+            )
+        with open(config_path) as handle:
+            loaded = yaml.safe_load(handle) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config ({config_path!r}) must be a YAML mapping of key: value")
+        raw.update({k: (v, os.path.basename(config_path)) for k, v in loaded.items()})
+    raw.update({k: (v, "command line") for k, v in (overrides or {}).items()})
+    fields = settable_fields()
+    values = {}
+    for key, (value, source) in raw.items():
+        if key not in fields:
+            raise _unknown_key(key, source)
+        values[key] = _coerce(key, value, source)
+    args = PretrainArguments(**values)
+    args.world_size = world_size
+    args.config_path = config_path
+    validate(args)
+    return args
+
+
+def validate(args: PretrainArguments) -> None:
+    def fail(name: str, rule: str, fix: str) -> None:
+        raise ValueError(f"{name} ({getattr(args, name)!r}) must {rule}; {fix}")
+
+    for name, choices in CHOICES.items():
+        if getattr(args, name) not in choices:
+            fail(name, f"be one of {', '.join(map(repr, choices))}", "pick one of them")
+    for name in POSITIVE:
+        if getattr(args, name) <= 0:
+            fail(name, "be > 0", "set a positive value")
+    for name in OPTIONAL_POSITIVE:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            fail(name, "be > 0 when set", "set a positive value or drop the key")
+    if args.moe_aux_loss_coeff is None:
+        args.moe_aux_loss_coeff = 0.0 if args.adamoe_aux_loss_coeff_schedule else 0.01
+    for name in NON_NEGATIVE:
+        if getattr(args, name) < 0:
+            fail(name, "be >= 0", "set a non-negative value")
+    _validate_moe(args, fail)
+    _validate_topology(args, fail)
+    _validate_io(args, fail)
+
+
+def _validate_moe(args: PretrainArguments, fail) -> None:
+    n, m, k = args.num_experts, args.adamoe_num_null_experts, args.moe_router_topk
+    if k > n + m:
+        fail("moe_router_topk", f"be <= num_experts + adamoe_num_null_experts ({n} + {m})",
+             "lower k or add null experts")
+    if m == 0 and k > n:
+        fail("moe_router_topk", f"be <= num_experts ({n}) without null experts", "lower k")
+    if args.num_experts % args.expert_model_parallel_size:
+        fail("num_experts", f"be divisible by expert_model_parallel_size "
+             f"({args.expert_model_parallel_size})", "change the expert count or EP size")
+    if args.hidden_size % args.num_attention_heads:
+        fail("hidden_size", f"be divisible by num_attention_heads ({args.num_attention_heads})",
+             "change either value")
+    if args.min_lr > args.lr:
+        fail("min_lr", f"be <= lr ({args.lr})", "lower min_lr")
+    decay_iters = args.lr_decay_iters or args.train_iters
+    if args.lr_warmup_iters >= decay_iters:
+        fail("lr_warmup_iters", f"be < lr_decay_iters or train_iters ({decay_iters})",
+             "shorten the warm-up")
+
+
+def _validate_topology(args: PretrainArguments, fail) -> None:
+    model_parallel = (
+        args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+        * args.context_parallel_size
+    )
+    if args.world_size % model_parallel:
+        raise ValueError(
+            f"world size ({args.world_size}) must be divisible by tensor x pipeline x context "
+            f"parallel size ({model_parallel}); launch a multiple of {model_parallel} processes "
+            "or change the layout"
+        )
+    args.data_parallel_size = args.world_size // model_parallel
+    etp = args.expert_tensor_parallel_size or args.tensor_model_parallel_size
+    expert_grid = etp * args.expert_model_parallel_size * args.pipeline_model_parallel_size
+    if args.world_size % expert_grid:
+        raise ValueError(
+            f"world size ({args.world_size}) must be divisible by expert tensor x expert x "
+            f"pipeline parallel size ({expert_grid}); change expert_model_parallel_size or "
+            "the number of processes"
+        )
+    if args.num_layers % args.pipeline_model_parallel_size:
+        fail("num_layers", f"be divisible by pipeline_model_parallel_size "
+             f"({args.pipeline_model_parallel_size})", "change either value")
+    if args.sequence_parallel and args.tensor_model_parallel_size == 1:
+        fail("sequence_parallel", "be false when tensor_model_parallel_size is 1",
+             "drop --sequence-parallel or raise the TP size")
+    per_step = args.micro_batch_size * args.data_parallel_size
+    if args.global_batch_size is None:
+        args.global_batch_size = per_step
+    if args.global_batch_size % per_step:
+        fail("global_batch_size", f"be a multiple of micro_batch_size x data-parallel size "
+             f"({args.micro_batch_size} x {args.data_parallel_size})", "change the batch sizes")
+
+
+def _validate_io(args: PretrainArguments, fail) -> None:
+    if not args.data_path:
+        fail("data_path", "be set", "run tools/preprocess_data.py and pass its output prefix")
+    for prefix in args.data_path:
+        if isinstance(prefix, (int, float)):
+            continue  # a blend weight
+        for suffix in (".bin", ".idx"):
+            if not os.path.isfile(str(prefix) + suffix):
+                raise ValueError(
+                    f"data_path ({prefix!r}) must name an indexed dataset ({prefix}{suffix} is "
+                    "missing); run tools/preprocess_data.py or `make data` first"
+                )
+    if args.tokenizer_model is None or not os.path.isfile(args.tokenizer_model):
+        fail("tokenizer_model", "be an existing sentencepiece .model file",
+             "pass the model tools/preprocess_data.py wrote")
+    if args.save_interval is not None and args.save is None:
+        fail("save_interval", "come with a save directory", "set save or drop save_interval")
+
+
+def resolved_yaml(args: PretrainArguments) -> str:
+    """The fully resolved options (every key), as written next to each checkpoint."""
+    return yaml.safe_dump(args.to_dict(), sort_keys=False)

@@ -1,0 +1,197 @@
+"""Save and resume with Megatron-Core's dist_checkpointing, published only when complete.
+
+Layout under ``save``::
+
+    latest_checkpointed_iteration.txt    the last complete checkpoint (written atomically)
+    iter_0000200/                        a dist_checkpointing directory (torch_dist), plus
+        config.yaml                      the resolved options of the run that wrote it
+    iter_0000300.partial/                a save in progress, or one a crash interrupted
+
+A save writes ``iter_N.partial``, waits for every rank, then rank 0 renames it to ``iter_N``
+and rewrites the tracker; an interrupted save leaves the previous checkpoint as the latest.
+Model and optimizer state are sharded tensors, so a checkpoint saved under one TP/EP layout
+loads under another. Per-rank RNG states are restored only under the same world size and layout.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import signal
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+from megatron_adamoe.training.arguments import PretrainArguments, resolved_yaml
+
+logger = logging.getLogger(__name__)
+
+TRACKER = "latest_checkpointed_iteration.txt"
+PARTIAL = ".partial"
+# Test hook: "ITERATION:MARKER" kills this process (SIGKILL) in the middle of the save of
+# ITERATION, after the shards are written and before publication, if MARKER does not exist yet
+# (it is created first, so a restarted run saves normally).
+KILL_DURING_SAVE_ENV = "ADAMOE_TEST_KILL_DURING_SAVE"
+
+
+@dataclass
+class TrainingPosition:
+    iteration: int = 0
+    consumed_samples: int = 0
+
+
+def checkpoint_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def _layout() -> dict:
+    return {
+        "world_size": dist.get_world_size(),
+        "tp": parallel_state.get_tensor_model_parallel_world_size(),
+        "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+        "ep": parallel_state.get_expert_model_parallel_world_size(),
+        "etp": parallel_state.get_expert_tensor_parallel_world_size(),
+    }
+
+
+def _rng_state() -> dict:
+    return {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_sharded_object(state: Optional[dict]) -> ShardedObject:
+    world, rank = dist.get_world_size(), dist.get_rank()
+    return ShardedObject("rng_state", state, (world,), (rank,), replica_id=0)
+
+
+def _sharded_state_dict(model, optimizer, is_loading: bool, with_optimizer: bool = True) -> dict:
+    model_sd = model.module.sharded_state_dict()
+    state = {"model": model_sd}
+    if with_optimizer:
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+    return state
+
+
+def save_checkpoint(args: PretrainArguments, position: TrainingPosition, model, optimizer,
+                    scheduler) -> str:
+    """Write ``iter_N`` under ``args.save`` and publish it; returns its directory."""
+    final = checkpoint_dir(args.save, position.iteration)
+    partial = final + PARTIAL
+    if dist.get_rank() == 0:
+        os.makedirs(args.save, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        os.makedirs(partial)
+    dist.barrier()
+    state = _sharded_state_dict(model, optimizer, is_loading=False)
+    state["rng_state"] = _rng_sharded_object(_rng_state())
+    state["scheduler"] = scheduler.state_dict()
+    state["position"] = {"iteration": position.iteration,
+                         "consumed_samples": position.consumed_samples}
+    state["layout"] = _layout()
+    dist_checkpointing.save(state, partial)
+    _maybe_kill_during_save(position.iteration)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        _write_atomically(os.path.join(partial, "config.yaml"), resolved_yaml(args))
+        if os.path.exists(final):  # the same iteration saved before a restart
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        _write_atomically(os.path.join(args.save, TRACKER), f"{position.iteration}\n")
+    dist.barrier()
+    return final
+
+
+def _write_atomically(path: str, text: str) -> None:
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def _maybe_kill_during_save(iteration: int) -> None:
+    spec = os.environ.get(KILL_DURING_SAVE_ENV)
+    if not spec or dist.get_rank() != 0:
+        return
+    target, _, marker = spec.partition(":")
+    if int(target) == iteration and not os.path.exists(marker):
+        open(marker, "w").close()
+        logger.warning("%s: killing rank 0 during the save of iteration %d",
+                       KILL_DURING_SAVE_ENV, iteration)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def latest_checkpoint(root: Optional[str]) -> Optional[str]:
+    """The directory the tracker names, or None when there is no complete checkpoint."""
+    if root is None:
+        return None
+    tracker = os.path.join(root, TRACKER)
+    if not os.path.isfile(tracker):
+        if os.path.isfile(os.path.join(root, "metadata.json")):
+            return root  # a checkpoint directory given directly
+        return None
+    with open(tracker) as handle:
+        text = handle.read().strip()
+    if not text.isdigit():
+        raise ValueError(f"load ({root!r}) must hold a tracker with an iteration number; "
+                         f"{TRACKER} reads {text!r}")
+    directory = checkpoint_dir(root, int(text))
+    if not os.path.isdir(directory):
+        raise ValueError(f"load ({root!r}) must contain {os.path.basename(directory)}, which "
+                         f"its {TRACKER} names; restore it or point load elsewhere")
+    return directory
+
+
+def load_checkpoint(args: PretrainArguments, model, optimizer, scheduler) -> TrainingPosition:
+    """Resume from ``args.load`` (or ``args.save``); a fresh start when neither has one."""
+    directory = latest_checkpoint(args.load) or latest_checkpoint(args.save)
+    if directory is None:
+        if args.load is not None:
+            raise ValueError(f"load ({args.load!r}) must contain a checkpoint ({TRACKER} or a "
+                             "dist_checkpointing directory); check the path")
+        return TrainingPosition()
+    with_optimizer = not (args.finetune or args.no_load_optim)
+    state = _sharded_state_dict(model, optimizer, is_loading=True, with_optimizer=with_optimizer)
+    common = dist_checkpointing.load_common_state_dict(directory)
+    same_layout = common.get("layout") == _layout()
+    load_rng = same_layout and not (args.finetune or args.no_load_rng)
+    if load_rng:
+        state["rng_state"] = _rng_sharded_object(None)
+    loaded = dist_checkpointing.load(state, directory)
+    model.module.load_state_dict(loaded["model"], strict=True)
+    if with_optimizer:
+        optimizer.load_state_dict(loaded["optimizer"])
+        scheduler.load_state_dict(common["scheduler"])
+    if load_rng:
+        _set_rng_state(loaded["rng_state"])
+    elif not (args.finetune or args.no_load_rng):
+        logger.warning("checkpoint layout %s differs from this run's %s: RNG states not restored",
+                       common.get("layout"), _layout())
+    if args.finetune:
+        position = TrainingPosition()
+    else:
+        position = TrainingPosition(**common["position"])
+    logger.info("loaded %s (iteration %d)", directory, common["position"]["iteration"])
+    return position

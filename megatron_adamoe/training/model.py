@@ -1,0 +1,103 @@
+"""Build the AdaMoE GPT model from pretraining arguments, on Megatron-Core's own classes.
+
+``adamoe_num_null_experts: 0`` is the top-k baseline: the AdaMoE router with m = 0 computes
+exactly what the stock TopKRouter / MoELayer compute (tests/unit/test_matches_stock_topk.py
+checks every output and gradient bit for bit), so both arms of a comparison share one code path
+and log the same metrics.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+
+from megatron_adamoe.mcore import AdaMoEConfig, get_adamoe_gpt_decoder_block_spec
+from megatron_adamoe.training.arguments import PretrainArguments
+
+
+def padded_vocab_size(vocab_size: int, args: PretrainArguments) -> int:
+    """Megatron's rule: round the vocabulary up to a multiple of divisor x TP size."""
+    multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def transformer_config(args: PretrainArguments, on_gpu: bool) -> AdaMoEConfig:
+    bf16 = args.bf16 and on_gpu
+    return AdaMoEConfig(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=args.ffn_hidden_size or 4 * args.hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups,
+        hidden_dropout=args.hidden_dropout,
+        attention_dropout=args.attention_dropout,
+        init_method_std=args.init_method_std,
+        normalization=args.normalization,
+        gated_linear_unit=args.swiglu,
+        activation_func=F.silu if args.swiglu else F.gelu,
+        add_bias_linear=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=on_gpu,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        num_moe_experts=args.num_experts,
+        moe_ffn_hidden_size=args.moe_ffn_hidden_size or args.ffn_hidden_size or 4 * args.hidden_size,
+        moe_router_topk=args.moe_router_topk,
+        moe_layer_freq=args.moe_layer_freq,
+        moe_aux_loss_coeff=args.moe_aux_loss_coeff,
+        moe_z_loss_coeff=args.moe_z_loss_coeff,
+        moe_router_dtype=args.moe_router_dtype,
+        moe_router_load_balancing_type="aux_loss",
+        moe_token_dispatcher_type=args.moe_token_dispatcher_type,
+        moe_grouped_gemm=args.moe_grouped_gemm,
+        moe_permute_fusion=args.moe_permute_fusion,
+        adamoe_num_null_experts=args.adamoe_num_null_experts,
+        adamoe_null_expert_type=args.adamoe_null_expert_type,
+        adamoe_weight_norm=args.adamoe_weight_norm,
+        adamoe_aux_loss_coeff_schedule=args.adamoe_aux_loss_coeff_schedule,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
+        context_parallel_size=args.context_parallel_size,
+        sequence_parallel=args.sequence_parallel,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_cpu_initialization=not on_gpu,
+    )
+
+
+def build_model(args: PretrainArguments, config: AdaMoEConfig, vocab_size: int) -> GPTModel:
+    """The GPTModel chunk of this pipeline stage (no virtual pipeline stages)."""
+    on_gpu = torch.cuda.is_available()
+    block_spec = get_adamoe_gpt_decoder_block_spec(
+        config, use_transformer_engine=on_gpu and _has_transformer_engine(),
+        normalization=args.normalization,
+    )
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=block_spec,
+        vocab_size=padded_vocab_size(vocab_size, args),
+        max_sequence_length=args.max_position_embeddings or args.seq_length,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type=args.position_embedding_type,
+        rotary_base=args.rotary_base,
+    )
+    if on_gpu:
+        model.cuda(torch.cuda.current_device())
+    return model
+
+
+def _has_transformer_engine() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True

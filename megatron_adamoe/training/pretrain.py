@@ -1,0 +1,78 @@
+"""Pretrain an AdaMoE GPT on Megatron-Core: ``python -m megatron_adamoe.training.pretrain``.
+
+    torchrun --nproc-per-node 2 -m megatron_adamoe.training.pretrain \
+        --config configs/cpu_adamoe_tiny.yaml --train-iters 50
+
+Built from Megatron-Core's primitives: ``parallel_state`` (TP/PP/EP/ETP/CP/DP), ``GPTModel`` with
+the AdaMoE layer spec, ``DistributedDataParallel``, ``get_megatron_optimizer`` (the distributed
+optimizer when asked), ``OptimizerParamScheduler``, ``get_forward_backward_func``,
+``dist_checkpointing`` and ``GPTDataset``. Without CUDA it runs over gloo after
+``megatron_adamoe.enable_cpu_mode()``. ``--validate-only`` checks the options and exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Optional
+
+from megatron_adamoe.training.arguments import load_arguments, parse_overrides
+
+logger = logging.getLogger("megatron_adamoe.pretrain")
+
+
+def _split_argv(argv: list[str]) -> tuple[Optional[str], bool, list[str]]:
+    config, validate_only, rest = None, False, []
+    index = 0
+    while index < len(argv):
+        token = argv[index]
+        if token == "--config" and index + 1 < len(argv):
+            config, index = argv[index + 1], index + 2
+            continue
+        if token.startswith("--config="):
+            config = token.split("=", 1)[1]
+        elif token == "--validate-only":
+            validate_only = True
+        else:
+            rest.append(token)
+        index += 1
+    return config, validate_only, rest
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(message)s",
+        stream=sys.stdout,
+    )
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    try:
+        config_path, validate_only, rest = _split_argv(argv)
+        args = load_arguments(config_path, parse_overrides(rest), world_size)
+        if validate_only:
+            from megatron_adamoe.training.model import transformer_config
+
+            transformer_config(args, on_gpu=False)  # AdaMoEConfig's own checks
+            logger.info("config ok: %d processes, data-parallel size %d, %d micro-batches/step",
+                        world_size, args.data_parallel_size, args.num_microbatches)
+            return 0
+        from megatron_adamoe.training.loop import pretrain
+
+        pretrain(args)
+    except ValueError as error:
+        if rank == 0:
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+def console_main() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
