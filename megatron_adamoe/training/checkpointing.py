@@ -9,8 +9,10 @@ Layout under ``save``::
 
 A save writes ``iter_N.partial``, waits for every rank, then rank 0 renames it to ``iter_N``
 and rewrites the tracker; an interrupted save leaves the previous checkpoint as the latest.
-Model and optimizer state are sharded tensors, so a checkpoint saved under one TP/EP layout
-loads under another. Per-rank RNG states are restored only under the same world size and layout.
+Model weights are sharded tensors, so a checkpoint saved under one TP/EP/PP layout loads under
+another. The optimizer moments and per-rank RNG states are restored under the same layout only
+(Megatron's ChainedOptimizer groups state per layout); the iteration, data position and LR /
+aux-coefficient schedules are restored under any layout.
 """
 
 from __future__ import annotations
@@ -100,7 +102,9 @@ def save_checkpoint(args: PretrainArguments, position: TrainingPosition, model, 
     partial = final + PARTIAL
     if dist.get_rank() == 0:
         os.makedirs(args.save, exist_ok=True)
-        shutil.rmtree(partial, ignore_errors=True)
+        for name in os.listdir(args.save):  # saves a crash interrupted: never complete
+            if name.endswith(PARTIAL):
+                shutil.rmtree(os.path.join(args.save, name), ignore_errors=True)
         os.makedirs(partial)
     dist.barrier()
     state = _sharded_state_dict(model, optimizer, is_loading=False)
@@ -172,23 +176,27 @@ def load_checkpoint(args: PretrainArguments, model, optimizer, scheduler) -> Tra
             raise ValueError(f"load ({args.load!r}) must contain a checkpoint ({TRACKER} or a "
                              "dist_checkpointing directory); check the path")
         return TrainingPosition()
-    with_optimizer = not (args.finetune or args.no_load_optim)
-    state = _sharded_state_dict(model, optimizer, is_loading=True, with_optimizer=with_optimizer)
     common = dist_checkpointing.load_common_state_dict(directory)
     same_layout = common.get("layout") == _layout()
-    load_rng = same_layout and not (args.finetune or args.no_load_rng)
+    restore_state = not args.finetune
+    with_optimizer = restore_state and same_layout and not args.no_load_optim
+    load_rng = restore_state and same_layout and not args.no_load_rng
+    state = _sharded_state_dict(model, optimizer, is_loading=True, with_optimizer=with_optimizer)
     if load_rng:
         state["rng_state"] = _rng_sharded_object(None)
     loaded = dist_checkpointing.load(state, directory)
     model.module.load_state_dict(loaded["model"], strict=True)
     if with_optimizer:
         optimizer.load_state_dict(loaded["optimizer"])
+    if restore_state:
         scheduler.load_state_dict(common["scheduler"])
     if load_rng:
         _set_rng_state(loaded["rng_state"])
-    elif not (args.finetune or args.no_load_rng):
-        logger.warning("checkpoint layout %s differs from this run's %s: RNG states not restored",
-                       common.get("layout"), _layout())
+    if restore_state and not same_layout:
+        logger.warning(
+            "checkpoint layout %s differs from this run's %s: model weights resharded; the "
+            "optimizer moments and RNG states start afresh (Megatron's optimizer groups its "
+            "state per layout)", common.get("layout"), _layout())
     if args.finetune:
         position = TrainingPosition()
     else:

@@ -44,7 +44,7 @@ def initialize_distributed(args: PretrainArguments) -> bool:
         os.environ.setdefault("MASTER_PORT", "29500")
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
-        dist.init_process_group("nccl" if on_gpu else "gloo", timeout=timedelta(minutes=10))
+        _init_process_group("nccl" if on_gpu else "gloo", timedelta(minutes=10))
     if dist.get_world_size() != args.world_size:
         raise ValueError(f"world size ({dist.get_world_size()}) must match the one the options "
                          f"were checked for ({args.world_size}); launch with torchrun")
@@ -62,6 +62,24 @@ def initialize_distributed(args: PretrainArguments) -> bool:
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return on_gpu
+
+
+def _init_process_group(backend: str, timeout: timedelta) -> None:
+    """env:// initialisation; under torchrun, on a store prefix of its own per restart attempt.
+
+    torchrun's agent keeps one TCPStore for the life of the job. Restarted workers
+    (``--max-restarts``) would otherwise find the previous attempt's keys under the same group
+    names and try to connect to the dead workers' addresses.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        dist.init_process_group(backend, timeout=timeout)
+        return
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          is_master=False, timeout=timeout)
+    dist.init_process_group(
+        backend, store=dist.PrefixStore(f"megatron_adamoe/attempt_{attempt}", store),
+        rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
 
 
 def build_optimizer(args: PretrainArguments, config, model):
@@ -194,6 +212,11 @@ def pretrain(args: PretrainArguments) -> None:
     if position.iteration:
         logger.info("resuming at iteration %d (%d samples consumed)", position.iteration,
                     position.consumed_samples)
+    if args.skip_train:
+        _log_validation(args, model, valid_dataset, position.iteration, writer)
+        writer.close()
+        _shutdown()
+        return
     train_iterator = data.microbatch_iterator(
         train_dataset, args, position.consumed_samples, args.train_iters - position.iteration)
     start = time.time()
@@ -259,6 +282,11 @@ def pretrain(args: PretrainArguments) -> None:
     writer.close()
     logger.info("done: %d iterations in %s", position.iteration,
                 metrics.format_duration(time.time() - start))
+    _shutdown()
+
+
+def _shutdown() -> None:
+    dist.barrier()
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
 
