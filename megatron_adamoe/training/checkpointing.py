@@ -43,6 +43,12 @@ PARTIAL = ".partial"
 KILL_DURING_SAVE_ENV = "ADAMOE_TEST_KILL_DURING_SAVE"
 
 
+# As Megatron-LM's training writes them: the distributed optimizer's state per data-parallel
+# rank (its default format), the chained optimizers' keys without per-layout prefixes.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable",
+                      "chained_optim_avoid_prefix": True}
+
+
 @dataclass
 class TrainingPosition:
     iteration: int = 0
@@ -91,7 +97,8 @@ def _sharded_state_dict(model, optimizer, is_loading: bool, with_optimizer: bool
     model_sd = model.module.sharded_state_dict()
     state = {"model": model_sd}
     if with_optimizer:
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_sd, is_loading=is_loading, metadata=OPTIMIZER_METADATA)
     return state
 
 

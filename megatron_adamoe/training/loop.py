@@ -27,7 +27,12 @@ from megatron.core.transformer.moe.moe_utils import track_moe_metrics
 from megatron_adamoe.mcore import adamoe_metric_names, enable_cpu_mode, set_adamoe_training_step
 from megatron_adamoe.training import checkpointing, corpus, data, metrics
 from megatron_adamoe.training.arguments import PretrainArguments
-from megatron_adamoe.training.model import build_model, padded_vocab_size, transformer_config
+from megatron_adamoe.training.model import (
+    build_model,
+    check_device_support,
+    padded_vocab_size,
+    transformer_config,
+)
 
 logger = logging.getLogger("megatron_adamoe.pretrain")
 
@@ -174,7 +179,10 @@ def _append_metrics(path, record: dict) -> None:
 
 
 def pretrain(args: PretrainArguments) -> None:
+    check_device_support(args, torch.cuda.is_available())
     on_gpu = initialize_distributed(args)
+    if args.bf16 and not on_gpu:
+        logger.warning("bf16 is ignored on CPU: training in fp32")
     tokenizer = corpus.load_tokenizer(args.tokenizer_model)
     config = transformer_config(args, on_gpu)
     model = build_model(args, config, tokenizer.vocab_size)

@@ -23,6 +23,20 @@ def padded_vocab_size(vocab_size: int, args: PretrainArguments) -> int:
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
+def check_device_support(args: PretrainArguments, on_gpu: bool) -> None:
+    """Options that need a GPU stack, rejected up front on CPU."""
+    if on_gpu:
+        return
+    if args.use_distributed_optimizer:
+        raise ValueError(
+            "use_distributed_optimizer (True) must be false on CPU; Megatron's distributed "
+            "optimizer checkpoints its state through Apex or Transformer Engine (GPU only)")
+    for name in ("moe_grouped_gemm", "moe_permute_fusion"):
+        if getattr(args, name):
+            raise ValueError(f"{name} (True) must be false on CPU; it needs Transformer Engine "
+                             "or grouped_gemm kernels (GPU only)")
+
+
 def transformer_config(args: PretrainArguments, on_gpu: bool) -> AdaMoEConfig:
     bf16 = args.bf16 and on_gpu
     return AdaMoEConfig(
@@ -69,6 +83,7 @@ def transformer_config(args: PretrainArguments, on_gpu: bool) -> AdaMoEConfig:
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_cpu_initialization=not on_gpu,
+        batch_p2p_sync=on_gpu,  # its torch.cuda.synchronize() guards NCCL batch p2p only
     )
 
 

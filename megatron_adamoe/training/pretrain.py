@@ -15,11 +15,20 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from typing import Optional
 
 from megatron_adamoe.training.arguments import load_arguments, parse_overrides
 
 logger = logging.getLogger("megatron_adamoe.pretrain")
+
+_KNOWN_NOISE = (
+    r"Transformer Engine and Apex are not installed",
+    r"Apex is not installed",
+    r"full scope is deprecated",
+    r"`torch.distributed.all_gather_into_tensor` is deprecated",
+    r"`torch.distributed.reduce_scatter_tensor` is deprecated",
+)
 
 
 def _split_argv(argv: list[str]) -> tuple[Optional[str], bool, list[str]]:
@@ -50,13 +59,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         stream=sys.stdout,
     )
     logging.getLogger("megatron").setLevel(logging.WARNING)
+    for message in _KNOWN_NOISE:  # upstream warnings that say nothing about this run
+        warnings.filterwarnings("ignore", message=message)
     try:
         config_path, validate_only, rest = _split_argv(argv)
         args = load_arguments(config_path, parse_overrides(rest), world_size)
         if validate_only:
-            from megatron_adamoe.training.model import transformer_config
+            import torch
 
-            transformer_config(args, on_gpu=False)  # AdaMoEConfig's own checks
+            from megatron_adamoe.training.model import check_device_support, transformer_config
+
+            on_gpu = torch.cuda.is_available()
+            check_device_support(args, on_gpu)
+            transformer_config(args, on_gpu)  # AdaMoEConfig's own checks
             logger.info("config ok: %d processes, data-parallel size %d, %d micro-batches/step",
                         world_size, args.data_parallel_size, args.num_microbatches)
             return 0

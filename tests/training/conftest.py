@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -55,8 +57,21 @@ def run_pretrain(corpus, *overrides, nproc=2, max_restarts=0, env=None, check=Tr
         *SMALL, "--data-path", data_path, "--tokenizer-model", tokenizer, *overrides,
     ]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    result = subprocess.run(command, cwd=REPO, env=full_env, capture_output=True, text=True,
-                            timeout=TIMEOUT_S)
+    # Own session, output to files: a rank killed on purpose leaves dist_checkpointing's
+    # multiprocessing Manager orphaned, holding inherited pipes open; the session is killed after.
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(command, cwd=REPO, env=full_env, stdout=out, stderr=err,
+                                   text=True, start_new_session=True)
+        try:
+            returncode = process.wait(timeout=TIMEOUT_S)
+        finally:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        out.seek(0)
+        err.seek(0)
+        result = subprocess.CompletedProcess(command, returncode, out.read(), err.read())
     if check and result.returncode != 0:
         raise AssertionError(f"pretrain failed ({result.returncode}):\n{result.stdout[-4000:]}"
                              f"\n{result.stderr[-8000:]}")

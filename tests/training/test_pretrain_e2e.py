@@ -85,6 +85,23 @@ def test_ep2_checkpoint_loads_into_ep1_with_the_same_validation_loss(synthetic_c
     assert [i for i, _ in _train_losses(read_metrics(resumed))] == [7, 8]
 
 
+def test_pipeline_parallel_run_and_its_checkpoint_at_pp1(synthetic_corpus, tmp_path):
+    """PP = 2 (1F1B over gloo p2p) trains; its checkpoint evaluates identically at PP = 1."""
+    pp2 = tmp_path / "pp2.jsonl"
+    run_pretrain(synthetic_corpus, *TRAIN, "--train-iters", "6", "--save", str(tmp_path / "ckpt"),
+                 "--pipeline-model-parallel-size", "2", "--expert-model-parallel-size", "1",
+                 "--adamoe-metrics-file", str(pp2))
+    records = read_metrics(pp2)
+    losses = [loss for _, loss in _train_losses(records)]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert all(len(r["load"]) == 2 for r in records if "load" in r)  # both stages' layers
+    pp1 = tmp_path / "pp1.jsonl"
+    run_pretrain(synthetic_corpus, *TRAIN, "--train-iters", "6", "--load", str(tmp_path / "ckpt"),
+                 "--expert-model-parallel-size", "1", "--skip-train", "--save", "null",
+                 "--adamoe-metrics-file", str(pp1), nproc=1)
+    assert _validation(read_metrics(pp1)) == _validation(records)[-1:]
+
+
 def test_kill_during_save_keeps_previous_checkpoint_and_torchrun_restart_resumes(
     synthetic_corpus, tmp_path
 ):

@@ -97,7 +97,8 @@ def test_unknown_yaml_key_names_the_closest_valid_one(tmp_path, data):
 
 def test_unknown_key_without_a_close_match(data):
     assert _error(CPU_CONFIG, {**data, "zzz": 1}) == (
-        "config key 'zzz' (command line) is not a known option; the keys are PretrainArguments fields"
+        "config key 'zzz' (command line) is not a known option; "
+        "the keys are PretrainArguments fields"
     )
 
 
@@ -181,4 +182,25 @@ def test_command_line_that_is_not_a_flag():
     assert str(info.value) == (
         "command-line argument ('train_iters') must be a --flag or its value; "
         "write overrides as --key value"
+    )
+
+
+def test_gpu_only_options_are_rejected_on_cpu(data):
+    from megatron_adamoe.training.model import check_device_support
+
+    gpu_recipe = os.path.join(REPO, "configs", "gpu_1b_adamoe.yaml")
+    args = load_arguments(gpu_recipe, data, 8)
+    check_device_support(args, on_gpu=True)  # nothing to object to on a GPU
+    with pytest.raises(ValueError) as info:
+        check_device_support(args, on_gpu=False)
+    assert str(info.value) == (
+        "use_distributed_optimizer (True) must be false on CPU; Megatron's distributed optimizer "
+        "checkpoints its state through Apex or Transformer Engine (GPU only)"
+    )
+    args.use_distributed_optimizer = False
+    with pytest.raises(ValueError) as info:
+        check_device_support(args, on_gpu=False)
+    assert str(info.value) == (
+        "moe_grouped_gemm (True) must be false on CPU; it needs Transformer Engine or "
+        "grouped_gemm kernels (GPU only)"
     )
