@@ -208,12 +208,10 @@ def pretrain(args: PretrainArguments) -> None:
     writer = metrics.RecordingWriter(
         metrics.open_tensorboard(args.tensorboard_dir) if _is_logging_rank() else None)
     wandb_run = _open_wandb(args)
-    track_names = list(adamoe_metric_names(config))
-    moe_layers = metrics.moe_layer_indices(args)
     num_params = sum(p.numel() for p in model.parameters())
     logger.info("AdaMoE GPT: %d layers (MoE %s), n=%d true + m=%d null experts, top-%d; "
                 "%.2fM parameters on this rank; TP=%d PP=%d EP=%d DP=%d; %s",
-                args.num_layers, moe_layers, args.num_experts, args.adamoe_num_null_experts,
+                args.num_layers, metrics.moe_layer_indices(args), args.num_experts, args.adamoe_num_null_experts,
                 args.moe_router_topk, num_params / 1e6, args.tensor_model_parallel_size,
                 args.pipeline_model_parallel_size, args.expert_model_parallel_size,
                 args.data_parallel_size, "GPU" if on_gpu else "CPU (gloo)")
@@ -227,11 +225,11 @@ def pretrain(args: PretrainArguments) -> None:
         return
     train_iterator = data.microbatch_iterator(
         train_dataset, args, position.consumed_samples, args.train_iters - position.iteration)
-    start = time.time()
-    window_start, window_iters = time.time(), 0
+    report = _Reporter(args, config, vocab, writer, wandb_run)
     model.train()
     saved_at = position.iteration  # the checkpoint this run resumed from (or none, at 0)
     while position.iteration < args.train_iters:
+        step_started = time.time()
         set_adamoe_training_step(model, position.iteration)
         model.zero_grad_buffer()
         optimizer.zero_grad()
@@ -241,47 +239,14 @@ def pretrain(args: PretrainArguments) -> None:
             scheduler.step(increment=args.global_batch_size)
         position.iteration += 1
         position.consumed_samples += args.global_batch_size
-        window_iters += 1
-        loss = float(stats[0] / stats[1])
-        lr = optimizer.param_groups[0]["lr"]
-        moe_losses: dict = {}
-        track_moe_metrics(
-            loss_scale=1.0 / args.num_microbatches, iteration=position.iteration, writer=writer,
-            wandb_writer=wandb_run, total_loss_dict=moe_losses, per_layer_logging=True,
-            track_names=track_names, num_layers=args.num_layers,
-            moe_layer_freq=args.moe_layer_freq,
-        )
-        loads = {i: v for i, v in writer.per_layer("adamoe/load").items() if i in moe_layers}
-        flops_ratio = metrics.flops_ratio_vs_topk(args, vocab, [loads[i] for i in moe_layers]) \
-            if len(loads) == len(moe_layers) else None
-        writer.add_scalar("lm loss", loss, position.iteration)
-        writer.add_scalar("learning-rate", lr, position.iteration)
-        if grad_norm is not None:
-            writer.add_scalar("grad-norm", grad_norm, position.iteration)
-        if flops_ratio is not None:
-            writer.add_scalar("adamoe/flops_vs_topk", flops_ratio, position.iteration)
-        record = {"iteration": position.iteration, "lm loss": loss, "lr": lr,
-                  "grad norm": grad_norm, "load": [loads.get(i) for i in moe_layers],
-                  "flops vs topk": flops_ratio,
-                  **{k: float(v) for k, v in moe_losses.items()}}
-        _append_metrics(args.adamoe_metrics_file, record)
-        if position.iteration % args.log_interval == 0 or position.iteration == args.train_iters:
-            per_iteration = (time.time() - window_start) / window_iters
-            losses = {"lm loss": loss}
-            if "load_balancing_loss" in moe_losses:
-                losses["load balancing loss"] = float(moe_losses["load_balancing_loss"])
-            logger.info(metrics.iteration_line(
-                args, position.iteration, position.consumed_samples, per_iteration, lr, losses,
-                grad_norm, time.time() - start, loads, flops_ratio))
-            writer.flush()
-            window_start, window_iters = time.time(), 0
+        report.iteration(position, float(stats[0] / stats[1]), optimizer.param_groups[0]["lr"],
+                         grad_norm, time.time() - step_started)
         if args.eval_interval and (position.iteration % args.eval_interval == 0
                                    or position.iteration == args.train_iters):
             _log_validation(args, model, valid_dataset, position.iteration, writer)
         if args.save and args.save_interval and position.iteration % args.save_interval == 0:
             _save(args, position, model, optimizer, scheduler)
             saved_at = position.iteration
-        window_start = window_start if position.iteration % args.log_interval else time.time()
         if args.exit_interval and position.iteration % args.exit_interval == 0:
             logger.info("exiting at iteration %d (exit_interval)", position.iteration)
             break
@@ -289,8 +254,60 @@ def pretrain(args: PretrainArguments) -> None:
         _save(args, position, model, optimizer, scheduler)
     writer.close()
     logger.info("done: %d iterations in %s", position.iteration,
-                metrics.format_duration(time.time() - start))
+                metrics.format_duration(report.elapsed()))
     _shutdown()
+
+
+class _Reporter:
+    """Per iteration: Megatron's MoE metrics, TensorBoard/W&B scalars, the metrics file, and
+    every ``log_interval`` an iteration line (timed over training steps only)."""
+
+    def __init__(self, args, config, vocab_size, writer, wandb_run) -> None:
+        self.args, self.vocab_size, self.writer, self.wandb_run = args, vocab_size, writer, wandb_run
+        self.track_names = list(adamoe_metric_names(config))
+        self.moe_layers = metrics.moe_layer_indices(args)
+        self.started = time.time()
+        self.window_seconds, self.window_iterations = 0.0, 0
+
+    def elapsed(self) -> float:
+        return time.time() - self.started
+
+    def iteration(self, position, loss: float, lr: float, grad_norm, step_seconds: float) -> None:
+        args, writer, step = self.args, self.writer, position.iteration
+        moe_losses: dict = {}
+        track_moe_metrics(
+            loss_scale=1.0 / args.num_microbatches, iteration=step, writer=writer,
+            wandb_writer=self.wandb_run, total_loss_dict=moe_losses, per_layer_logging=True,
+            track_names=self.track_names, num_layers=args.num_layers,
+            moe_layer_freq=args.moe_layer_freq,
+        )
+        per_layer = writer.per_layer("adamoe/load")
+        loads = {i: per_layer[i] for i in self.moe_layers if i in per_layer}
+        flops_ratio = None
+        if len(loads) == len(self.moe_layers):
+            flops_ratio = metrics.flops_ratio_vs_topk(
+                args, self.vocab_size, [loads[i] for i in self.moe_layers])
+            writer.add_scalar("adamoe/flops_vs_topk", flops_ratio, step)
+        writer.add_scalar("lm loss", loss, step)
+        writer.add_scalar("learning-rate", lr, step)
+        if grad_norm is not None:
+            writer.add_scalar("grad-norm", grad_norm, step)
+        _append_metrics(args.adamoe_metrics_file, {
+            "iteration": step, "lm loss": loss, "lr": lr, "grad norm": grad_norm,
+            "load": [loads.get(i) for i in self.moe_layers], "flops vs topk": flops_ratio,
+            **{name: float(value) for name, value in moe_losses.items()}})
+        self.window_seconds += step_seconds
+        self.window_iterations += 1
+        if step % args.log_interval and step != args.train_iters:
+            return
+        losses = {"lm loss": loss}
+        if "load_balancing_loss" in moe_losses:
+            losses["load balancing loss"] = float(moe_losses["load_balancing_loss"])
+        logger.info(metrics.iteration_line(
+            args, step, position.consumed_samples, self.window_seconds / self.window_iterations,
+            lr, losses, grad_norm, self.elapsed(), loads, flops_ratio))
+        writer.flush()
+        self.window_seconds, self.window_iterations = 0.0, 0
 
 
 def _shutdown() -> None:

@@ -7,6 +7,7 @@ import os
 import subprocess
 
 import pytest
+import yaml
 
 from tests.training.conftest import REPO, read_metrics, run_pretrain
 
@@ -33,6 +34,8 @@ def test_resume_equals_uninterrupted_run_bit_for_bit(synthetic_corpus, tmp_path)
     first = run_pretrain(synthetic_corpus, *TRAIN, "--exit-interval", "6",
                          "--save", str(tmp_path / "b"), "--adamoe-metrics-file", str(split))
     assert (tmp_path / "b" / "iter_0000006").is_dir()
+    resolved = yaml.safe_load((tmp_path / "b" / "iter_0000006" / "config.yaml").read_text())
+    assert resolved["exit_interval"] == 6 and resolved["adamoe_num_null_experts"] == 4
     second = run_pretrain(synthetic_corpus, *TRAIN, "--save", str(tmp_path / "b"),
                           "--adamoe-metrics-file", str(split))
     assert "resuming at iteration 6" in second.stdout
