@@ -11,10 +11,9 @@ TransformerBlock on CPU needs an explicit attention mask.
 
 from __future__ import annotations
 
-import logging
-
 import functools
 import inspect
+import logging
 
 import torch
 import torch.distributed as dist

@@ -13,11 +13,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+import uuid
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMEOUT_S = 600
+RUN_ID_ENV = "ADAMOE_TEST_RUN_ID"
 
 # Small and quick: 2 layers, hidden 64, 4 true + 4 null experts, top-3.
 SMALL = [
@@ -56,19 +58,18 @@ def run_pretrain(corpus, *overrides, nproc=2, max_restarts=0, env=None, check=Tr
         "-m", "megatron_adamoe.training.pretrain", "--config", "configs/cpu_adamoe_tiny.yaml",
         *SMALL, "--data-path", data_path, "--tokenizer-model", tokenizer, *overrides,
     ]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    # Own session, output to files: a rank killed on purpose leaves dist_checkpointing's
-    # multiprocessing Manager orphaned, holding inherited pipes open; the session is killed after.
+    run_id = uuid.uuid4().hex
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", RUN_ID_ENV: run_id, **(env or {})}
+    # Output to files, leftovers killed after: a rank killed on purpose orphans
+    # dist_checkpointing's multiprocessing Manager (torchrun gives every worker its own session),
+    # which would hold inherited pipes open and linger.
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         process = subprocess.Popen(command, cwd=REPO, env=full_env, stdout=out, stderr=err,
-                                   text=True, start_new_session=True)
+                                   text=True)
         try:
             returncode = process.wait(timeout=TIMEOUT_S)
         finally:
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _kill_processes_of_run(run_id)
         out.seek(0)
         err.seek(0)
         result = subprocess.CompletedProcess(command, returncode, out.read(), err.read())
@@ -76,6 +77,17 @@ def run_pretrain(corpus, *overrides, nproc=2, max_restarts=0, env=None, check=Tr
         raise AssertionError(f"pretrain failed ({result.returncode}):\n{result.stdout[-4000:]}"
                              f"\n{result.stderr[-8000:]}")
     return result
+
+
+def _kill_processes_of_run(run_id: str) -> None:
+    marker = f"{RUN_ID_ENV}={run_id}".encode()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as handle:
+                if marker in handle.read().split(b"\0"):
+                    os.kill(int(pid), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue
 
 
 def read_metrics(path) -> list[dict]:
