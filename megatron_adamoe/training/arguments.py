@@ -135,7 +135,9 @@ OPTIONAL_POSITIVE = (
     "expert_tensor_parallel_size global_batch_size save_interval eval_interval "
     "lr_decay_iters adamoe_flops_baseline_topk exit_interval"
 ).split()
-NON_NEGATIVE = "adamoe_num_null_experts moe_aux_loss_coeff lr min_lr lr_warmup_iters weight_decay clip_grad".split()
+NON_NEGATIVE = (
+    "adamoe_num_null_experts moe_aux_loss_coeff lr min_lr lr_warmup_iters weight_decay clip_grad"
+).split()
 
 
 def _settable(f: dataclasses.Field) -> bool:

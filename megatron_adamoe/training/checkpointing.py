@@ -176,8 +176,12 @@ def latest_checkpoint(root: Optional[str]) -> Optional[str]:
 
 
 def load_checkpoint(args: PretrainArguments, model, optimizer, scheduler) -> TrainingPosition:
-    """Resume from ``args.load`` (or ``args.save``); a fresh start when neither has one."""
-    directory = latest_checkpoint(args.load) or latest_checkpoint(args.save)
+    """Resume from the run's own latest checkpoint under ``save``, else start from ``load``
+    (weights only under ``finetune``); a fresh start when neither holds one. Preferring ``save``
+    lets a restarted fine-tuning run continue from its own progress."""
+    own = latest_checkpoint(args.save)
+    directory = own or latest_checkpoint(args.load)
+    finetune = args.finetune and own is None
     if directory is None:
         if args.load is not None:
             raise ValueError(f"load ({args.load!r}) must contain a checkpoint ({TRACKER} or a "
@@ -185,7 +189,7 @@ def load_checkpoint(args: PretrainArguments, model, optimizer, scheduler) -> Tra
         return TrainingPosition()
     common = dist_checkpointing.load_common_state_dict(directory)
     same_layout = common.get("layout") == _layout()
-    restore_state = not args.finetune
+    restore_state = not finetune
     with_optimizer = restore_state and same_layout and not args.no_load_optim
     load_rng = restore_state and same_layout and not args.no_load_rng
     state = _sharded_state_dict(model, optimizer, is_loading=True, with_optimizer=with_optimizer)
@@ -204,7 +208,7 @@ def load_checkpoint(args: PretrainArguments, model, optimizer, scheduler) -> Tra
             "checkpoint layout %s differs from this run's %s: model weights resharded; the "
             "optimizer moments and RNG states start afresh (Megatron's optimizer groups its "
             "state per layout)", common.get("layout"), _layout())
-    if args.finetune:
+    if finetune:
         position = TrainingPosition()
     else:
         position = TrainingPosition(**common["position"])

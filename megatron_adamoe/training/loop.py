@@ -125,7 +125,8 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     mask = loss_mask.float().view(-1)
     loss_sum = torch.sum(losses * mask)
     num_tokens = mask.sum()
-    return loss_sum / num_tokens.clamp(min=1), {"lm loss": torch.stack([loss_sum, num_tokens]).detach()}
+    report = {"lm loss": torch.stack([loss_sum, num_tokens]).detach()}
+    return loss_sum / num_tokens.clamp(min=1), report
 
 
 def _forward_step(data_iterator, model):
@@ -211,7 +212,8 @@ def pretrain(args: PretrainArguments) -> None:
     num_params = sum(p.numel() for p in model.parameters())
     logger.info("AdaMoE GPT: %d layers (MoE %s), n=%d true + m=%d null experts, top-%d; "
                 "%.2fM parameters on this rank; TP=%d PP=%d EP=%d DP=%d; %s",
-                args.num_layers, metrics.moe_layer_indices(args), args.num_experts, args.adamoe_num_null_experts,
+                args.num_layers, metrics.moe_layer_indices(args), args.num_experts,
+                args.adamoe_num_null_experts,
                 args.moe_router_topk, num_params / 1e6, args.tensor_model_parallel_size,
                 args.pipeline_model_parallel_size, args.expert_model_parallel_size,
                 args.data_parallel_size, "GPU" if on_gpu else "CPU (gloo)")
@@ -263,7 +265,8 @@ class _Reporter:
     every ``log_interval`` an iteration line (timed over training steps only)."""
 
     def __init__(self, args, config, vocab_size, writer, wandb_run) -> None:
-        self.args, self.vocab_size, self.writer, self.wandb_run = args, vocab_size, writer, wandb_run
+        self.args, self.vocab_size = args, vocab_size
+        self.writer, self.wandb_run = writer, wandb_run
         self.track_names = list(adamoe_metric_names(config))
         self.moe_layers = metrics.moe_layer_indices(args)
         self.started = time.time()

@@ -116,7 +116,8 @@ def iteration_line(args: PretrainArguments, iteration: int, consumed_samples: in
     tokens_per_second = args.global_batch_size * args.seq_length / max(seconds_per_iteration, 1e-9)
     remaining = (args.train_iters - iteration) * seconds_per_iteration
     parts = [
-        f" [{datetime.datetime.now():%Y-%m-%d %H:%M:%S}] iteration {iteration:8d}/{args.train_iters:8d}",
+        f" [{datetime.datetime.now():%Y-%m-%d %H:%M:%S}] "
+        f"iteration {iteration:8d}/{args.train_iters:8d}",
         f"consumed samples: {consumed_samples:12d}",
         f"elapsed time per iteration (ms): {seconds_per_iteration * 1000:.1f}",
         f"learning rate: {lr:.6E}",

@@ -59,7 +59,8 @@ def transformer_config(args: PretrainArguments, on_gpu: bool) -> AdaMoEConfig:
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         num_moe_experts=args.num_experts,
-        moe_ffn_hidden_size=args.moe_ffn_hidden_size or args.ffn_hidden_size or 4 * args.hidden_size,
+        moe_ffn_hidden_size=(
+            args.moe_ffn_hidden_size or args.ffn_hidden_size or 4 * args.hidden_size),
         moe_router_topk=args.moe_router_topk,
         moe_layer_freq=args.moe_layer_freq,
         moe_aux_loss_coeff=args.moe_aux_loss_coeff,

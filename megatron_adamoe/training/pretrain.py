@@ -31,6 +31,18 @@ _KNOWN_NOISE = (
 )
 
 
+def quiet_known_upstream_noise() -> None:
+    """Drop upstream warnings that say nothing about this run (missing Apex/TE on CPU, torch
+    deprecations inside Megatron) and Megatron's INFO chatter."""
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    for message in _KNOWN_NOISE:
+        warnings.filterwarnings("ignore", message=message)
+    # TransformerLayer warns that it passes no process groups to an MLP that is not exactly
+    # MoELayer; AdaMoELayer then takes them from parallel_state, as documented in the README.
+    logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(
+        lambda record: not record.getMessage().startswith("Unknown MLP type"))
+
+
 def _split_argv(argv: list[str]) -> tuple[Optional[str], bool, list[str]]:
     config, validate_only, rest = None, False, []
     index = 0
@@ -58,9 +70,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         format="%(message)s",
         stream=sys.stdout,
     )
-    logging.getLogger("megatron").setLevel(logging.WARNING)
-    for message in _KNOWN_NOISE:  # upstream warnings that say nothing about this run
-        warnings.filterwarnings("ignore", message=message)
+    quiet_known_upstream_noise()
     try:
         config_path, validate_only, rest = _split_argv(argv)
         args = load_arguments(config_path, parse_overrides(rest), world_size)

@@ -86,6 +86,13 @@ def test_ep2_checkpoint_loads_into_ep1_with_the_same_validation_loss(synthetic_c
                  "--save", str(tmp_path / "ep1_ckpt"), "--expert-model-parallel-size", "1",
                  "--adamoe-metrics-file", str(resumed), nproc=1)
     assert [i for i, _ in _train_losses(read_metrics(resumed))] == [7, 8]
+    # Restarted with the same options, it continues from its own save, not from load again.
+    again = run_pretrain(
+        synthetic_corpus, *TRAIN, "--train-iters", "10", "--load", str(tmp_path / "ckpt"),
+        "--save", str(tmp_path / "ep1_ckpt"), "--expert-model-parallel-size", "1",
+        "--adamoe-metrics-file", str(resumed), nproc=1)
+    assert "resuming at iteration 8" in again.stdout
+    assert [i for i, _ in _train_losses(read_metrics(resumed))] == [7, 8, 9, 10]
 
 
 def test_pipeline_parallel_run_and_its_checkpoint_at_pp1(synthetic_corpus, tmp_path):

@@ -1,4 +1,4 @@
-"""CPU mode: the CUDA stand-in is scoped to the wrapped upstream functions, and it undoes cleanly."""
+"""CPU mode: the CUDA stand-in is scoped to the wrapped upstream functions; it undoes cleanly."""
 
 from __future__ import annotations
 

@@ -24,7 +24,8 @@ def data(tmp_path):
     for suffix in (".bin", ".idx"):
         (tmp_path / f"corpus_text{suffix}").write_bytes(b"")
     (tmp_path / "tok.model").write_bytes(b"")
-    return {"data_path": [str(tmp_path / "corpus_text")], "tokenizer_model": str(tmp_path / "tok.model")}
+    return {"data_path": [str(tmp_path / "corpus_text")],
+            "tokenizer_model": str(tmp_path / "tok.model")}
 
 
 def test_overrides_use_megatron_flag_spelling():
@@ -36,7 +37,8 @@ def test_overrides_use_megatron_flag_spelling():
 
 
 def test_command_line_overrides_yaml(data):
-    args = load_arguments(CPU_CONFIG, {**data, "moe_router_topk": 2, "train_iters": 70, "lr": "3e-4"}, 2)
+    overrides = {**data, "moe_router_topk": 2, "train_iters": 70, "lr": "3e-4"}
+    args = load_arguments(CPU_CONFIG, overrides, 2)
     assert args.lr == 3e-4
     assert (args.moe_router_topk, args.train_iters, args.expert_model_parallel_size) == (2, 70, 2)
     assert args.data_parallel_size == 2 and args.num_microbatches == 1
@@ -78,7 +80,8 @@ def test_resolved_config_reloads_to_the_same_options(tmp_path, data):
     path.write_text(resolved_yaml(args))
     again = load_arguments(str(path), None, 2)
     assert again.to_dict() == args.to_dict()
-    assert yaml.safe_load(path.read_text())["moe_aux_loss_coeff"] == 0.0  # resolved under a schedule
+    # moe_aux_loss_coeff is resolved: 0 under a coefficient schedule
+    assert yaml.safe_load(path.read_text())["moe_aux_loss_coeff"] == 0.0
 
 
 def _error(config, overrides, world_size=2):
