@@ -23,6 +23,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.moe.moe_utils import track_moe_metrics
+from megatron.core.utils import get_batch_on_this_cp_rank
 
 from megatron_adamoe.mcore import adamoe_metric_names, enable_cpu_mode, set_adamoe_training_step
 from megatron_adamoe.training import checkpointing, corpus, data, metrics
@@ -130,7 +131,7 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 
 def _forward_step(data_iterator, model):
-    batch = next(data_iterator)
+    batch = get_batch_on_this_cp_rank(next(data_iterator))  # this rank's chunks under CP > 1
     output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"],
                    labels=batch["labels"])
     return output, partial(_loss_func, batch["loss_mask"])

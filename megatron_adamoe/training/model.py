@@ -31,6 +31,10 @@ def check_device_support(args: PretrainArguments, on_gpu: bool) -> None:
         raise ValueError(
             "use_distributed_optimizer (True) must be false on CPU; Megatron's distributed "
             "optimizer checkpoints its state through Apex or Transformer Engine (GPU only)")
+    if args.context_parallel_size > 1:
+        raise ValueError(
+            f"context_parallel_size ({args.context_parallel_size}) must be 1 on CPU; context "
+            "parallel attention is Transformer Engine's (GPU only)")
     for name in ("moe_grouped_gemm", "moe_permute_fusion"):
         if getattr(args, name):
             raise ValueError(f"{name} (True) must be false on CPU; it needs Transformer Engine "

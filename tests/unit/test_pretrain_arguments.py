@@ -207,3 +207,11 @@ def test_gpu_only_options_are_rejected_on_cpu(data):
         "moe_grouped_gemm (True) must be false on CPU; it needs Transformer Engine or "
         "grouped_gemm kernels (GPU only)"
     )
+    args.moe_grouped_gemm = args.moe_permute_fusion = False
+    args.context_parallel_size = 2
+    with pytest.raises(ValueError) as info:
+        check_device_support(args, on_gpu=False)
+    assert str(info.value) == (
+        "context_parallel_size (2) must be 1 on CPU; context parallel attention is Transformer "
+        "Engine's (GPU only)"
+    )
