@@ -278,6 +278,20 @@ def _validate_moe(args: PretrainArguments, fail) -> None:
              "change either value")
     if args.min_lr > args.lr:
         fail("min_lr", f"be <= lr ({args.lr})", "lower min_lr")
+    freq = args.moe_layer_freq
+    if isinstance(freq, int) and freq < 1:
+        fail("moe_layer_freq", "be >= 1 (every freq-th layer is MoE) or a 0/1 list per layer",
+             "fix the value")
+    if isinstance(freq, list) and (len(freq) != args.num_layers
+                                   or any(v not in (0, 1) for v in freq)):
+        fail("moe_layer_freq", f"list 0/1 for each of the {args.num_layers} layers",
+             "fix the list")
+    if args.max_position_embeddings is not None and args.max_position_embeddings < args.seq_length:
+        fail("max_position_embeddings", f"be >= seq_length ({args.seq_length})", "raise it")
+    groups = args.num_query_groups
+    if groups is not None and args.num_attention_heads % groups:
+        fail("num_query_groups", f"divide num_attention_heads ({args.num_attention_heads})",
+             "change either value")
     decay_iters = args.lr_decay_iters or args.train_iters
     if args.lr_warmup_iters >= decay_iters:
         fail("lr_warmup_iters", f"be < lr_decay_iters or train_iters ({decay_iters})",
@@ -307,6 +321,7 @@ def _validate_topology(args: PretrainArguments, fail) -> None:
     if args.num_layers % args.pipeline_model_parallel_size:
         fail("num_layers", f"be divisible by pipeline_model_parallel_size "
              f"({args.pipeline_model_parallel_size})", "change either value")
+    _validate_sharding(args, etp, fail)
     if args.sequence_parallel and args.tensor_model_parallel_size == 1:
         fail("sequence_parallel", "be false when tensor_model_parallel_size is 1",
              "drop --sequence-parallel or raise the TP size")
@@ -318,7 +333,51 @@ def _validate_topology(args: PretrainArguments, fail) -> None:
              f"({args.micro_batch_size} x {args.data_parallel_size})", "change the batch sizes")
 
 
+def _validate_sharding(args: PretrainArguments, etp: int, fail) -> None:
+    """Sizes each parallel dimension splits, and MoE layers on every pipeline stage."""
+    tp, cp, pp = (args.tensor_model_parallel_size, args.context_parallel_size,
+                  args.pipeline_model_parallel_size)
+    for name in ("num_attention_heads", "hidden_size", "ffn_hidden_size", "num_query_groups"):
+        value = getattr(args, name)
+        if value is not None and value % tp:
+            fail(name, f"be divisible by tensor_model_parallel_size ({tp})", "change either value")
+    if args.moe_ffn_hidden_size is not None and args.moe_ffn_hidden_size % etp:
+        fail("moe_ffn_hidden_size", f"be divisible by the expert tensor parallel size ({etp})",
+             "change either value")
+    if cp > 1 and args.seq_length % (2 * cp):
+        fail("seq_length", f"be divisible by 2 x context_parallel_size ({2 * cp})",
+             "change either value")
+    if args.sequence_parallel and args.seq_length % tp:
+        fail("seq_length", f"be divisible by tensor_model_parallel_size ({tp}) under "
+             "sequence_parallel", "change either value")
+    freq = args.moe_layer_freq
+    pattern = freq if isinstance(freq, list) else [
+        int(i % freq == 0) for i in range(args.num_layers)]
+    per_stage = args.num_layers // pp
+    for stage in range(pp):
+        if not any(pattern[stage * per_stage:(stage + 1) * per_stage]):
+            fail("moe_layer_freq", f"put an MoE layer on every pipeline stage (stage {stage} of "
+                 f"{pp} has none)", "change moe_layer_freq or pipeline_model_parallel_size")
+
+
+def _split_shares(split: str) -> list[float]:
+    try:
+        shares = [float(part) for part in split.split(",")]
+    except ValueError:
+        shares = []
+    if len(shares) != 3 or any(share < 0 for share in shares) or sum(shares) <= 0:
+        raise ValueError(f"split ({split!r}) must be three non-negative weights "
+                         "'train,valid,test'; e.g. '98,2,0'")
+    return shares
+
+
 def _validate_io(args: PretrainArguments, fail) -> None:
+    shares = _split_shares(args.split)
+    if shares[0] == 0:
+        fail("split", "give the training set a share", "e.g. '98,2,0'")
+    if args.eval_interval and shares[1] == 0:
+        fail("split", "give the validation set a share when eval_interval is set",
+             "e.g. '98,2,0', or drop eval_interval")
     if not args.data_path:
         fail("data_path", "be set", "run tools/preprocess_data.py and pass its output prefix")
     for prefix in args.data_path:

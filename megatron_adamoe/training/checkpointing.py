@@ -59,9 +59,12 @@ def checkpoint_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
 
-def _layout() -> dict:
+def _layout(args: PretrainArguments) -> dict:
+    """What the optimizer state's and RNG states' sharding depends on."""
     return {
         "world_size": dist.get_world_size(),
+        "cp": parallel_state.get_context_parallel_world_size(),
+        "distributed_optimizer": args.use_distributed_optimizer,
         "tp": parallel_state.get_tensor_model_parallel_world_size(),
         "pp": parallel_state.get_pipeline_model_parallel_world_size(),
         "ep": parallel_state.get_expert_model_parallel_world_size(),
@@ -119,7 +122,7 @@ def save_checkpoint(args: PretrainArguments, position: TrainingPosition, model, 
     state["scheduler"] = scheduler.state_dict()
     state["position"] = {"iteration": position.iteration,
                          "consumed_samples": position.consumed_samples}
-    state["layout"] = _layout()
+    state["layout"] = _layout(args)
     dist_checkpointing.save(state, partial)
     _maybe_kill_during_save(position.iteration)
     dist.barrier()
@@ -188,7 +191,7 @@ def load_checkpoint(args: PretrainArguments, model, optimizer, scheduler) -> Tra
                              "dist_checkpointing directory); check the path")
         return TrainingPosition()
     common = dist_checkpointing.load_common_state_dict(directory)
-    same_layout = common.get("layout") == _layout()
+    same_layout = common.get("layout") == _layout(args)
     restore_state = not finetune
     with_optimizer = restore_state and same_layout and not args.no_load_optim
     load_rng = restore_state and same_layout and not args.no_load_rng
@@ -199,7 +202,7 @@ def load_checkpoint(args: PretrainArguments, model, optimizer, scheduler) -> Tra
     model.module.load_state_dict(loaded["model"], strict=True)
     if with_optimizer:
         optimizer.load_state_dict(loaded["optimizer"])
-    if restore_state:
+    if restore_state and "scheduler" in common:
         scheduler.load_state_dict(common["scheduler"])
     if load_rng:
         _set_rng_state(loaded["rng_state"])
@@ -207,10 +210,7 @@ def load_checkpoint(args: PretrainArguments, model, optimizer, scheduler) -> Tra
         logger.warning(
             "checkpoint layout %s differs from this run's %s: model weights resharded; the "
             "optimizer moments and RNG states start afresh (Megatron's optimizer groups its "
-            "state per layout)", common.get("layout"), _layout())
-    if finetune:
-        position = TrainingPosition()
-    else:
-        position = TrainingPosition(**common["position"])
-    logger.info("loaded %s (iteration %d)", directory, common["position"]["iteration"])
-    return position
+            "state per layout)", common.get("layout"), _layout(args))
+    saved_position = TrainingPosition(**common.get("position", {}))
+    logger.info("loaded %s (iteration %d)", directory, saved_position.iteration)
+    return TrainingPosition() if finetune else saved_position

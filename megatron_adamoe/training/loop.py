@@ -22,6 +22,7 @@ from megatron.core.distributed import (
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.moe.moe_utils import track_moe_metrics
 from megatron.core.utils import get_batch_on_this_cp_rank
 
@@ -116,18 +117,24 @@ def build_optimizer(args: PretrainArguments, config, model):
         end_wd=args.weight_decay,
         wd_incr_steps=args.train_iters * gbs,
         wd_incr_style="constant",
+        # The run's options, not the checkpoint's, set the schedule (the resolved config.yaml
+        # records them); the step count still comes from the checkpoint.
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
     )
     return optimizer, scheduler
 
 
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-    """Mean token loss of the micro-batch; reports [loss sum, token count] for exact averaging."""
+    """Megatron's three-value loss: (token loss sum, token count, report). The schedule divides by
+    the count and the micro-batches (no context-parallel rescaling, unlike the two-value form);
+    the report carries [sum, count] so logged losses are exact token means."""
     losses = output_tensor.float().view(-1)
     mask = loss_mask.float().view(-1)
     loss_sum = torch.sum(losses * mask)
-    num_tokens = mask.sum()
-    report = {"lm loss": torch.stack([loss_sum, num_tokens]).detach()}
-    return loss_sum / num_tokens.clamp(min=1), report
+    num_tokens = mask.sum().to(torch.int)
+    report = {"lm loss": torch.stack([loss_sum.detach(), num_tokens.float()])}
+    return loss_sum, num_tokens, report
 
 
 def _forward_step(data_iterator, model):
@@ -188,6 +195,8 @@ def pretrain(args: PretrainArguments) -> None:
     tokenizer = corpus.load_tokenizer(args.tokenizer_model)
     config = transformer_config(args, on_gpu)
     model = build_model(args, config, tokenizer.vocab_size)
+    if config.bf16:  # as Megatron-LM's get_model: bf16 inputs in, fp32 logits/loss out
+        model = Float16Module(config, model)
     model = DistributedDataParallel(
         config,
         DistributedDataParallelConfig(

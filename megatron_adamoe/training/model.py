@@ -35,6 +35,12 @@ def check_device_support(args: PretrainArguments, on_gpu: bool) -> None:
         raise ValueError(
             f"context_parallel_size ({args.context_parallel_size}) must be 1 on CPU; context "
             "parallel attention is Transformer Engine's (GPU only)")
+    if args.moe_token_dispatcher_type == "flex":
+        raise ValueError("moe_token_dispatcher_type ('flex') must be 'alltoall' or 'allgather' on "
+                         "CPU; the flex dispatcher runs on DeepEP (GPU only)")
+    if args.pipeline_model_parallel_size > 1 and not args.untie_embeddings_and_output_weights:
+        raise ValueError("untie_embeddings_and_output_weights (False) must be true on CPU with "
+                         "pipeline stages; Megatron syncs tied embeddings across stages on CUDA")
     for name in ("moe_grouped_gemm", "moe_permute_fusion"):
         if getattr(args, name):
             raise ValueError(f"{name} (True) must be false on CPU; it needs Transformer Engine "

@@ -215,3 +215,56 @@ def test_gpu_only_options_are_rejected_on_cpu(data):
         "context_parallel_size (2) must be 1 on CPU; context parallel attention is Transformer "
         "Engine's (GPU only)"
     )
+
+
+def test_layout_and_shape_rules(data):
+    assert _error(CPU_CONFIG, {**data, "moe_layer_freq": 0}) == (
+        "moe_layer_freq (0) must be >= 1 (every freq-th layer is MoE) or a 0/1 list per layer; "
+        "fix the value"
+    )
+    assert _error(CPU_CONFIG, {**data, "moe_layer_freq": [1, 0]}) == (
+        "moe_layer_freq ([1, 0]) must list 0/1 for each of the 4 layers; fix the list"
+    )
+    assert _error(CPU_CONFIG, {**data, "moe_layer_freq": [1, 1, 0, 0],
+                               "pipeline_model_parallel_size": 2,
+                               "expert_model_parallel_size": 1}) == (
+        "moe_layer_freq ([1, 1, 0, 0]) must put an MoE layer on every pipeline stage (stage 1 of "
+        "2 has none); change moe_layer_freq or pipeline_model_parallel_size"
+    )
+    assert _error(CPU_CONFIG, {**data, "tensor_model_parallel_size": 2,
+                               "expert_model_parallel_size": 1, "num_attention_heads": 4,
+                               "ffn_hidden_size": 255}) == (
+        "ffn_hidden_size (255) must be divisible by tensor_model_parallel_size (2); "
+        "change either value"
+    )
+    assert _error(CPU_CONFIG, {**data, "max_position_embeddings": 64}) == (
+        "max_position_embeddings (64) must be >= seq_length (256); raise it"
+    )
+    assert _error(CPU_CONFIG, {**data, "split": "100,0,0"}) == (
+        "split ('100,0,0') must give the validation set a share when eval_interval is set; "
+        "e.g. '98,2,0', or drop eval_interval"
+    )
+    assert _error(CPU_CONFIG, {**data, "split": "98,2"}) == (
+        "split ('98,2') must be three non-negative weights 'train,valid,test'; e.g. '98,2,0'"
+    )
+
+
+def test_cpu_rejects_flex_dispatcher_and_tied_embeddings_across_stages(data):
+    from megatron_adamoe.training.model import check_device_support
+
+    args = load_arguments(CPU_CONFIG, {**data, "moe_token_dispatcher_type": "flex"}, 2)
+    with pytest.raises(ValueError) as info:
+        check_device_support(args, on_gpu=False)
+    assert str(info.value) == (
+        "moe_token_dispatcher_type ('flex') must be 'alltoall' or 'allgather' on CPU; the flex "
+        "dispatcher runs on DeepEP (GPU only)"
+    )
+    args = load_arguments(CPU_CONFIG, {**data, "pipeline_model_parallel_size": 2,
+                                       "expert_model_parallel_size": 1,
+                                       "untie_embeddings_and_output_weights": False}, 2)
+    with pytest.raises(ValueError) as info:
+        check_device_support(args, on_gpu=False)
+    assert str(info.value) == (
+        "untie_embeddings_and_output_weights (False) must be true on CPU with pipeline stages; "
+        "Megatron syncs tied embeddings across stages on CUDA"
+    )
