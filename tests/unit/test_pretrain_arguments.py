@@ -208,6 +208,14 @@ def test_gpu_only_options_are_rejected_on_cpu(data):
         "grouped_gemm kernels (GPU only)"
     )
     args.moe_grouped_gemm = args.moe_permute_fusion = False
+    args.tensor_model_parallel_size = 2
+    with pytest.raises(ValueError) as info:
+        check_device_support(args, on_gpu=False)
+    assert str(info.value) == (
+        "tensor_model_parallel_size (2) must be 1 on CPU; MoE with TP needs sequence parallelism, "
+        "whose norms are Apex's or Transformer Engine's (GPU only)"
+    )
+    args.tensor_model_parallel_size = 1
     args.context_parallel_size = 2
     with pytest.raises(ValueError) as info:
         check_device_support(args, on_gpu=False)
