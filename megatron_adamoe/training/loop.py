@@ -188,6 +188,15 @@ def _append_metrics(path, record: dict) -> None:
 
 
 def pretrain(args: PretrainArguments) -> None:
+    setup(args)()
+
+
+def setup(args: PretrainArguments):
+    """Everything before the first step: process groups, model, optimizer, checkpoint, data.
+
+    Mistakes in the options surface here as one-line ValueErrors; the returned callable trains
+    (and evaluates, logs, saves), where any error keeps its full traceback.
+    """
     check_device_support(args, torch.cuda.is_available())
     on_gpu = initialize_distributed(args)
     if args.bf16 and not on_gpu:
@@ -230,6 +239,12 @@ def pretrain(args: PretrainArguments) -> None:
     if position.iteration:
         logger.info("resuming at iteration %d (%d samples consumed)", position.iteration,
                     position.consumed_samples)
+    return partial(_train, args, config, model, optimizer, scheduler, position, train_dataset,
+                   valid_dataset, vocab, writer, wandb_run)
+
+
+def _train(args, config, model, optimizer, scheduler, position, train_dataset, valid_dataset,
+           vocab, writer, wandb_run) -> None:
     if args.skip_train:
         _log_validation(args, model, valid_dataset, position.iteration, writer)
         writer.close()

@@ -85,13 +85,14 @@ def main(argv: Optional[list[str]] = None) -> int:
             logger.info("config ok: %d processes, data-parallel size %d, %d micro-batches/step",
                         world_size, args.data_parallel_size, args.num_microbatches)
             return 0
-        from megatron_adamoe.training.loop import pretrain
+        from megatron_adamoe.training.loop import setup
 
-        pretrain(args)
-    except ValueError as error:
+        train = setup(args)
+    except ValueError as error:  # a mistake in the options: one line, no traceback
         if rank == 0:
             print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
+    train()  # errors from here on keep their tracebacks
     return 0
 
 
