@@ -105,7 +105,6 @@ class PretrainArguments:
     # --- filled in by load_arguments, not settable ---
     world_size: int = field(default=1, metadata={"derived": True})
     data_parallel_size: int = field(default=1, metadata={"derived": True})
-    config_path: Optional[str] = field(default=None, metadata={"derived": True})
 
     @property
     def num_microbatches(self) -> int:
@@ -235,7 +234,6 @@ def load_arguments(
         values[key] = _coerce(key, value, source)
     args = PretrainArguments(**values)
     args.world_size = world_size
-    args.config_path = config_path
     validate(args)
     return args
 

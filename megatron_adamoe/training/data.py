@@ -9,8 +9,6 @@ full each time, so validation losses are comparable across runs and parallel lay
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -20,8 +18,6 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.utils import get_blend_from_list
 
 from megatron_adamoe.training.arguments import PretrainArguments
-
-logger = logging.getLogger(__name__)
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "attention_mask", "position_ids")
 
@@ -65,8 +61,9 @@ def _collate(samples: list[dict]) -> dict[str, torch.Tensor]:
     return batch
 
 
-def microbatch_iterator(dataset, args: PretrainArguments, first_sample: int, num_batches: int):
-    """Yield this data-parallel rank's micro-batches of ``num_batches`` global batches.
+def microbatch_iterator(dataset, args: PretrainArguments, first_sample: int, num_batches: int,
+                        device):
+    """Yield this data-parallel rank's micro-batches (on ``device``) of ``num_batches`` batches.
 
     Global batch ``b`` covers samples ``first_sample + b * global_batch_size`` onwards; within it,
     micro-batch ``j`` of data-parallel rank ``r`` is samples
@@ -75,7 +72,6 @@ def microbatch_iterator(dataset, args: PretrainArguments, first_sample: int, num
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     mbs = args.micro_batch_size
-    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
     for batch in range(num_batches):
         start = first_sample + batch * args.global_batch_size
         for micro in range(args.num_microbatches):

@@ -170,7 +170,7 @@ def _device():
 
 def evaluate(args, model, valid_dataset) -> float:
     model.eval()
-    iterator = data.microbatch_iterator(valid_dataset, args, 0, args.eval_iters)
+    iterator = data.microbatch_iterator(valid_dataset, args, 0, args.eval_iters, _device())
     total = torch.zeros(2, dtype=torch.float32, device=_device())
     with torch.no_grad():
         for _ in range(args.eval_iters):
@@ -251,7 +251,8 @@ def _train(args, config, model, optimizer, scheduler, position, train_dataset, v
         _shutdown()
         return
     train_iterator = data.microbatch_iterator(
-        train_dataset, args, position.consumed_samples, args.train_iters - position.iteration)
+        train_dataset, args, position.consumed_samples, args.train_iters - position.iteration,
+        _device())
     report = _Reporter(args, config, vocab, writer, wandb_run)
     model.train()
     saved_at = position.iteration  # the checkpoint this run resumed from (or none, at 0)
