@@ -32,11 +32,16 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from megatron_adamoe.training.arguments import PretrainArguments, resolved_yaml
+from megatron_adamoe.training.checkpoint_paths import (
+    PARTIAL,
+    TRACKER,
+    checkpoint_dir,
+    latest_checkpoint,
+    write_atomically,
+)
 
 logger = logging.getLogger(__name__)
 
-TRACKER = "latest_checkpointed_iteration.txt"
-PARTIAL = ".partial"
 # Test hook: "ITERATION:MARKER" kills this process (SIGKILL) in the middle of the save of
 # ITERATION, after the shards are written and before publication, if MARKER does not exist yet
 # (it is created first, so a restarted run saves normally).
@@ -53,10 +58,6 @@ OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable",
 class TrainingPosition:
     iteration: int = 0
     consumed_samples: int = 0
-
-
-def checkpoint_dir(root: str, iteration: int) -> str:
-    return os.path.join(root, f"iter_{iteration:07d}")
 
 
 def _layout(args: PretrainArguments) -> dict:
@@ -127,22 +128,13 @@ def save_checkpoint(args: PretrainArguments, position: TrainingPosition, model, 
     _maybe_kill_during_save(position.iteration)
     dist.barrier()
     if dist.get_rank() == 0:
-        _write_atomically(os.path.join(partial, "config.yaml"), resolved_yaml(args))
+        write_atomically(os.path.join(partial, "config.yaml"), resolved_yaml(args))
         if os.path.exists(final):  # the same iteration saved before a restart
             shutil.rmtree(final)
         os.replace(partial, final)
-        _write_atomically(os.path.join(args.save, TRACKER), f"{position.iteration}\n")
+        write_atomically(os.path.join(args.save, TRACKER), f"{position.iteration}\n")
     dist.barrier()
     return final
-
-
-def _write_atomically(path: str, text: str) -> None:
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
 
 
 def _maybe_kill_during_save(iteration: int) -> None:
@@ -155,27 +147,6 @@ def _maybe_kill_during_save(iteration: int) -> None:
         logger.warning("%s: killing rank 0 during the save of iteration %d",
                        KILL_DURING_SAVE_ENV, iteration)
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def latest_checkpoint(root: Optional[str]) -> Optional[str]:
-    """The directory the tracker names, or None when there is no complete checkpoint."""
-    if root is None:
-        return None
-    tracker = os.path.join(root, TRACKER)
-    if not os.path.isfile(tracker):
-        if os.path.isfile(os.path.join(root, "metadata.json")):
-            return root  # a checkpoint directory given directly
-        return None
-    with open(tracker) as handle:
-        text = handle.read().strip()
-    if not text.isdigit():
-        raise ValueError(f"load ({root!r}) must hold a tracker with an iteration number; "
-                         f"{TRACKER} reads {text!r}")
-    directory = checkpoint_dir(root, int(text))
-    if not os.path.isdir(directory):
-        raise ValueError(f"load ({root!r}) must contain {os.path.basename(directory)}, which "
-                         f"its {TRACKER} names; restore it or point load elsewhere")
-    return directory
 
 
 def load_checkpoint(args: PretrainArguments, model, optimizer, scheduler) -> TrainingPosition:

@@ -1,0 +1,96 @@
+"""Read the model of a Megatron dist checkpoint (torch_dist) in one process, no process group.
+
+Model weights in a dist checkpoint are global tensors, whatever TP/EP/PP layout wrote them, so
+PyTorch Distributed Checkpoint's reader gives them back directly. The run's options come from
+the ``config.yaml`` the pretraining entry point writes into every checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import yaml
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import load as dcp_load
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from megatron_adamoe.hf.mapping import DIST_MODEL_KEYS
+from megatron_adamoe.training.arguments import PretrainArguments, settable_fields
+from megatron_adamoe.training.checkpoint_paths import TRACKER, latest_checkpoint
+
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass
+class MegatronCheckpoint:
+    directory: str
+    args: PretrainArguments
+    tensors: dict  # dist key -> global tensor (layers stacked on axis 0)
+
+
+def find_checkpoint(path: str) -> str:
+    """A checkpoint root (with the tracker) or an ``iter_N`` directory -> the iteration dir."""
+    if not os.path.isdir(path):
+        raise ValueError(f"load ({path!r}) must be a checkpoint directory; check the path")
+    directory = latest_checkpoint(path)
+    if directory is None:
+        raise ValueError(f"load ({path!r}) must hold a Megatron dist checkpoint ({TRACKER} or "
+                         "metadata.json); point it at the save directory or an iter_N directory")
+    return directory
+
+
+def read_arguments(directory: str) -> PretrainArguments:
+    path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise ValueError(f"load ({directory!r}) must contain {CONFIG_FILE} (written by "
+                         "megatron_adamoe.training.pretrain); this checkpoint has none")
+    with open(path) as handle:
+        raw = yaml.safe_load(handle) or {}
+    fields = settable_fields()
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ValueError(f"{CONFIG_FILE} keys ({', '.join(unknown)}) must be pretraining options; "
+                         f"{path} was not written by this version of megatron_adamoe")
+    return PretrainArguments(**raw)
+
+
+def read_checkpoint(path: str) -> MegatronCheckpoint:
+    directory = find_checkpoint(path)
+    args = read_arguments(directory)
+    reader = FileSystemReader(directory)
+    try:
+        metadata = reader.read_metadata()
+    except Exception as error:  # noqa: BLE001 - any unreadable metadata is one user error
+        raise ValueError(f"load ({directory!r}) must have readable dist_checkpointing metadata "
+                         f"(.metadata): {type(error).__name__}: {error}") from None
+    _check_files(directory, metadata)
+    tensors = {}
+    for key, item in metadata.state_dict_metadata.items():
+        if key in DIST_MODEL_KEYS and isinstance(item, TensorStorageMetadata):
+            # zeros: a stacked tensor of a mixed dense/MoE stack covers some layers only
+            tensors[key] = torch.zeros(item.size, dtype=item.properties.dtype)
+    if "embedding.word_embeddings.weight" not in tensors:
+        raise ValueError(f"load ({directory!r}) must hold a GPT model's weights "
+                         "(embedding.word_embeddings.weight is missing)")
+    dcp_load(tensors, storage_reader=reader, no_dist=True)
+    return MegatronCheckpoint(directory, args, tensors)
+
+
+def _check_files(directory: str, metadata) -> None:
+    """Every data file the metadata names exists and is long enough (one line if not)."""
+    needed: dict = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0),
+                                         info.offset + info.length)
+    missing = sorted(name for name in needed
+                     if not os.path.isfile(os.path.join(directory, name)))
+    if missing:
+        raise ValueError(f"load ({directory!r}) must contain every shard its metadata names; "
+                         f"missing: {', '.join(missing)}")
+    short = sorted(name for name, size in needed.items()
+                   if os.path.getsize(os.path.join(directory, name)) < size)
+    if short:
+        raise ValueError(f"load ({directory!r}) has truncated shards ({', '.join(short)}); "
+                         "copy the checkpoint again")
