@@ -21,18 +21,12 @@ from megatron_adamoe.hf.modeling_adamoe import AdaMoEForCausalLM
 from megatron_adamoe.hf.strict import load_strictly
 from megatron_adamoe.hf.tokenization_adamoe import AdaMoETokenizer
 from megatron_adamoe.training.arguments import PretrainArguments
+from megatron_adamoe.training.metrics import moe_layer_indices
 
 logger = logging.getLogger(__name__)
 
 ROUTER_DTYPES = {None: None, "fp32": "float32", "fp64": "float64"}
 LAYERNORM_EPSILON = 1e-5  # Megatron-Core's default; the pretraining options do not change it
-
-
-def moe_layer_indices(args: PretrainArguments) -> tuple:
-    freq = args.moe_layer_freq
-    pattern = freq if isinstance(freq, list) else [
-        int(i % freq == 0) for i in range(args.num_layers)]
-    return tuple(i for i, is_moe in enumerate(pattern) if is_moe)
 
 
 def check_exportable(args: PretrainArguments) -> None:
@@ -47,7 +41,7 @@ def check_exportable(args: PretrainArguments) -> None:
 def model_shape(args: PretrainArguments) -> ModelShape:
     return ModelShape(
         num_layers=args.num_layers,
-        moe_layers=moe_layer_indices(args),
+        moe_layers=tuple(moe_layer_indices(args)),
         hidden_size=args.hidden_size,
         num_attention_heads=args.num_attention_heads,
         num_query_groups=args.num_query_groups or args.num_attention_heads,
@@ -82,7 +76,7 @@ def hf_config(args: PretrainArguments, vocab_size: int, tokenizer=None) -> AdaMo
         null_expert_type=args.adamoe_null_expert_type,
         router_weight_norm=args.adamoe_weight_norm,
         router_dtype=ROUTER_DTYPES[args.moe_router_dtype],
-        moe_layers=list(moe_layer_indices(args)),
+        moe_layers=moe_layer_indices(args),
         tie_word_embeddings=not args.untie_embeddings_and_output_weights,
         architectures=["AdaMoEForCausalLM"],
         **special,

@@ -147,6 +147,24 @@ def hf_to_local(hf: dict, shape: ModelShape) -> dict:
     return local
 
 
+def hf_names(shape: ModelShape) -> set:
+    """Every tensor name of the HF model of this shape."""
+    names = {"model.embed_tokens.weight", "model.norm.weight"}
+    if not shape.tied_embeddings:
+        names.add("lm_head.weight")
+    for layer in range(shape.num_layers):
+        prefix = f"model.layers.{layer}."
+        names.update(prefix + hf_name for _, hf_name in _LAYER_RENAMES)
+        names.update(f"{prefix}self_attn.{p}_proj.weight" for p in "qkv")
+        if layer in shape.moe_layers:
+            names.update(prefix + hf_name for _, hf_name in _MOE_RENAMES)
+            ffns = [f"{prefix}block_sparse_moe.experts.{e}." for e in range(shape.num_experts)]
+        else:
+            ffns = [prefix + "mlp."]
+        names.update(f"{ffn}{w}.weight" for ffn in ffns for w in ("w1", "w2", "w3"))
+    return names
+
+
 def _fc_to_hf(local: dict, src: str, hf: dict, dst: str) -> None:
     gate, up = local[src + "linear_fc1.weight"].chunk(2, dim=0)
     hf[dst + "w1.weight"], hf[dst + "w3.weight"] = gate, up

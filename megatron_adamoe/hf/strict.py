@@ -10,7 +10,7 @@ import torch
 MAX_LISTED = 12
 
 
-def _listing(names) -> str:
+def listing(names) -> str:
     names = sorted(names)
     shown = ", ".join(names[:MAX_LISTED])
     return shown + (f" (+{len(names) - MAX_LISTED} more)" if len(names) > MAX_LISTED else "")
@@ -25,11 +25,11 @@ def check_tensors(expected: dict, tensors: dict, what: str) -> None:
                  if name in tensors and tuple(tensors[name].shape) != tuple(shape)]
     problems = []
     if missing:
-        problems.append(f"missing: {_listing(missing)}")
+        problems.append(f"missing: {listing(missing)}")
     if unexpected:
-        problems.append(f"unexpected: {_listing(unexpected)}")
+        problems.append(f"unexpected: {listing(unexpected)}")
     if misshaped:
-        problems.append(f"mis-shaped: {_listing(misshaped)}")
+        problems.append(f"mis-shaped: {listing(misshaped)}")
     if problems:
         raise ValueError(f"{what} must match the target model tensor for tensor; "
                          + "; ".join(problems))
@@ -49,4 +49,4 @@ def load_strictly(model: torch.nn.Module, tensors: dict, what: str,
                if tensor.is_meta]
     if on_meta:
         raise ValueError(f"{what} must provide every tensor; still on the meta device: "
-                         f"{_listing(on_meta)}")
+                         f"{listing(on_meta)}")

@@ -238,7 +238,10 @@ def load_arguments(
     return args
 
 
-def validate(args: PretrainArguments) -> None:
+def validate(args: PretrainArguments, check_io: bool = True) -> None:
+    """Every rule; ``check_io=False`` skips data, tokenizer and checkpoint paths (converters
+    write options that a later run completes with its data)."""
+
     def fail(name: str, rule: str, fix: str) -> None:
         raise ValueError(f"{name} ({getattr(args, name)!r}) must {rule}; {fix}")
 
@@ -258,7 +261,8 @@ def validate(args: PretrainArguments) -> None:
             fail(name, "be >= 0", "set a non-negative value")
     _validate_moe(args, fail)
     _validate_topology(args, fail)
-    _validate_io(args, fail)
+    if check_io:
+        _validate_io(args, fail)
 
 
 def _validate_moe(args: PretrainArguments, fail) -> None:

@@ -137,6 +137,19 @@ def save_checkpoint(args: PretrainArguments, position: TrainingPosition, model, 
     return final
 
 
+def save_weights(args: PretrainArguments, model, root: str) -> str:
+    """A weights-only checkpoint ``root/iter_0000000`` of an unwrapped GPTModel (what
+    ``convert_checkpoint.py import-hf`` writes); it loads with ``finetune: true``."""
+    final = checkpoint_dir(root, 0)
+    os.makedirs(final)
+    state = {"model": model.sharded_state_dict(),
+             "position": {"iteration": 0, "consumed_samples": 0}, "layout": _layout(args)}
+    dist_checkpointing.save(state, final)
+    write_atomically(os.path.join(final, "config.yaml"), resolved_yaml(args))
+    write_atomically(os.path.join(root, TRACKER), "0\n")
+    return final
+
+
 def _maybe_kill_during_save(iteration: int) -> None:
     spec = os.environ.get(KILL_DURING_SAVE_ENV)
     if not spec or dist.get_rank() != 0:

@@ -1,0 +1,79 @@
+"""``convert_checkpoint.py`` (console script ``adamoe-convert``): Megatron <-> Hugging Face.
+
+    adamoe-convert export-hf --load runs/cpu_adamoe_tiny/checkpoints --out hf/adamoe_tiny
+    adamoe-convert import-hf --hf path/to/mixtral --out ckpt/adamoe_mixtral \
+        --num-null-experts 8 --topk 3 --tp 1 --ep 8 --pp 4
+
+A bad input ends with one line, ``error: ...``, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from typing import Optional
+
+logger = logging.getLogger("megatron_adamoe.convert")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="convert_checkpoint.py", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    export = commands.add_parser("export-hf", help="Megatron dist checkpoint -> HF model dir")
+    export.add_argument("--load", required=True,
+                        help="save directory (its latest checkpoint) or an iter_N directory")
+    export.add_argument("--out", required=True, help="HF model directory to create")
+    export.add_argument("--tokenizer-model", default=None,
+                        help="sentencepiece model (default: the run's tokenizer_model)")
+    export.add_argument("--max-shard-size", default="5GB", help="safetensors shard size")
+    imp = commands.add_parser("import-hf", help="HF Mixtral / AdaMoE -> Megatron dist checkpoint")
+    imp.add_argument("--hf", required=True, help="local HF model directory (safetensors)")
+    imp.add_argument("--out", required=True, help="checkpoint directory to create")
+    imp.add_argument("--num-null-experts", type=int, default=None,
+                     help="m null experts (Mixtral: default 0; AdaMoE: its own m)")
+    imp.add_argument("--topk", type=int, default=None,
+                     help="k over n + m (default: the model's num_experts_per_tok)")
+    imp.add_argument("--tp", type=int, default=1, help="tensor-parallel size to fine-tune at")
+    imp.add_argument("--ep", type=int, default=1, help="expert-parallel size to fine-tune at")
+    imp.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to fine-tune at")
+    imp.add_argument("--null-router-init", default="tile", choices=("tile", "random"),
+                     help="null router rows: tile the true rows (paper) or random")
+    imp.add_argument("--seed", type=int, default=0, help="seed of --null-router-init random")
+    return parser
+
+
+def run(options: argparse.Namespace) -> str:
+    if options.command == "export-hf":
+        from megatron_adamoe.hf.export import export_hf
+
+        return export_hf(options.load, options.out, options.tokenizer_model,
+                         options.max_shard_size)
+    for name in ("tp", "ep", "pp"):
+        if getattr(options, name) < 1:
+            raise ValueError(f"{name} ({getattr(options, name)}) must be >= 1")
+    from megatron_adamoe.hf.import_hf import import_hf
+
+    return import_hf(options.hf, options.out, options.num_null_experts, options.topk,
+                     options.tp, options.ep, options.pp, options.null_router_init, options.seed)
+
+
+def main(argv: Optional[list] = None) -> int:
+    options = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from megatron_adamoe.training.pretrain import quiet_known_upstream_noise
+
+    quiet_known_upstream_noise()
+    warnings.filterwarnings("ignore", message=r"torch.distributed is disabled")
+    try:
+        out = run(options)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    logger.info("wrote %s", out)
+    return 0
+
+
+def console_main() -> None:
+    sys.exit(main())

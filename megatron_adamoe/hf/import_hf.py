@@ -1,0 +1,234 @@
+"""Hugging Face Mixtral (or an exported AdaMoE model) -> AdaMoE Megatron dist checkpoint.
+
+A Mixtral router has n rows; AdaMoE's has n + m. The m null rows come from the original gate
+(``null_router_init``):
+
+- ``tile`` (the AdaMoE authors' choice): null row j copies true row j mod n. Every null expert
+  then ties with a true expert, so at the start the router spreads its k picks over true and
+  null experts alike and the load starts near k*n/(n+m) (exactly k/2 when m = n).
+- ``random``: null rows drawn from N(0, std of the gate), seeded. Null logits are then
+  unrelated to the true ones, so the initial load depends on the model; use it to start the
+  null experts from scratch.
+
+The output is a weights-only checkpoint (``OUT/iter_0000000`` and its tracker) whose
+``config.yaml`` carries the model, ``--tp/--ep/--pp`` and ``finetune: true``: fine-tune it with
+``torchrun ... -m megatron_adamoe.training.pretrain --config OUT/iter_0000000/config.yaml
+--data-path ... [--tokenizer-model ...]``. Dist checkpoints store global tensors, so the
+conversion itself runs in one process whatever the layout it is written for.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+
+import torch
+from safetensors import safe_open
+
+from megatron_adamoe.hf.mapping import ModelShape, hf_names, hf_to_local
+from megatron_adamoe.hf.strict import listing, load_strictly
+from megatron_adamoe.training.arguments import PretrainArguments, validate
+from megatron_adamoe.training.metrics import moe_layer_indices
+
+logger = logging.getLogger(__name__)
+
+ARCHITECTURES = ("MixtralForCausalLM", "AdaMoEForCausalLM")
+NULL_ROUTER_INITS = ("tile", "random")
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+ROUTER_DTYPES = {None: None, "float32": "fp32", "float64": "fp64"}
+
+
+def read_hf_config(hf_dir: str) -> dict:
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"hf ({hf_dir!r}) must be a Hugging Face model directory with "
+                         "config.json; check the path")
+    with open(path) as handle:
+        config = json.load(handle)
+    architectures = config.get("architectures") or []
+    if len(architectures) != 1 or architectures[0] not in ARCHITECTURES:
+        raise ValueError(f"architectures ({architectures!r}) must be one of {ARCHITECTURES}; "
+                         f"{path} describes a model this converter does not know")
+    return config
+
+
+def read_hf_tensors(hf_dir: str) -> dict:
+    """Every tensor of the safetensors checkpoint (sharded with an index, or one file)."""
+    index_path = os.path.join(hf_dir, INDEX_FILE)
+    if os.path.isfile(index_path):
+        with open(index_path) as handle:
+            weight_map = json.load(handle)["weight_map"]
+        files = sorted(set(weight_map.values()))
+    elif os.path.isfile(os.path.join(hf_dir, SINGLE_FILE)):
+        files = [SINGLE_FILE]
+    else:
+        raise ValueError(f"hf ({hf_dir!r}) must contain {INDEX_FILE} or {SINGLE_FILE}; only "
+                         "safetensors checkpoints are read")
+    missing = [name for name in files if not os.path.isfile(os.path.join(hf_dir, name))]
+    if missing:
+        raise ValueError(f"hf ({hf_dir!r}) must contain every shard its index names; missing: "
+                         f"{', '.join(missing)}")
+    tensors = {}
+    for name in files:
+        try:
+            with safe_open(os.path.join(hf_dir, name), framework="pt") as handle:
+                for key in handle.keys():
+                    tensors[key] = handle.get_tensor(key)
+        except Exception as error:  # noqa: BLE001 - a corrupt shard is one user error
+            raise ValueError(f"hf shard ({name!r}) must be a readable safetensors file: "
+                             f"{type(error).__name__}: {error}") from None
+    return tensors
+
+
+def pretrain_arguments(config: dict, num_null_experts: int, topk: int, tp: int, ep: int,
+                       pp: int) -> PretrainArguments:
+    """The pretraining options of the converted model, validated for the requested layout."""
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    if config.get("head_dim") not in (None, hidden // heads):
+        raise ValueError(f"head_dim ({config['head_dim']}) must be hidden_size / "
+                         f"num_attention_heads ({hidden // heads}) for Megatron's GPT")
+    if config.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act ({config['hidden_act']!r}) must be 'silu' (SwiGLU experts)")
+    rope = config.get("rope_parameters") or {}
+    vocab = config["vocab_size"]
+    divisor = math.gcd(vocab, 128)
+    if vocab % (divisor * tp):
+        raise ValueError(f"tp ({tp}) must divide the vocabulary ({vocab} tokens) into equal "
+                         "shards; pick another tensor-parallel size")
+    is_adamoe = config["architectures"][0] == "AdaMoEForCausalLM"
+    max_positions = config.get("max_position_embeddings", 4096)
+    args = PretrainArguments(
+        num_layers=config["num_hidden_layers"],
+        hidden_size=hidden,
+        ffn_hidden_size=config["intermediate_size"],
+        num_attention_heads=heads,
+        num_query_groups=config.get("num_key_value_heads") or heads,
+        seq_length=min(max_positions, 4096),
+        max_position_embeddings=max_positions,
+        rotary_base=int(config.get("rope_theta") or rope.get("rope_theta") or 10000),
+        untie_embeddings_and_output_weights=not config.get("tie_word_embeddings", False),
+        make_vocab_size_divisible_by=divisor,
+        num_experts=config["num_local_experts"],
+        moe_ffn_hidden_size=config.get("moe_intermediate_size", config["intermediate_size"]),
+        moe_router_topk=topk,
+        moe_layer_freq=_moe_layer_freq(config),
+        adamoe_num_null_experts=num_null_experts,
+        adamoe_null_expert_type=config.get("null_expert_type", "zero"),
+        adamoe_weight_norm=config.get("router_weight_norm", "true_experts"),
+        moe_router_dtype=ROUTER_DTYPES[config.get("router_dtype", "float32")] if is_adamoe
+        else "fp32",
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=ep,
+        sequence_parallel=tp > 1,  # Megatron requires it with MoE and TP
+        finetune=True,
+    )
+    args.world_size = math.lcm(tp * pp, ep * tp * pp)
+    validate(args, check_io=False)
+    args.global_batch_size = None  # the fine-tuning run's data-parallel size decides
+    return args
+
+
+def _moe_layer_freq(config: dict):
+    layers = config["num_hidden_layers"]
+    moe_layers = config.get("moe_layers")
+    if moe_layers is None or sorted(moe_layers) == list(range(layers)):
+        return 1
+    return [int(i in moe_layers) for i in range(layers)]
+
+
+def null_router_rows(gate_EH: torch.Tensor, num_null: int, how: str, seed: int) -> torch.Tensor:
+    """[m, H] router rows for the null experts, derived from the true experts' gate."""
+    if how == "tile":
+        return gate_EH[torch.arange(num_null) % gate_EH.size(0)].clone()
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.randn(num_null, gate_EH.size(1), generator=generator, dtype=torch.float32)
+    return (rows * gate_EH.float().std()).to(gate_EH.dtype)
+
+
+def import_hf(hf_dir: str, out: str, num_null_experts=None, topk=None, tp: int = 1,
+              ep: int = 1, pp: int = 1, null_router_init: str = "tile", seed: int = 0) -> str:
+    """Write the AdaMoE Megatron checkpoint ``out`` from ``hf_dir``; returns ``out``."""
+    if os.path.exists(out):
+        raise ValueError(f"out ({out!r}) must not exist yet; remove it or pick another path")
+    if null_router_init not in NULL_ROUTER_INITS:
+        raise ValueError(f"null_router_init ({null_router_init!r}) must be one of "
+                         f"{NULL_ROUTER_INITS}; see megatron_adamoe/hf/import_hf.py")
+    config = read_hf_config(hf_dir)
+    is_adamoe = config["architectures"][0] == "AdaMoEForCausalLM"
+    saved_nulls = config.get("num_null_experts", 0)
+    if num_null_experts is None:
+        num_null_experts = saved_nulls if is_adamoe else 0
+    if is_adamoe and num_null_experts != saved_nulls:
+        raise ValueError(f"num_null_experts ({num_null_experts}) must equal the AdaMoE model's "
+                         f"m ({saved_nulls}); drop --num-null-experts")
+    if num_null_experts < 0:
+        raise ValueError(f"num_null_experts ({num_null_experts}) must be >= 0")
+    topk = config["num_experts_per_tok"] if topk is None else topk
+    args = pretrain_arguments(config, num_null_experts, topk, tp, ep, pp)
+    tensors = read_hf_tensors(hf_dir)
+    if not is_adamoe and num_null_experts:
+        tensors = _add_null_router_rows(tensors, num_null_experts, null_router_init, seed)
+    shape = ModelShape(
+        num_layers=args.num_layers, moe_layers=tuple(moe_layer_indices(args)),
+        hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
+        head_dim=args.hidden_size // args.num_attention_heads, num_experts=args.num_experts,
+        tied_embeddings=not args.untie_embeddings_and_output_weights)
+    _check_hf_names(tensors, shape, hf_dir)
+    local = hf_to_local(tensors, shape)
+
+    temporary = f"{out.rstrip(os.sep)}.tmp-{os.getpid()}"
+    try:
+        os.makedirs(temporary)
+        args.load = os.path.abspath(out)
+        tokenizer = os.path.join(hf_dir, "tokenizer.model")
+        if os.path.isfile(tokenizer):
+            shutil.copyfile(tokenizer, os.path.join(temporary, "tokenizer.model"))
+            args.tokenizer_model = os.path.join(args.load, "tokenizer.model")
+        _save_megatron(args, local, temporary, config["vocab_size"])
+        os.replace(temporary, out)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    logger.info("imported %s -> %s (m = %d null experts, top-%d)", hf_dir, out,
+                num_null_experts, topk)
+    return out
+
+
+def _add_null_router_rows(tensors: dict, num_null: int, how: str, seed: int) -> dict:
+    out = dict(tensors)
+    for name, gate in tensors.items():
+        if name.endswith("block_sparse_moe.gate.weight"):
+            out[name] = torch.cat([gate, null_router_rows(gate, num_null, how, seed)])
+    return out
+
+
+def _check_hf_names(tensors: dict, shape: ModelShape, hf_dir: str) -> None:
+    """Exactly the tensors the mapping reads (shapes are checked on the Megatron side)."""
+    expected = hf_names(shape)
+    problems = []
+    if expected - set(tensors):
+        problems.append(f"missing: {listing(expected - set(tensors))}")
+    if set(tensors) - expected:
+        problems.append(f"unexpected: {listing(set(tensors) - expected)}")
+    if problems:
+        raise ValueError(f"hf ({hf_dir!r}) must hold exactly the tensors of its config; "
+                         + "; ".join(problems))
+
+
+def _save_megatron(args: PretrainArguments, local: dict, directory: str, vocab_size: int):
+    from megatron_adamoe.hf.megatron_model import (
+        build_single_process_model,
+        single_process_megatron,
+    )
+    from megatron_adamoe.training.checkpointing import save_weights
+
+    with single_process_megatron():
+        model = build_single_process_model(args, vocab_size, meta=True)
+        load_strictly(model, local, what="converted tensors",
+                      ignore=lambda name: name.endswith("_extra_state"))
+        save_weights(args, model, directory)
