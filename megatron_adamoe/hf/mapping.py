@@ -16,6 +16,7 @@ has n + m rows either way.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -40,59 +41,76 @@ _LAYER_RENAMES = (
     ("self_attention.linear_proj.weight", "self_attn.o_proj.weight"),
 )
 _MOE_RENAMES = (("mlp.router.weight", "block_sparse_moe.gate.weight"),)
-# dist key -> local per-layer name (layers stacked on axis 0).
-_DIST_LAYER_KEYS = {
-    "decoder.layers.self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-    "decoder.layers.input_layernorm.weight": "input_layernorm.weight",
-    "decoder.layers.self_attention.linear_qkv.weight": "self_attention.linear_qkv.weight",
-    "decoder.layers.self_attention.linear_proj.weight": "self_attention.linear_proj.weight",
-    "decoder.layers.mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
-    "decoder.layers.pre_mlp_layernorm.weight": "pre_mlp_layernorm.weight",
-    "decoder.layers.mlp.router.weight": "mlp.router.weight",
-    "decoder.layers.mlp.linear_fc1.weight": "mlp.linear_fc1.weight",
-    "decoder.layers.mlp.linear_fc2.weight": "mlp.linear_fc2.weight",
+# Per-layer part of a dist key -> local per-layer name. A homogeneous stack stores each under
+# ``decoder.layers.<part>`` with the layers on axis 0; a mixed dense/MoE stack stores
+# ``decoder.layers.<i>.<part>`` per layer.
+_DIST_LAYER_PARTS = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "input_layernorm.weight": "input_layernorm.weight",
+    "self_attention.linear_qkv.weight": "self_attention.linear_qkv.weight",
+    "self_attention.linear_proj.weight": "self_attention.linear_proj.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+    "pre_mlp_layernorm.weight": "pre_mlp_layernorm.weight",
+    "mlp.router.weight": "mlp.router.weight",
+    "mlp.linear_fc1.weight": "mlp.linear_fc1.weight",
+    "mlp.linear_fc2.weight": "mlp.linear_fc2.weight",
 }
-# dist key -> local per-expert name (layers on axis 0, experts on axis 1). SequentialMLP and
+# Per-layer part -> local per-expert name (experts on the next axis). SequentialMLP and
 # TEGroupedMLP name them differently; the layout is the same.
-_DIST_EXPERT_KEYS = {
-    "decoder.layers.mlp.experts.experts.linear_fc1.weight": "linear_fc1.weight",
-    "decoder.layers.mlp.experts.experts.linear_fc2.weight": "linear_fc2.weight",
-    "decoder.layers.mlp.experts.linear_fc1.weight": "linear_fc1.weight",
-    "decoder.layers.mlp.experts.linear_fc2.weight": "linear_fc2.weight",
+_DIST_EXPERT_PARTS = {
+    "mlp.experts.experts.linear_fc1.weight": "linear_fc1.weight",
+    "mlp.experts.experts.linear_fc2.weight": "linear_fc2.weight",
+    "mlp.experts.linear_fc1.weight": "linear_fc1.weight",
+    "mlp.experts.linear_fc2.weight": "linear_fc2.weight",
 }
-_DIST_GLOBAL_KEYS = {
-    "embedding.word_embeddings.weight": "embedding.word_embeddings.weight",
-    "decoder.final_layernorm.weight": "decoder.final_layernorm.weight",
-    "output_layer.weight": "output_layer.weight",
-}
-DIST_MODEL_KEYS = (*_DIST_GLOBAL_KEYS, *_DIST_LAYER_KEYS, *_DIST_EXPERT_KEYS)
+_DIST_GLOBAL_KEYS = (
+    "embedding.word_embeddings.weight",
+    "decoder.final_layernorm.weight",
+    "output_layer.weight",
+)
+_PER_LAYER_KEY = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
+_STACKED_KEY = re.compile(r"decoder\.layers\.(.+)")
+
+
+def _parse_dist_key(key: str):
+    """-> (layer index or None for a stacked tensor, per-layer part), or None if not a layer."""
+    match = _PER_LAYER_KEY.fullmatch(key)
+    if match:
+        return int(match.group(1)), match.group(2)
+    match = _STACKED_KEY.fullmatch(key)
+    return (None, match.group(1)) if match else None
+
+
+def is_dist_model_key(key: str) -> bool:
+    """A model tensor of a dist checkpoint (not optimizer state, RNG or extra state)."""
+    if key in _DIST_GLOBAL_KEYS:
+        return True
+    parsed = _parse_dist_key(key)
+    return parsed is not None and (parsed[1] in _DIST_LAYER_PARTS
+                                   or parsed[1] in _DIST_EXPERT_PARTS)
 
 
 def dist_to_local(tensors: dict, shape: ModelShape) -> dict:
-    """Stacked dist-checkpoint tensors -> per-layer local names (unknown keys raise)."""
-    unknown = sorted(set(tensors) - set(DIST_MODEL_KEYS))
+    """Dist-checkpoint tensors -> per-layer local names (unknown keys raise)."""
+    unknown = sorted(key for key in tensors if not is_dist_model_key(key))
     if unknown:
         raise ValueError(f"checkpoint tensors ({', '.join(unknown)}) must be model tensors this "
                          "converter knows; the checkpoint has modules it does not support")
     local = {}
     for key, tensor in tensors.items():
         if key in _DIST_GLOBAL_KEYS:
-            local[_DIST_GLOBAL_KEYS[key]] = tensor
+            local[key] = tensor
             continue
-        moe_only = key in _DIST_EXPERT_KEYS or key == "decoder.layers.mlp.router.weight"
-        dense_only = key in ("decoder.layers.mlp.linear_fc1.weight",
-                             "decoder.layers.mlp.linear_fc2.weight")
-        for layer in range(shape.num_layers):
-            is_moe = layer in shape.moe_layers
-            if (moe_only and not is_moe) or (dense_only and is_moe):
-                continue  # the stacked tensor holds these layers only
-            prefix = f"decoder.layers.{layer}."
-            if key in _DIST_EXPERT_KEYS:
+        layer, part = _parse_dist_key(key)
+        per_layer = enumerate(tensor) if layer is None else [(layer, tensor)]
+        for index, layer_tensor in per_layer:
+            prefix = f"decoder.layers.{index}."
+            if part in _DIST_EXPERT_PARTS:
                 for expert in range(shape.num_experts):
-                    name = f"{prefix}mlp.experts.local_experts.{expert}.{_DIST_EXPERT_KEYS[key]}"
-                    local[name] = tensor[layer, expert]
+                    name = f"{prefix}mlp.experts.local_experts.{expert}."
+                    local[name + _DIST_EXPERT_PARTS[part]] = layer_tensor[expert]
             else:
-                local[prefix + _DIST_LAYER_KEYS[key]] = tensor[layer]
+                local[prefix + _DIST_LAYER_PARTS[part]] = layer_tensor
     return local
 
 

@@ -8,6 +8,7 @@ the ``config.yaml`` the pretraining entry point writes into every checkpoint.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,6 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import load as dcp_load
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from megatron_adamoe.hf.mapping import DIST_MODEL_KEYS
 from megatron_adamoe.training.arguments import PretrainArguments, settable_fields
 from megatron_adamoe.training.checkpoint_paths import TRACKER, latest_checkpoint
 
@@ -68,14 +68,20 @@ def read_checkpoint(path: str) -> MegatronCheckpoint:
     _check_files(directory, metadata)
     tensors = {}
     for key, item in metadata.state_dict_metadata.items():
-        if key in DIST_MODEL_KEYS and isinstance(item, TensorStorageMetadata):
-            # zeros: a stacked tensor of a mixed dense/MoE stack covers some layers only
-            tensors[key] = torch.zeros(item.size, dtype=item.properties.dtype)
+        if _is_model_tensor(key) and isinstance(item, TensorStorageMetadata):
+            tensors[key] = torch.empty(item.size, dtype=item.properties.dtype)
     if "embedding.word_embeddings.weight" not in tensors:
         raise ValueError(f"load ({directory!r}) must hold a GPT model's weights "
                          "(embedding.word_embeddings.weight is missing)")
     dcp_load(tensors, storage_reader=reader, no_dist=True)
     return MegatronCheckpoint(directory, args, tensors)
+
+
+def _is_model_tensor(key: str) -> bool:
+    """Not optimizer state (``optimizer.``, ``chained_N.``) nor extra state; every other tensor
+    is the model's and must be one the mapping knows (unknown ones fail the export)."""
+    return not (key.startswith("optimizer.") or re.match(r"chained_\d+\.", key)
+                or "_extra_state" in key)
 
 
 def _check_files(directory: str, metadata) -> None:

@@ -49,14 +49,16 @@ def synthetic_corpus(tmp_path_factory):
     return prefix + "_text", prefix + "_tokenizer.model"
 
 
-def run_pretrain(corpus, *overrides, nproc=2, max_restarts=0, env=None, check=True):
-    """torchrun the entry point with the CPU default config, SMALL and ``overrides``."""
+def run_pretrain(corpus, *overrides, nproc=2, max_restarts=0, env=None, check=True,
+                 config="configs/cpu_adamoe_tiny.yaml", small=True):
+    """torchrun the entry point with ``config`` (the CPU default), SMALL and ``overrides``."""
     data_path, tokenizer = corpus
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
         "--master-port", str(free_port()), "--max-restarts", str(max_restarts),
-        "-m", "megatron_adamoe.training.pretrain", "--config", "configs/cpu_adamoe_tiny.yaml",
-        *SMALL, "--data-path", data_path, "--tokenizer-model", tokenizer, *overrides,
+        "-m", "megatron_adamoe.training.pretrain", "--config", config,
+        *(SMALL if small else []), "--data-path", data_path, "--tokenizer-model", tokenizer,
+        *overrides,
     ]
     run_id = uuid.uuid4().hex
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", RUN_ID_ENV: run_id, **(env or {})}

@@ -1,0 +1,62 @@
+"""Megatron AdaMoE checkpoint -> export-hf -> transformers: the same model."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from tests.convert.conftest import convert, train_checkpoint
+
+VOCAB = 256  # the synthetic corpus' tokenizer; the model pads it to 256 as well
+CASES = [  # (null type, weight norm, extra options)
+    ("zero", "true_experts", ()),
+    ("zero", "all_selected", ()),
+    ("zero", "none", ("--moe-layer-freq", "2")),  # layer 0 MoE, layer 1 dense
+    ("identity", "true_experts", ()),
+    ("identity", "all_selected", ()),
+    ("identity", "none", ()),
+]
+
+
+def _load_hf(directory, trust_remote_code=True):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        directory, trust_remote_code=trust_remote_code, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("null_type,weight_norm,extra", CASES,
+                         ids=[f"{n}-{w}" for n, w, _ in CASES])
+def test_export_matches_megatron_logits_and_greedy(synthetic_corpus, tmp_path, megatron,
+                                                   null_type, weight_norm, extra):
+    checkpoint = train_checkpoint(
+        synthetic_corpus, tmp_path / "ckpt", "--adamoe-null-expert-type", null_type,
+        "--adamoe-weight-norm", weight_norm, *extra)
+    out = tmp_path / "hf"
+    convert("export-hf", "--load", checkpoint, "--out", out, "--max-shard-size", "200KB")
+
+    with open(out / "config.json") as handle:
+        config = json.load(handle)
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_adamoe.AdaMoEForCausalLM"
+    assert (config["null_expert_type"], config["router_weight_norm"]) == (null_type, weight_norm)
+    with open(out / "model.safetensors.index.json") as handle:
+        shards = set(json.load(handle)["weight_map"].values())
+    assert len(shards) > 1 and all((out / name).is_file() for name in shards)
+    assert not [name for name in os.listdir(tmp_path) if ".tmp-" in name]
+
+    tokens = torch.randint(0, VOCAB, (2, 48), generator=torch.Generator().manual_seed(0))
+    reference = megatron.load(checkpoint, VOCAB)
+    expected = megatron.logits(reference, tokens)
+    hf_model = _load_hf(out)
+    with torch.no_grad():
+        actual = hf_model(tokens).logits
+    assert actual.shape == expected.shape == (2, 48, VOCAB)
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=0)
+
+    prompt = tokens[:1, :8]
+    generated = hf_model.generate(prompt, max_new_tokens=16, do_sample=False, use_cache=True,
+                                  min_new_tokens=16, pad_token_id=0)
+    assert torch.equal(generated, megatron.greedy(reference, prompt, 16))
