@@ -15,9 +15,11 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 )
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
 from megatron_adamoe.mcore.config import AdaMoEConfig
 from megatron_adamoe.mcore.moe_layer import AdaMoELayer
+from megatron_adamoe.mcore.norms import SequenceParallelTorchNorm
 from megatron_adamoe.mcore.router import AdaMoERouter
 
 
@@ -29,11 +31,15 @@ def to_adamoe_moe_spec(moe_spec: ModuleSpec) -> ModuleSpec:
 
 
 def to_adamoe_layer_spec(layer_spec: ModuleSpec) -> ModuleSpec:
-    """A TransformerLayer spec whose MLP is a MoELayer -> the AdaMoE version; others unchanged."""
-    mlp = getattr(layer_spec.submodules, "mlp", None)
-    if not isinstance(mlp, ModuleSpec) or mlp.module is not MoELayer:
-        return layer_spec
-    submodules = dataclasses.replace(layer_spec.submodules, mlp=to_adamoe_moe_spec(mlp))
+    """A TransformerLayer spec whose MLP is a MoELayer -> the AdaMoE version; PyTorch norms
+    (the local spec without Apex) -> ``SequenceParallelTorchNorm``; all else unchanged."""
+    submodules = layer_spec.submodules
+    for name in ("input_layernorm", "pre_mlp_layernorm"):
+        if getattr(submodules, name, None) is WrappedTorchNorm:
+            submodules = dataclasses.replace(submodules, **{name: SequenceParallelTorchNorm})
+    mlp = getattr(submodules, "mlp", None)
+    if isinstance(mlp, ModuleSpec) and mlp.module is MoELayer:
+        submodules = dataclasses.replace(submodules, mlp=to_adamoe_moe_spec(mlp))
     return dataclasses.replace(layer_spec, submodules=submodules)
 
 
@@ -94,6 +100,8 @@ def get_adamoe_gpt_decoder_block_spec(
         config, use_transformer_engine, normalization=normalization, **kwargs
     )
     block.layer_specs = [to_adamoe_layer_spec(spec) for spec in block.layer_specs]
+    if block.layer_norm is WrappedTorchNorm:
+        block.layer_norm = SequenceParallelTorchNorm
     return block
 
 

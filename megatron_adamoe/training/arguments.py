@@ -327,6 +327,9 @@ def _validate_topology(args: PretrainArguments, fail) -> None:
     if args.sequence_parallel and args.tensor_model_parallel_size == 1:
         fail("sequence_parallel", "be false when tensor_model_parallel_size is 1",
              "drop --sequence-parallel or raise the TP size")
+    if args.tensor_model_parallel_size > 1 and not args.sequence_parallel:
+        fail("sequence_parallel", "be true when tensor_model_parallel_size > 1 with MoE layers "
+             "(Megatron-Core requires it)", "add --sequence-parallel")
     per_step = args.micro_batch_size * args.data_parallel_size
     if args.global_batch_size is None:
         args.global_batch_size = per_step

@@ -31,11 +31,6 @@ def check_device_support(args: PretrainArguments, on_gpu: bool) -> None:
         raise ValueError(
             "use_distributed_optimizer (True) must be false on CPU; Megatron's distributed "
             "optimizer checkpoints its state through Apex or Transformer Engine (GPU only)")
-    if args.tensor_model_parallel_size > 1:
-        raise ValueError(
-            f"tensor_model_parallel_size ({args.tensor_model_parallel_size}) must be 1 on CPU; "
-            "MoE with TP needs sequence parallelism, whose norms are Apex's or Transformer "
-            "Engine's (GPU only)")
     if args.context_parallel_size > 1:
         raise ValueError(
             f"context_parallel_size ({args.context_parallel_size}) must be 1 on CPU; context "

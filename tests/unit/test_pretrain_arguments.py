@@ -208,14 +208,9 @@ def test_gpu_only_options_are_rejected_on_cpu(data):
         "grouped_gemm kernels (GPU only)"
     )
     args.moe_grouped_gemm = args.moe_permute_fusion = False
-    args.tensor_model_parallel_size = 2
-    with pytest.raises(ValueError) as info:
-        check_device_support(args, on_gpu=False)
-    assert str(info.value) == (
-        "tensor_model_parallel_size (2) must be 1 on CPU; MoE with TP needs sequence parallelism, "
-        "whose norms are Apex's or Transformer Engine's (GPU only)"
-    )
-    args.tensor_model_parallel_size = 1
+    args.tensor_model_parallel_size, args.sequence_parallel = 2, True
+    check_device_support(args, on_gpu=False)  # TP runs on CPU (SequenceParallelTorchNorm)
+    args.tensor_model_parallel_size, args.sequence_parallel = 1, False
     args.context_parallel_size = 2
     with pytest.raises(ValueError) as info:
         check_device_support(args, on_gpu=False)
@@ -223,6 +218,15 @@ def test_gpu_only_options_are_rejected_on_cpu(data):
         "context_parallel_size (2) must be 1 on CPU; context parallel attention is Transformer "
         "Engine's (GPU only)"
     )
+
+
+def test_tensor_parallel_moe_needs_sequence_parallel(data):
+    overrides = {**data, "tensor_model_parallel_size": 2, "expert_model_parallel_size": 1}
+    assert _error(CPU_CONFIG, overrides) == (
+        "sequence_parallel (False) must be true when tensor_model_parallel_size > 1 with MoE "
+        "layers (Megatron-Core requires it); add --sequence-parallel"
+    )
+    load_arguments(CPU_CONFIG, {**overrides, "sequence_parallel": True}, 2)
 
 
 def test_layout_and_shape_rules(data):
