@@ -11,13 +11,20 @@ import torch
 from tests.convert.conftest import convert, train_checkpoint
 
 VOCAB = 256  # the synthetic corpus' tokenizer; the model pads it to 256 as well
-CASES = [  # (null type, weight norm, extra options)
-    ("zero", "true_experts", ()),
-    ("zero", "all_selected", ()),
-    ("zero", "none", ("--moe-layer-freq", "2")),  # layer 0 MoE, layer 1 dense
-    ("identity", "true_experts", ()),
-    ("identity", "all_selected", ()),
-    ("identity", "none", ()),
+EP2 = ("--expert-model-parallel-size", "2")
+TP2 = ("--tensor-model-parallel-size", "2", "--sequence-parallel",
+       "--expert-model-parallel-size", "1")
+CASES = [  # (layout, null type, weight norm, extra options)
+    (layout, null_type, weight_norm, extra)
+    for layout in ("EP2", "TP2")
+    for null_type, weight_norm, extra in [
+        ("zero", "true_experts", ()),
+        ("zero", "all_selected", ()),
+        ("zero", "none", ("--moe-layer-freq", "2")),  # layer 0 MoE, layer 1 dense
+        ("identity", "true_experts", ()),
+        ("identity", "all_selected", ()),
+        ("identity", "none", ()),
+    ]
 ]
 
 
@@ -28,13 +35,14 @@ def _load_hf(directory, trust_remote_code=True):
         directory, trust_remote_code=trust_remote_code, dtype=torch.float32).eval()
 
 
-@pytest.mark.parametrize("null_type,weight_norm,extra", CASES,
-                         ids=[f"{n}-{w}" for n, w, _ in CASES])
+@pytest.mark.parametrize("layout,null_type,weight_norm,extra", CASES,
+                         ids=[f"{lay}-{n}-{w}" for lay, n, w, _ in CASES])
 def test_export_matches_megatron_logits_and_greedy(synthetic_corpus, tmp_path, megatron,
-                                                   null_type, weight_norm, extra):
+                                                   layout, null_type, weight_norm, extra):
+    """A checkpoint trained a few steps at EP = 2 or TP = 2 -> export-hf -> transformers."""
     checkpoint = train_checkpoint(
-        synthetic_corpus, tmp_path / "ckpt", "--adamoe-null-expert-type", null_type,
-        "--adamoe-weight-norm", weight_norm, *extra)
+        synthetic_corpus, tmp_path / "ckpt", *(EP2 if layout == "EP2" else TP2),
+        "--adamoe-null-expert-type", null_type, "--adamoe-weight-norm", weight_norm, *extra)
     out = tmp_path / "hf"
     convert("export-hf", "--load", checkpoint, "--out", out, "--max-shard-size", "200KB")
 
@@ -57,6 +65,7 @@ def test_export_matches_megatron_logits_and_greedy(synthetic_corpus, tmp_path, m
     torch.testing.assert_close(actual, expected, atol=1e-4, rtol=0)
 
     prompt = tokens[:1, :8]
-    generated = hf_model.generate(prompt, max_new_tokens=16, do_sample=False, use_cache=True,
-                                  min_new_tokens=16, pad_token_id=0)
+    hf_model.generation_config.eos_token_id = None  # 16 steps even past an end-of-document
+    generated = hf_model.generate(prompt, max_new_tokens=16, do_sample=False, use_cache=True)
+    assert generated.shape == (1, 8 + 16)
     assert torch.equal(generated, megatron.greedy(reference, prompt, 16))
