@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install data demo baseline test bench clean
+.PHONY: install data demo baseline hf test bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ demo: $(DATA)
 baseline: $(DATA)
 	rm -rf runs/cpu_top2_tiny
 	PYTHON=$(PY) CONFIG=configs/cpu_top2_tiny.yaml launch/pretrain_adamoe.sh
+
+# The demo checkpoint as a Hugging Face model (AutoModelForCausalLM, trust_remote_code=True).
+hf: $(STAMP)
+	rm -rf runs/cpu_adamoe_tiny/hf
+	$(PY) tools/convert_checkpoint.py export-hf --load runs/cpu_adamoe_tiny/checkpoints \
+		--out runs/cpu_adamoe_tiny/hf
 
 # AdaMoE layer vs stock Megatron-Core top-k on CPU: load, time, all-to-all rows under EP = 2.
 bench: $(STAMP)

@@ -58,11 +58,12 @@ def single_process_args(args: PretrainArguments) -> PretrainArguments:
 
 
 def build_single_process_model(args: PretrainArguments, vocab_size: int, meta: bool = False):
-    """GPTModel of ``args`` at TP = EP = PP = 1; inside ``single_process_megatron``."""
+    """GPTModel of ``args`` at TP = EP = PP = 1 on CPU with the local spec (the names
+    ``hf.mapping`` knows); inside ``single_process_megatron``."""
     local = single_process_args(args)
     config = transformer_config(local, on_gpu=False)
     with torch.device("meta") if meta else contextlib.nullcontext():
-        model = build_model(local, config, vocab_size)
+        model = build_model(local, config, vocab_size, on_gpu=False)
     return model
 
 

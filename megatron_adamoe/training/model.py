@@ -8,6 +8,8 @@ and log the same metrics.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
@@ -98,9 +100,11 @@ def transformer_config(args: PretrainArguments, on_gpu: bool) -> AdaMoEConfig:
     )
 
 
-def build_model(args: PretrainArguments, config: AdaMoEConfig, vocab_size: int) -> GPTModel:
-    """The GPTModel chunk of this pipeline stage (no virtual pipeline stages)."""
-    on_gpu = torch.cuda.is_available()
+def build_model(args: PretrainArguments, config: AdaMoEConfig, vocab_size: int,
+                on_gpu: Optional[bool] = None) -> GPTModel:
+    """The GPTModel chunk of this pipeline stage (no virtual pipeline stages); on GPU (default:
+    when CUDA is available) with Transformer Engine's spec when it is installed."""
+    on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
     block_spec = get_adamoe_gpt_decoder_block_spec(
         config, use_transformer_engine=on_gpu and _has_transformer_engine(),
         normalization=args.normalization,

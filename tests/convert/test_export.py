@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from tests.convert.conftest import convert, train_checkpoint
+from tests.convert.conftest import convert, remote_code_run, train_checkpoint
 
 VOCAB = 256  # the synthetic corpus' tokenizer; the model pads it to 256 as well
 EP2 = ("--expert-model-parallel-size", "2")
@@ -26,13 +26,6 @@ CASES = [  # (layout, null type, weight norm, extra options)
         ("identity", "none", ()),
     ]
 ]
-
-
-def _load_hf(directory, trust_remote_code=True):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(
-        directory, trust_remote_code=trust_remote_code, dtype=torch.float32).eval()
 
 
 @pytest.mark.parametrize("layout,null_type,weight_norm,extra", CASES,
@@ -56,16 +49,14 @@ def test_export_matches_megatron_logits_and_greedy(synthetic_corpus, tmp_path, m
     assert not [name for name in os.listdir(tmp_path) if ".tmp-" in name]
 
     tokens = torch.randint(0, VOCAB, (2, 48), generator=torch.Generator().manual_seed(0))
+    prompt = tokens[:1, :8]
+    hf = remote_code_run(out, tokens, prompt, 16, tmp_path)
+    assert hf["model_class"].startswith("transformers_modules.")  # the copied modeling file
+    assert hf["tokenizer_class"].startswith("transformers_modules.")
+
     reference = megatron.load(checkpoint, VOCAB)
     expected = megatron.logits(reference, tokens)
-    hf_model = _load_hf(out)
-    with torch.no_grad():
-        actual = hf_model(tokens).logits
-    assert actual.shape == expected.shape == (2, 48, VOCAB)
-    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=0)
-
-    prompt = tokens[:1, :8]
-    hf_model.generation_config.eos_token_id = None  # 16 steps even past an end-of-document
-    generated = hf_model.generate(prompt, max_new_tokens=16, do_sample=False, use_cache=True)
-    assert generated.shape == (1, 8 + 16)
-    assert torch.equal(generated, megatron.greedy(reference, prompt, 16))
+    assert hf["logits"].shape == expected.shape == (2, 48, VOCAB)
+    torch.testing.assert_close(hf["logits"], expected, atol=1e-4, rtol=0)
+    assert hf["generated"].shape == (1, 8 + 16)
+    assert torch.equal(hf["generated"], megatron.greedy(reference, prompt, 16))

@@ -1,0 +1,59 @@
+"""HF Mixtral -> import-hf -> Megatron AdaMoE: the same model at m = 0, and it fine-tunes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.convert.conftest import convert, run_pretrain
+from tests.training.conftest import read_metrics
+
+N, K = 4, 2
+
+
+def tiny_mixtral(directory, seed: int = 0):
+    """A random MixtralForCausalLM saved with transformers' own save_pretrained (GQA, untied)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=N,
+        num_experts_per_tok=K, max_position_embeddings=128, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = MixtralForCausalLM(config).eval()
+    model.save_pretrained(directory)
+    return model
+
+
+def test_mixtral_import_with_no_nulls_matches_mixtral_logits(tmp_path, megatron):
+    mixtral = tiny_mixtral(tmp_path / "mixtral")
+    convert("import-hf", "--hf", tmp_path / "mixtral", "--out", tmp_path / "ckpt",
+            "--num-null-experts", "0")
+    tokens = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = mixtral(tokens).logits
+    actual = megatron.logits(megatron.load(tmp_path / "ckpt", 256), tokens)
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.distributed
+def test_mixtral_import_with_nulls_fine_tunes_from_the_expected_load(synthetic_corpus,
+                                                                     tmp_path):
+    """m = n tiled null rows; the pretraining entry point fine-tunes the checkpoint from its own
+    config.yaml at the layout import-hf was given (EP = 2)."""
+    tiny_mixtral(tmp_path / "mixtral")
+    convert("import-hf", "--hf", tmp_path / "mixtral", "--out", tmp_path / "ckpt",
+            "--num-null-experts", str(N), "--topk", str(K), "--ep", "2")
+    metrics = tmp_path / "metrics.jsonl"
+    result = run_pretrain(synthetic_corpus, "--train-iters", "4", "--micro-batch-size", "4",
+                 "--seq-length", "64", "--log-interval", "1", "--lr", "1e-4",
+                 "--save", str(tmp_path / "finetuned"), "--adamoe-metrics-file", str(metrics),
+                 config=str(tmp_path / "ckpt" / "iter_0000000" / "config.yaml"), small=False)
+    records = [r for r in read_metrics(metrics) if "adamoe/load" in r]
+    assert [r["iteration"] for r in records] == [1, 2, 3, 4]
+    assert f"loaded {tmp_path / 'ckpt' / 'iter_0000000'}" in result.stdout
+    # Exactly k*n/(n+m) at the first step: each token's top-2 is a tied (true, null) pair. A
+    # router that was not loaded would only come near it.
+    assert records[0]["adamoe/load"] == K * N / (N + N)
+    assert all(torch.isfinite(torch.tensor(r["lm loss"])) for r in records)
+    assert (tmp_path / "finetuned" / "iter_0000004").is_dir()

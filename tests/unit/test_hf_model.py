@@ -1,0 +1,82 @@
+"""The standalone HF model files: config validation (pinned), routing equal to ops.routing, the
+MoE block against a dense per-token loop, and the Megatron <-> HF tensor layouts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_adamoe.hf.configuration_adamoe import AdaMoEHFConfig
+from megatron_adamoe.hf.mapping import ModelShape, merge_qkv, split_qkv
+from megatron_adamoe.hf.modeling_adamoe import AdaMoESparseMoeBlock, route_tokens
+from megatron_adamoe.ops.routing import null_expert_topk_routing
+
+SMALL = dict(vocab_size=32, hidden_size=16, intermediate_size=24, moe_intermediate_size=8,
+             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             num_local_experts=4, num_null_experts=4, num_experts_per_tok=3)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("null_expert_type", "one", "null_expert_type ('one') must be one of ('zero', 'identity'); "
+     "fix config.json"),
+    ("router_weight_norm", "sum", "router_weight_norm ('sum') must be one of ('true_experts', "
+     "'all_selected', 'none'); fix config.json"),
+    ("num_experts_per_tok", 9, "num_experts_per_tok (9) must be <= num_local_experts + "
+     "num_null_experts (8); lower it"),
+    ("num_null_experts", -1, "num_null_experts (-1) must be an integer >= 0; fix config.json"),
+    ("moe_layers", [0, 2], "moe_layers ([0, 2]) must list layer indices in [0, 2); "
+     "fix config.json"),
+    ("num_key_value_heads", 3, "num_key_value_heads (3) must divide num_attention_heads (4); "
+     "fix config.json"),
+    ("router_dtype", "bfloat16", "router_dtype ('bfloat16') must be one of (None, 'float32', "
+     "'float64'); fix config.json"),
+])
+def test_config_rejects_bad_values_with_one_line(field, value, message):
+    with pytest.raises(ValueError) as info:
+        AdaMoEHFConfig(**{**SMALL, field: value})
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize("weight_norm", ["true_experts", "all_selected", "none"])
+@pytest.mark.parametrize("scaling", [None, 2.5])
+def test_route_tokens_equals_the_megatron_routing(weight_norm, scaling):
+    logits_TX = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    logits_TX[:5, 4:] += 10.0  # some tokens pick nulls only
+    indices_TK, weights_TK, identity_T = route_tokens(logits_TX, 3, 4, weight_norm, scaling)
+    expected = null_expert_topk_routing(logits_TX, 3, 4, weight_norm, scaling)
+    probs_TE = torch.zeros(64, 4)
+    true_TK = indices_TK < 4
+    probs_TE.scatter_add_(1, indices_TK.clamp(max=3), weights_TK * true_TK)
+    assert torch.equal(probs_TE, expected.probs_TE)
+    assert torch.equal(identity_T, expected.identity_weight_T)
+
+
+@pytest.mark.parametrize("null_type", ["zero", "identity"])
+def test_moe_block_equals_a_dense_per_token_loop(null_type):
+    config = AdaMoEHFConfig(**{**SMALL, "null_expert_type": null_type})
+    torch.manual_seed(0)
+    block = AdaMoESparseMoeBlock(config)
+    for param in block.parameters():
+        torch.nn.init.normal_(param, std=0.5)
+    x_BSH = torch.randn(2, 5, 16)
+    out, _ = block(x_BSH)
+    for t, x in enumerate(x_BSH.reshape(-1, 16)):  # the paper's per-token formula
+        p = torch.softmax(block.gate.weight @ x, dim=-1)
+        picks = torch.topk(p, 3).indices.tolist()
+        true = [i for i in picks if i < 4]
+        y = sum((p[i] / sum(p[j] for j in true) * block.experts[i](x) for i in true),
+                torch.zeros(16))
+        if null_type == "identity":
+            y = y + sum(p[i] for i in picks if i >= 4) / sum(p[i] for i in picks) * x
+        torch.testing.assert_close(out.reshape(-1, 16)[t], y, atol=1e-5, rtol=1e-5)
+
+
+def test_qkv_layout_interleaves_query_groups():
+    shape = ModelShape(num_layers=1, moe_layers=(0,), hidden_size=16, num_attention_heads=4,
+                       num_query_groups=2, head_dim=4, num_experts=4, tied_embeddings=False)
+    q, k, v = (torch.randn(rows, 16) for rows in (16, 8, 8))
+    qkv = merge_qkv(q, k, v, shape)
+    # Megatron's rows: [q heads 0,1; k0; v0; q heads 2,3; k1; v1], each head 4 rows
+    expected = torch.cat([q[0:8], k[0:4], v[0:4], q[8:16], k[4:8], v[4:8]])
+    assert torch.equal(qkv, expected)
+    assert all(torch.equal(a, b) for a, b in zip(split_qkv(qkv, shape), (q, k, v)))
