@@ -14,6 +14,8 @@ VOCAB = 256  # the synthetic corpus' tokenizer; the model pads it to 256 as well
 EP2 = ("--expert-model-parallel-size", "2")
 TP2 = ("--tensor-model-parallel-size", "2", "--sequence-parallel",
        "--expert-model-parallel-size", "1")
+PP2 = ("--pipeline-model-parallel-size", "2", "--expert-model-parallel-size", "1")
+LAYOUTS = {"EP2": EP2, "TP2": TP2, "PP2": PP2}
 CASES = [  # (layout, null type, weight norm, extra options)
     (layout, null_type, weight_norm, extra)
     for layout in ("EP2", "TP2")
@@ -25,16 +27,17 @@ CASES = [  # (layout, null type, weight norm, extra options)
         ("identity", "all_selected", ()),
         ("identity", "none", ()),
     ]
-]
+] + [("PP2", "identity", "true_experts", ())]  # each stage saves its own layer
 
 
 @pytest.mark.parametrize("layout,null_type,weight_norm,extra", CASES,
                          ids=[f"{lay}-{n}-{w}" for lay, n, w, _ in CASES])
 def test_export_matches_megatron_logits_and_greedy(synthetic_corpus, tmp_path, megatron,
                                                    layout, null_type, weight_norm, extra):
-    """A checkpoint trained a few steps at EP = 2 or TP = 2 -> export-hf -> transformers."""
+    """A checkpoint trained a few steps at EP = 2, TP = 2 or PP = 2 -> export-hf ->
+    transformers."""
     checkpoint = train_checkpoint(
-        synthetic_corpus, tmp_path / "ckpt", *(EP2 if layout == "EP2" else TP2),
+        synthetic_corpus, tmp_path / "ckpt", *LAYOUTS[layout],
         "--adamoe-null-expert-type", null_type, "--adamoe-weight-norm", weight_norm, *extra)
     out = tmp_path / "hf"
     convert("export-hf", "--load", checkpoint, "--out", out, "--max-shard-size", "200KB")
