@@ -19,7 +19,8 @@ logger = logging.getLogger("megatron_adamoe.convert")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="convert_checkpoint.py", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="convert_checkpoint.py",
+                                     description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     export = commands.add_parser("export-hf", help="Megatron dist checkpoint -> HF model dir")
     export.add_argument("--load", required=True,
@@ -52,7 +53,8 @@ def run(options: argparse.Namespace) -> str:
                          options.max_shard_size)
     for name in ("tp", "ep", "pp"):
         if getattr(options, name) < 1:
-            raise ValueError(f"{name} ({getattr(options, name)}) must be >= 1")
+            raise ValueError(f"{name} ({getattr(options, name)}) must be >= 1; pass a positive "
+                             f"--{name}")
     from megatron_adamoe.hf.import_hf import import_hf
 
     return import_hf(options.hf, options.out, options.num_null_experts, options.topk,

@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
+from typing import Optional
 
 import torch
 
 from megatron_adamoe.hf.configuration_adamoe import AdaMoEHFConfig
 from megatron_adamoe.hf.mapping import ModelShape, dist_to_local, local_to_hf
-from megatron_adamoe.hf.megatron_checkpoint import read_checkpoint
+from megatron_adamoe.hf.megatron_checkpoint import (
+    find_checkpoint,
+    read_arguments,
+    read_model_tensors,
+)
 from megatron_adamoe.hf.modeling_adamoe import AdaMoEForCausalLM
 from megatron_adamoe.hf.strict import load_strictly
 from megatron_adamoe.hf.tokenization_adamoe import AdaMoETokenizer
@@ -26,7 +32,6 @@ from megatron_adamoe.training.metrics import moe_layer_indices
 logger = logging.getLogger(__name__)
 
 ROUTER_DTYPES = {None: None, "fp32": "float32", "fp64": "float64"}
-LAYERNORM_EPSILON = 1e-5  # Megatron-Core's default; the pretraining options do not change it
 
 
 def check_exportable(args: PretrainArguments) -> None:
@@ -68,7 +73,7 @@ def hf_config(args: PretrainArguments, vocab_size: int, tokenizer=None) -> AdaMo
         num_key_value_heads=args.num_query_groups or args.num_attention_heads,
         head_dim=args.hidden_size // args.num_attention_heads,
         max_position_embeddings=args.max_position_embeddings or args.seq_length,
-        rms_norm_eps=LAYERNORM_EPSILON,
+        rms_norm_eps=args.norm_epsilon,
         rope_theta=float(args.rotary_base),
         num_local_experts=args.num_experts,
         num_null_experts=args.adamoe_num_null_experts,
@@ -83,31 +88,43 @@ def hf_config(args: PretrainArguments, vocab_size: int, tokenizer=None) -> AdaMo
     )
 
 
-def export_hf(load: str, out: str, tokenizer_model: str = None,
-              max_shard_size: str = "2GB") -> str:
-    """Write the HF model directory ``out`` from the checkpoint under ``load``; returns ``out``."""
+SHARD_SIZE = re.compile(r"\d+(?:[KMG]i?B)?")
+
+
+def export_hf(load: str, out: str, tokenizer_model: Optional[str] = None,
+              max_shard_size: str = "5GB") -> str:
+    """Write the HF model directory ``out`` from the checkpoint under ``load``; returns ``out``.
+    Cheap checks (paths, options, tokenizer) come before the weights are read."""
     if os.path.exists(out):
         raise ValueError(f"out ({out!r}) must not exist yet; remove it or pick another path")
-    checkpoint = read_checkpoint(load)
-    args = checkpoint.args
+    if not SHARD_SIZE.fullmatch(str(max_shard_size)):
+        raise ValueError(f"max_shard_size ({max_shard_size!r}) must be a byte count like 5GB, "
+                         "500MB or 1000000; fix --max-shard-size")
+    directory = find_checkpoint(load)
+    args = read_arguments(directory)
     check_exportable(args)
-    tokenizer_model = tokenizer_model or args.tokenizer_model
-    if tokenizer_model is None or not os.path.isfile(tokenizer_model):
-        raise ValueError(f"tokenizer_model ({tokenizer_model!r}) must be the run's sentencepiece "
-                         "model; pass --tokenizer-model PATH")
-    tokenizer = AdaMoETokenizer(vocab_file=tokenizer_model)
+    tokenizer = _load_tokenizer(tokenizer_model or args.tokenizer_model)
+    tensors = read_model_tensors(directory)
     shape = model_shape(args)
-    hf_tensors = local_to_hf(dist_to_local(checkpoint.tensors, shape), shape)
-    vocab_size = checkpoint.tensors["embedding.word_embeddings.weight"].shape[0]
+    hf_tensors = local_to_hf(dist_to_local(tensors, shape), shape)
+    vocab_size = tensors["embedding.word_embeddings.weight"].shape[0]
     if tokenizer.vocab_size > vocab_size:
-        raise ValueError(f"tokenizer_model ({tokenizer_model!r}) must have at most the model's "
-                         f"{vocab_size} tokens (it has {tokenizer.vocab_size}); pass the run's")
+        raise ValueError(f"tokenizer_model ({tokenizer.vocab_file!r}) must have at most the "
+                         f"model's {vocab_size} tokens (it has {tokenizer.vocab_size}); pass "
+                         "the run's tokenizer")
     config = hf_config(args, vocab_size, tokenizer)
-    config.dtype = checkpoint.tensors["embedding.word_embeddings.weight"].dtype
+    config.dtype = tensors["embedding.word_embeddings.weight"].dtype
     with torch.device("meta"):
         model = AdaMoEForCausalLM(config)
-    load_strictly(model, hf_tensors, what=f"checkpoint {checkpoint.directory}")
+    if config.tie_word_embeddings:  # Megatron's output layer is the embedding
+        hf_tensors["lm_head.weight"] = hf_tensors["model.embed_tokens.weight"]
+    load_strictly(model, hf_tensors, what=f"checkpoint {directory}")
+    if config.tie_word_embeddings:
+        model.tie_weights()  # one parameter again, saved once
     model.generation_config.do_sample = False
+    # Megatron pads the vocabulary past the tokenizer's pieces; never generate those ids.
+    padding_ids = list(range(tokenizer.vocab_size, vocab_size))
+    model.generation_config.suppress_tokens = padding_ids or None
 
     temporary = f"{out.rstrip(os.sep)}.tmp-{os.getpid()}"
     try:
@@ -119,5 +136,16 @@ def export_hf(load: str, out: str, tokenizer_model: str = None,
         os.replace(temporary, out)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
-    logger.info("exported %s -> %s", checkpoint.directory, out)
+    logger.info("exported %s -> %s", directory, out)
     return out
+
+
+def _load_tokenizer(path: Optional[str]) -> AdaMoETokenizer:
+    if path is None or not os.path.isfile(path):
+        raise ValueError(f"tokenizer_model ({path!r}) must be the run's sentencepiece model; "
+                         "pass --tokenizer-model PATH")
+    try:
+        return AdaMoETokenizer(vocab_file=path)
+    except (RuntimeError, OSError) as error:  # sentencepiece's error for a non-model file
+        raise ValueError(f"tokenizer_model ({path!r}) must be a sentencepiece model; pass the "
+                         f"run's ({type(error).__name__})") from None

@@ -5,10 +5,11 @@ A Mixtral router has n rows; AdaMoE's has n + m. The m null rows come from the o
 
 - ``tile`` (the AdaMoE authors' choice): null row j copies true row j mod n. Every null expert
   then ties with a true expert, so at the start the router spreads its k picks over true and
-  null experts alike and the load starts near k*n/(n+m) (exactly k/2 when m = n).
-- ``random``: null rows drawn from N(0, std of the gate), seeded. Null logits are then
-  unrelated to the true ones, so the initial load depends on the model; use it to start the
-  null experts from scratch.
+  null experts alike and the load starts near k*n/(n+m) (exactly k/2 when m = n and k is even;
+  for odd k the last pick's tie decides).
+- ``random``: null rows drawn from N(0, std of the gate), seeded per layer (``seed`` + layer).
+  Null logits are then unrelated to the true ones, so the initial load depends on the model;
+  use it to start the null experts from scratch.
 
 The output is a weights-only checkpoint (``OUT/iter_0000000`` and its tracker) whose
 ``config.yaml`` carries the model, ``--tp/--ep/--pp`` and ``finetune: true``: fine-tune it with
@@ -30,7 +31,11 @@ from safetensors import safe_open
 
 from megatron_adamoe.hf.mapping import ModelShape, hf_names, hf_to_local
 from megatron_adamoe.hf.strict import listing, load_strictly
-from megatron_adamoe.training.arguments import PretrainArguments, validate
+from megatron_adamoe.training.arguments import (
+    PretrainArguments,
+    padded_vocab_size,
+    validate,
+)
 from megatron_adamoe.training.metrics import moe_layer_indices
 
 logger = logging.getLogger(__name__)
@@ -42,27 +47,65 @@ SINGLE_FILE = "model.safetensors"
 ROUTER_DTYPES = {None: None, "float32": "fp32", "float64": "fp64"}
 
 
+REQUIRED_KEYS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
+                 "num_local_experts", "num_experts_per_tok", "vocab_size")
+
+
 def read_hf_config(hf_dir: str) -> dict:
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
         raise ValueError(f"hf ({hf_dir!r}) must be a Hugging Face model directory with "
                          "config.json; check the path")
-    with open(path) as handle:
-        config = json.load(handle)
+    try:
+        with open(path) as handle:
+            config = json.load(handle)
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} must be readable JSON; restore it ({error})") from None
     architectures = config.get("architectures") or []
     if len(architectures) != 1 or architectures[0] not in ARCHITECTURES:
         raise ValueError(f"architectures ({architectures!r}) must be one of {ARCHITECTURES}; "
                          f"{path} describes a model this converter does not know")
+    missing = [key for key in REQUIRED_KEYS if not isinstance(config.get(key), int)]
+    if missing:
+        raise ValueError(f"config.json keys ({', '.join(missing)}) must be present as integers; "
+                         f"{path} is incomplete")
+    _reject_unsupported(config, path)
     return config
+
+
+def _reject_unsupported(config: dict, path: str) -> None:
+    """HF options that change the model's output and Megatron's GPT here does not reproduce."""
+    rope = config.get("rope_parameters") or {}
+    unsupported = {
+        "rope_scaling": (config.get("rope_scaling"), None),
+        "rope_type": (rope.get("rope_type", "default"), "default"),
+        "sliding_window": (config.get("sliding_window"), None),
+        "attention_bias": (config.get("attention_bias", False), False),
+        "hidden_act": (config.get("hidden_act", "silu"), "silu"),
+        "router_topk_scaling_factor": (config.get("router_topk_scaling_factor"), None),
+    }
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    unsupported["head_dim"] = (config.get("head_dim") or hidden // heads, hidden // heads)
+    for name, (value, supported) in unsupported.items():
+        if value != supported:
+            raise ValueError(f"{name} ({value!r}) must be {supported!r} to import; {path} "
+                             "describes a model Megatron's AdaMoE GPT does not reproduce")
+    if config["architectures"][0] == "AdaMoEForCausalLM":
+        from megatron_adamoe.hf.configuration_adamoe import AdaMoEHFConfig
+
+        AdaMoEHFConfig(**config)  # its own one-line checks (null type, weight norm, ...)
 
 
 def read_hf_tensors(hf_dir: str) -> dict:
     """Every tensor of the safetensors checkpoint (sharded with an index, or one file)."""
     index_path = os.path.join(hf_dir, INDEX_FILE)
     if os.path.isfile(index_path):
-        with open(index_path) as handle:
-            weight_map = json.load(handle)["weight_map"]
-        files = sorted(set(weight_map.values()))
+        try:
+            with open(index_path) as handle:
+                files = sorted(set(json.load(handle)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise ValueError(f"{index_path} must be a safetensors index with a weight_map; "
+                             "restore it") from None
     elif os.path.isfile(os.path.join(hf_dir, SINGLE_FILE)):
         files = [SINGLE_FILE]
     else:
@@ -79,39 +122,29 @@ def read_hf_tensors(hf_dir: str) -> dict:
                 for key in handle.keys():
                     tensors[key] = handle.get_tensor(key)
         except Exception as error:  # noqa: BLE001 - a corrupt shard is one user error
-            raise ValueError(f"hf shard ({name!r}) must be a readable safetensors file: "
-                             f"{type(error).__name__}: {error}") from None
+            raise ValueError(f"hf shard ({name!r}) must be a readable safetensors file; copy it "
+                             f"again ({type(error).__name__}: {error})") from None
     return tensors
 
 
 def pretrain_arguments(config: dict, num_null_experts: int, topk: int, tp: int, ep: int,
                        pp: int) -> PretrainArguments:
     """The pretraining options of the converted model, validated for the requested layout."""
-    hidden, heads = config["hidden_size"], config["num_attention_heads"]
-    if config.get("head_dim") not in (None, hidden // heads):
-        raise ValueError(f"head_dim ({config['head_dim']}) must be hidden_size / "
-                         f"num_attention_heads ({hidden // heads}) for Megatron's GPT")
-    if config.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act ({config['hidden_act']!r}) must be 'silu' (SwiGLU experts)")
+    heads = config["num_attention_heads"]
     rope = config.get("rope_parameters") or {}
-    vocab = config["vocab_size"]
-    divisor = math.gcd(vocab, 128)
-    if vocab % (divisor * tp):
-        raise ValueError(f"tp ({tp}) must divide the vocabulary ({vocab} tokens) into equal "
-                         "shards; pick another tensor-parallel size")
     is_adamoe = config["architectures"][0] == "AdaMoEForCausalLM"
     max_positions = config.get("max_position_embeddings", 4096)
     args = PretrainArguments(
         num_layers=config["num_hidden_layers"],
-        hidden_size=hidden,
+        hidden_size=config["hidden_size"],
         ffn_hidden_size=config["intermediate_size"],
         num_attention_heads=heads,
         num_query_groups=config.get("num_key_value_heads") or heads,
         seq_length=min(max_positions, 4096),
         max_position_embeddings=max_positions,
         rotary_base=int(config.get("rope_theta") or rope.get("rope_theta") or 10000),
+        norm_epsilon=float(config.get("rms_norm_eps", 1e-5)),
         untie_embeddings_and_output_weights=not config.get("tie_word_embeddings", False),
-        make_vocab_size_divisible_by=divisor,
         num_experts=config["num_local_experts"],
         moe_ffn_hidden_size=config.get("moe_intermediate_size", config["intermediate_size"]),
         moe_router_topk=topk,
@@ -167,12 +200,15 @@ def import_hf(hf_dir: str, out: str, num_null_experts=None, topk=None, tp: int =
         raise ValueError(f"num_null_experts ({num_null_experts}) must equal the AdaMoE model's "
                          f"m ({saved_nulls}); drop --num-null-experts")
     if num_null_experts < 0:
-        raise ValueError(f"num_null_experts ({num_null_experts}) must be >= 0")
+        raise ValueError(f"num_null_experts ({num_null_experts}) must be >= 0; pass a "
+                         "non-negative --num-null-experts")
     topk = config["num_experts_per_tok"] if topk is None else topk
     args = pretrain_arguments(config, num_null_experts, topk, tp, ep, pp)
     tensors = read_hf_tensors(hf_dir)
     if not is_adamoe and num_null_experts:
         tensors = _add_null_router_rows(tensors, num_null_experts, null_router_init, seed)
+    vocab_size = padded_vocab_size(config["vocab_size"], args)
+    tensors = _pad_vocabulary(tensors, vocab_size)
     shape = ModelShape(
         num_layers=args.num_layers, moe_layers=tuple(moe_layer_indices(args)),
         hidden_size=args.hidden_size,
@@ -190,7 +226,7 @@ def import_hf(hf_dir: str, out: str, num_null_experts=None, topk=None, tp: int =
         if os.path.isfile(tokenizer):
             shutil.copyfile(tokenizer, os.path.join(temporary, "tokenizer.model"))
             args.tokenizer_model = os.path.join(args.load, "tokenizer.model")
-        _save_megatron(args, local, temporary, config["vocab_size"])
+        _save_megatron(args, local, temporary, vocab_size)
         os.replace(temporary, out)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
@@ -201,9 +237,23 @@ def import_hf(hf_dir: str, out: str, num_null_experts=None, topk=None, tp: int =
 
 def _add_null_router_rows(tensors: dict, num_null: int, how: str, seed: int) -> dict:
     out = dict(tensors)
-    for name, gate in tensors.items():
-        if name.endswith("block_sparse_moe.gate.weight"):
-            out[name] = torch.cat([gate, null_router_rows(gate, num_null, how, seed)])
+    gates = sorted((name for name in tensors if name.endswith("block_sparse_moe.gate.weight")),
+                   key=lambda name: int(name.split(".")[2]))
+    for layer_seed, name in enumerate(gates, start=seed):  # random rows differ per layer
+        gate = tensors[name]
+        out[name] = torch.cat([gate, null_router_rows(gate, num_null, how, layer_seed)])
+    return out
+
+
+def _pad_vocabulary(tensors: dict, vocab_size: int) -> dict:
+    """Zero rows up to Megatron's padded vocabulary (a multiple of 128 x TP), as Megatron pads
+    it; ids past the tokenizer's never occur in data."""
+    out = dict(tensors)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if name in tensors and tensors[name].shape[0] < vocab_size:
+            weight = tensors[name]
+            padding = weight.new_zeros(vocab_size - weight.shape[0], weight.shape[1])
+            out[name] = torch.cat([weight, padding])
     return out
 
 

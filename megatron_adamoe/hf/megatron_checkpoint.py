@@ -17,7 +17,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import load as dcp_load
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from megatron_adamoe.training.arguments import PretrainArguments, settable_fields
+from megatron_adamoe.training.arguments import PretrainArguments, settable_fields, validate
 from megatron_adamoe.training.checkpoint_paths import TRACKER, latest_checkpoint
 
 CONFIG_FILE = "config.yaml"
@@ -42,29 +42,38 @@ def find_checkpoint(path: str) -> str:
 
 
 def read_arguments(directory: str) -> PretrainArguments:
+    """The run's options from ``config.yaml``, checked by the pretraining rules (except the
+    world size and data paths, which belong to the run that wrote it)."""
     path = os.path.join(directory, CONFIG_FILE)
     if not os.path.isfile(path):
         raise ValueError(f"load ({directory!r}) must contain {CONFIG_FILE} (written by "
                          "megatron_adamoe.training.pretrain); this checkpoint has none")
-    with open(path) as handle:
-        raw = yaml.safe_load(handle) or {}
+    try:
+        with open(path) as handle:
+            raw = yaml.safe_load(handle) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path} must be valid YAML; restore it from the run ({error})".replace(
+            "\n", " ")) from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} must be a YAML mapping of options; restore it from the run")
     fields = settable_fields()
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         raise ValueError(f"{CONFIG_FILE} keys ({', '.join(unknown)}) must be pretraining options; "
                          f"{path} was not written by this version of megatron_adamoe")
-    return PretrainArguments(**raw)
+    args = PretrainArguments(**raw)
+    validate(args, check_io=False, check_topology=False)
+    return args
 
 
-def read_checkpoint(path: str) -> MegatronCheckpoint:
-    directory = find_checkpoint(path)
-    args = read_arguments(directory)
+def read_model_tensors(directory: str) -> dict:
+    """Every model tensor of the dist checkpoint in ``directory`` (global, unsharded)."""
     reader = FileSystemReader(directory)
     try:
         metadata = reader.read_metadata()
     except Exception as error:  # noqa: BLE001 - any unreadable metadata is one user error
         raise ValueError(f"load ({directory!r}) must have readable dist_checkpointing metadata "
-                         f"(.metadata): {type(error).__name__}: {error}") from None
+                         f"(.metadata); {type(error).__name__}: {error}") from None
     _check_files(directory, metadata)
     tensors = {}
     for key, item in metadata.state_dict_metadata.items():
@@ -73,8 +82,17 @@ def read_checkpoint(path: str) -> MegatronCheckpoint:
     if "embedding.word_embeddings.weight" not in tensors:
         raise ValueError(f"load ({directory!r}) must hold a GPT model's weights "
                          "(embedding.word_embeddings.weight is missing)")
-    dcp_load(tensors, storage_reader=reader, no_dist=True)
-    return MegatronCheckpoint(directory, args, tensors)
+    try:
+        dcp_load(tensors, storage_reader=reader, no_dist=True)
+    except Exception as error:  # noqa: BLE001 - a corrupt shard is one user error
+        raise ValueError(f"load ({directory!r}) must hold readable shards; copy the checkpoint "
+                         f"again ({type(error).__name__})") from None
+    return tensors
+
+
+def read_checkpoint(path: str) -> MegatronCheckpoint:
+    directory = find_checkpoint(path)
+    return MegatronCheckpoint(directory, read_arguments(directory), read_model_tensors(directory))
 
 
 def _is_model_tensor(key: str) -> bool:

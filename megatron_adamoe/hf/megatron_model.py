@@ -25,24 +25,24 @@ from megatron_adamoe.training.model import build_model, transformer_config
 @contextlib.contextmanager
 def single_process_megatron(seed: int = 1234):
     started_group = not dist.is_initialized()
-    store_dir = tempfile.mkdtemp(prefix="adamoe-convert-")
-    if started_group:
-        enable_cpu_mode()
-        store = dist.FileStore(os.path.join(store_dir, "store"), 1)
-        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    if dist.get_world_size() != 1:
+    if not started_group and dist.get_world_size() != 1:
         raise RuntimeError("single_process_megatron needs a world of one process")
-    started_parallel = not parallel_state.model_parallel_is_initialized()
-    if started_parallel:
-        parallel_state.initialize_model_parallel(1, 1)
-    model_parallel_cuda_manual_seed(seed)
-    try:
-        yield
-    finally:
-        if started_parallel:
-            parallel_state.destroy_model_parallel()
+    with tempfile.TemporaryDirectory(prefix="adamoe-convert-") as store_dir:
         if started_group:
-            dist.destroy_process_group()
+            enable_cpu_mode()
+            store = dist.FileStore(os.path.join(store_dir, "store"), 1)
+            dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+        started_parallel = not parallel_state.model_parallel_is_initialized()
+        try:
+            if started_parallel:
+                parallel_state.initialize_model_parallel(1, 1)
+            model_parallel_cuda_manual_seed(seed)
+            yield
+        finally:
+            if started_parallel:
+                parallel_state.destroy_model_parallel()
+            if started_group:
+                dist.destroy_process_group()
 
 
 def single_process_args(args: PretrainArguments) -> PretrainArguments:

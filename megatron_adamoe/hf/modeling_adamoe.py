@@ -234,19 +234,24 @@ class AdaMoEModel(AdaMoEPreTrainedModel):
         self.embed_tokens = value
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None,
-                past_key_values=None, inputs_embeds=None, use_cache=None, cache_position=None,
-                **kwargs):
-        """Returns (hidden_states [B, S, H], cache, router logits per MoE layer)."""
+                past_key_values=None, inputs_embeds=None, use_cache=None, **kwargs):
+        """Returns (hidden_states [B, S, H], cache, router logits per MoE layer).
+
+        Positions of new tokens follow the cache length (transformers' ``cache_position``, if
+        passed in ``kwargs``, says the same and is not needed). ``attention_mask``: [B, keys],
+        1 = attend; padded (left-padded) batches give ``position_ids`` as generate() does."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("input_ids/inputs_embeds must be given, exactly one of them")
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(f"attention_mask (shape {tuple(attention_mask.shape)}) must be 2-D "
+                             "[batch, keys]; pass the tokenizer's mask")
         x_BSH = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache()
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         batch, seq = x_BSH.shape[:2]
-        if cache_position is None:
-            cache_position = torch.arange(past, past + seq, device=x_BSH.device)
+        cache_position = torch.arange(past, past + seq, device=x_BSH.device)
         if position_ids is None:
             position_ids = cache_position.unsqueeze(0).expand(batch, -1)
         mask_B1SS = _causal_mask(attention_mask, cache_position, past + seq, batch, x_BSH.dtype)
@@ -300,11 +305,10 @@ class AdaMoEForCausalLM(AdaMoEPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None,
                 past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
-                cache_position=None, logits_to_keep=0, **kwargs):
+                logits_to_keep=0, **kwargs):
         hidden_BSH, cache, _ = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-            cache_position=cache_position)
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
         if logits_to_keep:
             hidden_BSH = hidden_BSH[:, -logits_to_keep:]
         logits = self.lm_head(hidden_BSH)

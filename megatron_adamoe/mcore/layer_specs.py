@@ -32,14 +32,22 @@ def to_adamoe_moe_spec(moe_spec: ModuleSpec) -> ModuleSpec:
 
 def to_adamoe_layer_spec(layer_spec: ModuleSpec) -> ModuleSpec:
     """A TransformerLayer spec whose MLP is a MoELayer -> the AdaMoE version; PyTorch norms
-    (the local spec without Apex) -> ``SequenceParallelTorchNorm``; all else unchanged."""
+    (the local spec without Apex) -> ``SequenceParallelTorchNorm``; all else unchanged.
+
+    The local spec saves ``pre_mlp_layernorm`` under TE's fused name
+    ``mlp.linear_fc1.layer_norm_weight``, which TE's own MoE layers do not use (their pre-MLP
+    norm is a separate ``pre_mlp_layernorm``): for MoE layers that entry of the key map is
+    dropped, so CPU (local spec) and GPU (TE spec) checkpoints hold the same keys."""
     submodules = layer_spec.submodules
     for name in ("input_layernorm", "pre_mlp_layernorm"):
         if getattr(submodules, name, None) is WrappedTorchNorm:
             submodules = dataclasses.replace(submodules, **{name: SequenceParallelTorchNorm})
     mlp = getattr(submodules, "mlp", None)
     if isinstance(mlp, ModuleSpec) and mlp.module is MoELayer:
-        submodules = dataclasses.replace(submodules, mlp=to_adamoe_moe_spec(mlp))
+        keys_map = {old: new for old, new in submodules.sharded_state_dict_keys_map.items()
+                    if old != "pre_mlp_layernorm."}
+        submodules = dataclasses.replace(submodules, mlp=to_adamoe_moe_spec(mlp),
+                                         sharded_state_dict_keys_map=keys_map)
     return dataclasses.replace(layer_spec, submodules=submodules)
 
 

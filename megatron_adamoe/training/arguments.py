@@ -34,6 +34,7 @@ class PretrainArguments:
     position_embedding_type: str = "rope"
     rotary_base: int = 10000
     normalization: str = "RMSNorm"
+    norm_epsilon: float = 1e-5
     swiglu: bool = True
     untie_embeddings_and_output_weights: bool = True
     hidden_dropout: float = 0.0
@@ -238,9 +239,10 @@ def load_arguments(
     return args
 
 
-def validate(args: PretrainArguments, check_io: bool = True) -> None:
-    """Every rule; ``check_io=False`` skips data, tokenizer and checkpoint paths (converters
-    write options that a later run completes with its data)."""
+def validate(args: PretrainArguments, check_io: bool = True,
+             check_topology: bool = True) -> None:
+    """Every rule. Converters skip ``check_io`` (data, tokenizer and checkpoint paths: a later
+    run supplies them) and, reading a saved config, ``check_topology`` (the world size)."""
 
     def fail(name: str, rule: str, fix: str) -> None:
         raise ValueError(f"{name} ({getattr(args, name)!r}) must {rule}; {fix}")
@@ -259,8 +261,11 @@ def validate(args: PretrainArguments, check_io: bool = True) -> None:
     for name in NON_NEGATIVE:
         if getattr(args, name) < 0:
             fail(name, "be >= 0", "set a non-negative value")
+    if args.norm_epsilon <= 0:
+        fail("norm_epsilon", "be > 0", "set a small positive value such as 1e-5")
     _validate_moe(args, fail)
-    _validate_topology(args, fail)
+    if check_topology:
+        _validate_topology(args, fail)
     if check_io:
         _validate_io(args, fail)
 
@@ -402,6 +407,12 @@ def _validate_io(args: PretrainArguments, fail) -> None:
              "set eval_interval")
     if args.save_interval is not None and args.save is None:
         fail("save_interval", "come with a save directory", "set save or drop save_interval")
+
+
+def padded_vocab_size(vocab_size: int, args: PretrainArguments) -> int:
+    """Megatron's rule: round the vocabulary up to a multiple of divisor x TP size."""
+    multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
+    return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
 def resolved_yaml(args: PretrainArguments) -> str:

@@ -28,13 +28,8 @@ from megatron.core.utils import get_batch_on_this_cp_rank
 
 from megatron_adamoe.mcore import adamoe_metric_names, enable_cpu_mode, set_adamoe_training_step
 from megatron_adamoe.training import checkpointing, corpus, data, metrics
-from megatron_adamoe.training.arguments import PretrainArguments
-from megatron_adamoe.training.model import (
-    build_model,
-    check_device_support,
-    padded_vocab_size,
-    transformer_config,
-)
+from megatron_adamoe.training.arguments import PretrainArguments, padded_vocab_size
+from megatron_adamoe.training.model import build_model, check_device_support, transformer_config
 
 logger = logging.getLogger("megatron_adamoe.pretrain")
 

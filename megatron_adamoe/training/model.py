@@ -16,13 +16,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
 from megatron_adamoe.mcore import AdaMoEConfig, get_adamoe_gpt_decoder_block_spec
-from megatron_adamoe.training.arguments import PretrainArguments
-
-
-def padded_vocab_size(vocab_size: int, args: PretrainArguments) -> int:
-    """Megatron's rule: round the vocabulary up to a multiple of divisor x TP size."""
-    multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
-    return ((vocab_size + multiple - 1) // multiple) * multiple
+from megatron_adamoe.training.arguments import PretrainArguments, padded_vocab_size
 
 
 def check_device_support(args: PretrainArguments, on_gpu: bool) -> None:
@@ -61,6 +55,7 @@ def transformer_config(args: PretrainArguments, on_gpu: bool) -> AdaMoEConfig:
         attention_dropout=args.attention_dropout,
         init_method_std=args.init_method_std,
         normalization=args.normalization,
+        layernorm_epsilon=args.norm_epsilon,
         gated_linear_unit=args.swiglu,
         activation_func=F.silu if args.swiglu else F.gelu,
         add_bias_linear=False,

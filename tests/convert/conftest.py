@@ -55,9 +55,10 @@ def remote_code_run(hf_dir, tokens, prompt, steps, tmp_path) -> dict:
 
 
 def train_checkpoint(corpus, directory, *overrides, nproc=2):
-    """A few EP = 2 training steps of the small model (GQA), saved under ``directory``."""
-    run_pretrain(corpus, "--train-iters", "3", "--num-query-groups", "2", "--save",
-                 str(directory), *overrides, nproc=nproc)
+    """A few training steps of the small model (EP = 2 unless overridden), saved under
+    ``directory``."""
+    run_pretrain(corpus, "--train-iters", "3", "--save", str(directory), *overrides,
+                 nproc=nproc)
     return directory
 
 
@@ -78,11 +79,13 @@ def megatron(single_rank):
         logits = staticmethod(megatron_model.causal_logits)
 
         @staticmethod
-        def greedy(model, prompt, steps):
+        def greedy(model, prompt, steps, suppress=()):
+            """Argmax decoding by full recomputation; ``suppress``: ids never chosen."""
             tokens = prompt
             for _ in range(steps):
-                next_token = megatron_model.causal_logits(model, tokens)[:, -1].argmax(-1)
-                tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+                logits = megatron_model.causal_logits(model, tokens)[:, -1]
+                logits[:, list(suppress)] = float("-inf")
+                tokens = torch.cat([tokens, logits.argmax(-1)[:, None]], dim=1)
             return tokens
 
     return Megatron

@@ -10,8 +10,8 @@ import torch
 
 from tests.convert.conftest import convert, remote_code_run, train_checkpoint
 
-VOCAB = 256  # the synthetic corpus' tokenizer; the model pads it to 256 as well
-EP2 = ("--expert-model-parallel-size", "2")
+VOCAB = 256  # the synthetic corpus' tokenizer (233 pieces), padded by Megatron
+EP2 = ("--expert-model-parallel-size", "2", "--num-query-groups", "2")  # and GQA
 TP2 = ("--tensor-model-parallel-size", "2", "--sequence-parallel",
        "--expert-model-parallel-size", "1")
 PP2 = ("--pipeline-model-parallel-size", "2", "--expert-model-parallel-size", "1")
@@ -27,11 +27,15 @@ CASES = [  # (layout, null type, weight norm, extra options)
         ("identity", "all_selected", ()),
         ("identity", "none", ()),
     ]
-] + [("PP2", "identity", "true_experts", ())]  # each stage saves its own layer
+] + [
+    ("PP2", "identity", "true_experts", ()),  # each stage saves its own layer
+    ("EP2", "zero", "true_experts", ("--no-untie-embeddings-and-output-weights",)),  # tied
+]
 
 
 @pytest.mark.parametrize("layout,null_type,weight_norm,extra", CASES,
-                         ids=[f"{lay}-{n}-{w}" for lay, n, w, _ in CASES])
+                         ids=[f"{lay}-{n}-{w}{'-tied' if e and 'untie' in e[0] else ''}"
+                              for lay, n, w, e in CASES])
 def test_export_matches_megatron_logits_and_greedy(synthetic_corpus, tmp_path, megatron,
                                                    layout, null_type, weight_norm, extra):
     """A checkpoint trained a few steps at EP = 2, TP = 2 or PP = 2 -> export-hf ->
@@ -50,6 +54,9 @@ def test_export_matches_megatron_logits_and_greedy(synthetic_corpus, tmp_path, m
         shards = set(json.load(handle)["weight_map"].values())
     assert len(shards) > 1 and all((out / name).is_file() for name in shards)
     assert not [name for name in os.listdir(tmp_path) if ".tmp-" in name]
+    with open(out / "generation_config.json") as handle:
+        suppressed = json.load(handle).get("suppress_tokens") or []
+    assert suppressed == list(range(233, VOCAB))  # the tokenizer's 233 pieces, padded to 256
 
     tokens = torch.randint(0, VOCAB, (2, 48), generator=torch.Generator().manual_seed(0))
     prompt = tokens[:1, :8]
@@ -62,4 +69,4 @@ def test_export_matches_megatron_logits_and_greedy(synthetic_corpus, tmp_path, m
     assert hf["logits"].shape == expected.shape == (2, 48, VOCAB)
     torch.testing.assert_close(hf["logits"], expected, atol=1e-4, rtol=0)
     assert hf["generated"].shape == (1, 8 + 16)
-    assert torch.equal(hf["generated"], megatron.greedy(reference, prompt, 16))
+    assert torch.equal(hf["generated"], megatron.greedy(reference, prompt, 16, suppressed))

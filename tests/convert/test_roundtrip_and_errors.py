@@ -129,6 +129,22 @@ def test_corrupt_or_mismatched_inputs_fail_with_one_line(exported, tmp_path):
         f"'AdaMoEForCausalLM'); {unknown / 'config.json'} describes a model this converter does "
         "not know")
 
+    sliding = _copy(hf_dir, tmp_path / "hf_sliding")
+    _edit_config(sliding, sliding_window=4096)
+    assert _one_line_error("import-hf", "--hf", sliding, "--out", tmp_path / "s") == (
+        f"sliding_window (4096) must be None to import; {sliding / 'config.json'} describes a "
+        "model Megatron's AdaMoE GPT does not reproduce")
+
+    not_a_model = tmp_path / "hf_llama" / "config.json"  # any file that is not sentencepiece
+    assert _one_line_error("export-hf", "--load", checkpoint, "--out", tmp_path / "r",
+                           "--tokenizer-model", not_a_model) == (
+        f"tokenizer_model ({str(not_a_model)!r}) must be a sentencepiece model; pass the run's "
+        "(RuntimeError)")
+    assert _one_line_error("export-hf", "--load", checkpoint, "--out", tmp_path / "q",
+                           "--max-shard-size", "lots") == (
+        "max_shard_size ('lots') must be a byte count like 5GB, 500MB or 1000000; fix "
+        "--max-shard-size")
+
     assert _one_line_error("import-hf", "--hf", hf_dir, "--out", tmp_path / "u",
                            "--num-null-experts", "2") == (
         "num_null_experts (2) must equal the AdaMoE model's m (4); drop --num-null-experts")

@@ -57,8 +57,8 @@ def run_pretrain(corpus, *overrides, nproc=2, max_restarts=0, env=None, check=Tr
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
         "--master-port", str(free_port()), "--max-restarts", str(max_restarts),
         "-m", "megatron_adamoe.training.pretrain", "--config", config,
-        *(SMALL if small else []), "--data-path", data_path, "--tokenizer-model", tokenizer,
-        *overrides,
+        *(SMALL if small else []), "--data-path", data_path,
+        *(["--tokenizer-model", tokenizer] if tokenizer else []), *overrides,
     ]
     run_id = uuid.uuid4().hex
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", RUN_ID_ENV: run_id, **(env or {})}

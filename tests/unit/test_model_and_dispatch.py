@@ -184,3 +184,22 @@ def null_expert_routing_example():
     routing_map = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 1], [0, 0, 0, 0]], dtype=torch.bool)
     probs = torch.tensor([[0.7, 0.0, 0.3, 0.0], [0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
     return dict(routing_map=routing_map, probs=probs)
+
+
+def test_moe_layers_save_the_pre_mlp_norm_under_transformer_engines_key(megatron_env):
+    """Upstream's local spec saves ``pre_mlp_layernorm`` as TE's fused
+    ``mlp.linear_fc1.layer_norm_weight`` even in MoE layers, where TE's spec keeps a separate
+    ``pre_mlp_layernorm``; AdaMoE's specs save MoE layers under TE's key, dense ones unchanged,
+    so checkpoints move between CPU (local) and GPU (TE) runs."""
+    from megatron.core.models.gpt import GPTModel
+
+    from megatron_adamoe import get_adamoe_gpt_decoder_block_spec
+    from tests.builders import adamoe_config
+
+    config = adamoe_config(num_layers=2, moe_layer_freq=[1, 0], ffn_hidden_size=16)
+    model = GPTModel(config=config, vocab_size=32, max_sequence_length=8,
+                     transformer_layer_spec=get_adamoe_gpt_decoder_block_spec(config))
+    keys = {item.key for item in model.sharded_state_dict().values()}  # checkpoint keys
+    assert "decoder.layers.0.pre_mlp_layernorm.weight" in keys  # MoE layer: TE's name
+    assert "decoder.layers.1.mlp.linear_fc1.layer_norm_weight" in keys  # dense: fused name
+    assert "decoder.layers.0.mlp.linear_fc1.layer_norm_weight" not in keys
