@@ -7,12 +7,16 @@ the rows the dispatch all-to-all ships under EP = 2 (two gloo ranks), then AdaMo
 the time ratio stands next to the load ratio it should track.
 
     python tools/bench_moe_layer.py                     # CPU, small shapes
-    python tools/bench_moe_layer.py --device cuda --hidden 4096 --ffn 14336 --seq 4096
+    python tools/bench_moe_layer.py --device cuda --preset mixtral --te [--fp8-recipe delayed]
+
+On GPU it also times the expert GEMMs alone (TFLOP/s) against a dense GEMM of the same total
+size in the same run (tools/_bench_gpu.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import tempfile
@@ -42,12 +46,29 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--skip-ep", action="store_true", help="skip the EP = 2 all-to-all count")
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--preset", choices=["mixtral"], default=None,
+                        help="Mixtral-8x7B layer: hidden 4096, FFN 14336, 8 experts, "
+                        "seq 4096, bf16")
+    parser.add_argument("--te", action="store_true",
+                        help="Transformer Engine spec with grouped-GEMM experts (GPU)")
+    parser.add_argument("--fp8-recipe", default=None,
+                        choices=["delayed", "tensorwise", "blockwise", "mxfp8"],
+                        help="FP8 (hybrid format) for the expert GEMMs; needs --te")
     args = parser.parse_args(argv)
+    if args.preset == "mixtral":
+        args.hidden, args.ffn, args.num_experts, args.seq, args.dtype = 4096, 14336, 8, 4096, "bf16"
     for field in ("hidden", "ffn", "num_experts", "seq", "micro_batch", "iters", "baseline_topk"):
         if getattr(args, field) < 1:
             parser.error(f"--{field.replace('_', '-')} ({getattr(args, field)}) must be >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda (requested) must have CUDA available; use --device cpu")
+    if args.te and args.device != "cuda":
+        parser.error("--te (requested) must come with --device cuda; Transformer Engine is "
+                     "GPU only")
+    if args.fp8_recipe and not args.te:
+        parser.error(f"--fp8-recipe ({args.fp8_recipe}) must come with --te; FP8 GEMMs are TE's")
+    if args.fp8_recipe and args.dtype != "bf16":
+        parser.error(f"--fp8-recipe ({args.fp8_recipe}) must come with --dtype bf16")
     if args.num_experts % 2 and not args.skip_ep:
         parser.error(f"--num-experts ({args.num_experts}) must be even for EP = 2; or --skip-ep")
     return args
@@ -69,7 +90,10 @@ def init_process_group(rank, world_size, store_path, device):
 
 def build_layers(args, ep=1):
     """(stock MoELayer with top-k baseline, AdaMoELayer with m nulls), same expert weights."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
     from megatron.core.transformer.spec_utils import build_module
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -90,17 +114,23 @@ def build_layers(args, ep=1):
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         moe_router_dtype="fp32",
+        moe_grouped_gemm=args.te,
+        **(dict(fp8="hybrid", fp8_recipe=args.fp8_recipe) if args.fp8_recipe else {}),
     )
     stock_config = TransformerConfig(moe_router_topk=args.baseline_topk, **common)
-    stock = build_module(get_gpt_layer_local_spec(num_experts=args.num_experts).submodules.mlp,
-                         config=stock_config)
+    stock_spec = (get_gpt_layer_with_transformer_engine_spec(num_experts=args.num_experts,
+                                                             moe_grouped_gemm=True)
+                  if args.te else get_gpt_layer_local_spec(num_experts=args.num_experts))
+    stock = build_module(stock_spec.submodules.mlp, config=stock_config)
     adamoe_config = AdaMoEConfig(
         moe_router_topk=args.moe_router_topk,
         adamoe_num_null_experts=args.adamoe_num_null_experts,
         **common,
     )
-    adamoe = build_module(get_adamoe_gpt_layer_spec(num_experts=args.num_experts).submodules.mlp,
-                          config=adamoe_config)
+    adamoe_spec = get_adamoe_gpt_layer_spec(num_experts=args.num_experts,
+                                            use_transformer_engine=args.te,
+                                            moe_grouped_gemm=args.te)
+    adamoe = build_module(adamoe_spec.submodules.mlp, config=adamoe_config)
     adamoe.experts.load_state_dict(stock.experts.state_dict())
     for layer in (stock, adamoe):
         layer.set_layer_number(1)
@@ -133,7 +163,8 @@ def measure(layers, x, args):
 
     def layer_step(layer):
         x_step = x.detach().requires_grad_(True)
-        out, _ = layer(x_step)
+        with _fp8_context(layer.config, args):
+            out, _ = layer(x_step)
         out.float().sum().backward()
         layer.zero_grad(set_to_none=True)
         clear_aux_losses_tracker()
@@ -164,6 +195,14 @@ def measure(layers, x, args):
     return rows
 
 
+def _fp8_context(config, args):
+    if args.device != "cuda":
+        return contextlib.nullcontext()
+    from _bench_gpu import fp8_context
+
+    return fp8_context(config)
+
+
 def ep2_rank(rank, world_size, store_path, args, results):
     """One EP = 2 rank: count the rows each layer's dispatch all-to-all sends."""
     from megatron.core import parallel_state
@@ -185,7 +224,7 @@ def ep2_rank(rank, world_size, store_path, args, results):
 
             dist.all_to_all_single = recording
             try:
-                with torch.no_grad():
+                with torch.no_grad(), _fp8_context(layer.config, args):
                     layer(x)
             finally:
                 dist.all_to_all_single = original
@@ -234,6 +273,7 @@ def main(argv=None):
         print(f"measuring fwd+bwd on {args.device} ({torch.get_num_threads()} threads) ...",
               flush=True)
         rows = measure({"stock": stock, "adamoe": adamoe}, x, args)
+        gemm = expert_gemm_table({"stock": stock, "adamoe": adamoe}, x, args)
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
     if not args.skip_ep:
@@ -241,13 +281,37 @@ def main(argv=None):
         for name, count in all_to_all_rows(args).items():
             rows[name]["a2a_rows"] = count
     print_table(args, rows)
+    if gemm:
+        print_gemm_table(gemm)
+
+
+def expert_gemm_table(layers, x, args):
+    """GPU only: expert GEMM TFLOP/s of both layers and of a dense GEMM of AdaMoE's row count."""
+    if args.device != "cuda":
+        return None
+    from _bench_gpu import dense_gemm, expert_gemm
+
+    table = {name: expert_gemm(layer, x, args) for name, layer in layers.items()}
+    table["dense"] = dense_gemm(table["adamoe"]["rows"], layers["adamoe"].config, args)
+    return table
+
+
+def print_gemm_table(table):
+    print(f"\n{'expert GEMMs (fwd+bwd)':<26}{'rows':>9}{'ms':>10}{'TFLOP/s':>10}{'vs dense':>10}")
+    for name, label in (("stock", "stock experts"), ("adamoe", "AdaMoE experts"),
+                        ("dense", "dense GEMM, same rows")):
+        r = table[name]
+        ratio = r["tflops"] / table["dense"]["tflops"]
+        print(f"{label:<26}{r['rows']:>9d}{r['ms']:>10.2f}{r['tflops']:>10.1f}{ratio:>10.3f}")
 
 
 def print_table(args, rows):
     tokens = args.seq * args.micro_batch
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    precision = f"fp8 {args.fp8_recipe}" if args.fp8_recipe else args.dtype
+    experts = "TE grouped GEMM" if args.te else "local experts"
     print(
-        f"\ndevice {device} | dtype {args.dtype} | tokens {tokens} | hidden {args.hidden} "
+        f"\ndevice {device} | {precision} | {experts} | tokens {tokens} | hidden {args.hidden} "
         f"ffn {args.ffn} | experts {args.num_experts} true + {args.adamoe_num_null_experts} null"
     )
     labels = {

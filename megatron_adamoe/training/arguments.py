@@ -52,6 +52,9 @@ class PretrainArguments:
     moe_token_dispatcher_type: str = "alltoall"
     moe_grouped_gemm: bool = False
     moe_permute_fusion: bool = False
+    # --- FP8 (GPU, Transformer Engine) ---
+    fp8_format: Optional[str] = None  # Megatron's --fp8-format: e4m3 | hybrid; null = off
+    fp8_recipe: str = "delayed"  # delayed | tensorwise (current scaling) | blockwise | mxfp8
     # --- AdaMoE ---
     adamoe_num_null_experts: int = 0
     adamoe_null_expert_type: str = "zero"
@@ -123,6 +126,8 @@ CHOICES = {
     "moe_token_dispatcher_type": ("alltoall", "allgather", "flex"),
     "adamoe_null_expert_type": ("zero", "identity"),
     "adamoe_weight_norm": ("true_experts", "all_selected", "none"),
+    "fp8_format": (None, "e4m3", "hybrid"),
+    "fp8_recipe": ("delayed", "tensorwise", "blockwise", "mxfp8"),
 }
 POSITIVE = (
     "num_layers hidden_size num_attention_heads seq_length num_experts moe_router_topk "
@@ -263,6 +268,9 @@ def validate(args: PretrainArguments, check_io: bool = True,
             fail(name, "be >= 0", "set a non-negative value")
     if args.norm_epsilon <= 0:
         fail("norm_epsilon", "be > 0", "set a small positive value such as 1e-5")
+    if args.fp8_format and not args.bf16:
+        fail("fp8_format", "come with bf16 (FP8 GEMMs keep bf16 weights and activations)",
+             "add --bf16")
     _validate_moe(args, fail)
     if check_topology:
         _validate_topology(args, fail)

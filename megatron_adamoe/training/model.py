@@ -19,10 +19,40 @@ from megatron_adamoe.mcore import AdaMoEConfig, get_adamoe_gpt_decoder_block_spe
 from megatron_adamoe.training.arguments import PretrainArguments, padded_vocab_size
 
 
-def check_device_support(args: PretrainArguments, on_gpu: bool) -> None:
-    """Options that need a GPU stack, rejected up front on CPU."""
+def layer_spec_backend(args: PretrainArguments, on_gpu: bool, has_te: bool) -> str:
+    """"transformer_engine" (TE attention, norms and linears; ``TEGroupedMLP`` experts under
+    ``moe_grouped_gemm``) or "local" (Megatron's own modules; ``SequentialMLP`` experts).
+
+    TE whenever it can run (a GPU with TE installed), as Megatron-LM picks it; FP8 and grouped
+    GEMMs need it, so asking for them without it fails with one line."""
+    if on_gpu and has_te:
+        return "transformer_engine"
     if on_gpu:
+        for name in ("fp8_format", "moe_grouped_gemm"):
+            if getattr(args, name):
+                raise ValueError(f"{name} ({getattr(args, name)!r}) must be off without "
+                                 "Transformer Engine; install it (pip install "
+                                 "megatron-adamoe[gpu]) or drop the option")
+    return "local"
+
+
+def check_device_support(args: PretrainArguments, on_gpu: bool,
+                         capability: Optional[tuple] = None) -> None:
+    """Options that need a GPU stack, rejected up front on CPU; on GPU, FP8 recipes the device
+    cannot run (``capability``: the CUDA compute capability, read from the device if None)."""
+    if on_gpu:
+        if args.fp8_format and args.fp8_recipe in ("blockwise", "mxfp8"):
+            needed = (9, 0) if args.fp8_recipe == "blockwise" else (10, 0)
+            capability = capability or torch.cuda.get_device_capability()
+            if tuple(capability) < needed:
+                raise ValueError(
+                    f"fp8_recipe ({args.fp8_recipe!r}) must run on compute capability "
+                    f"{needed[0]}.{needed[1]}+ (this GPU: {capability[0]}.{capability[1]}); use "
+                    "'delayed' or 'tensorwise'")
         return
+    if args.fp8_format:
+        raise ValueError(f"fp8_format ({args.fp8_format!r}) must be null on CPU; FP8 GEMMs are "
+                         "Transformer Engine's (GPU only)")
     if args.use_distributed_optimizer:
         raise ValueError(
             "use_distributed_optimizer (True) must be false on CPU; Megatron's distributed "
@@ -77,6 +107,8 @@ def transformer_config(args: PretrainArguments, on_gpu: bool) -> AdaMoEConfig:
         moe_token_dispatcher_type=args.moe_token_dispatcher_type,
         moe_grouped_gemm=args.moe_grouped_gemm,
         moe_permute_fusion=args.moe_permute_fusion,
+        fp8=args.fp8_format if on_gpu else None,
+        fp8_recipe=args.fp8_recipe,
         adamoe_num_null_experts=args.adamoe_num_null_experts,
         adamoe_null_expert_type=args.adamoe_null_expert_type,
         adamoe_weight_norm=args.adamoe_weight_norm,
@@ -100,8 +132,9 @@ def build_model(args: PretrainArguments, config: AdaMoEConfig, vocab_size: int,
     """The GPTModel chunk of this pipeline stage (no virtual pipeline stages); on GPU (default:
     when CUDA is available) with Transformer Engine's spec when it is installed."""
     on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
+    backend = layer_spec_backend(args, on_gpu, on_gpu and _has_transformer_engine())
     block_spec = get_adamoe_gpt_decoder_block_spec(
-        config, use_transformer_engine=on_gpu and _has_transformer_engine(),
+        config, use_transformer_engine=backend == "transformer_engine",
         normalization=args.normalization,
     )
     model = GPTModel(

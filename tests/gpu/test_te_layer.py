@@ -189,3 +189,15 @@ def test_no_nulls_equals_stock_topk_with_transformer_engine(cuda_rank):
     out, grad = _run(adamoe, x)
     expected_out, expected_grad = _run(stock, x)
     assert torch.equal(out, expected_out) and torch.equal(grad, expected_grad)
+
+
+def test_entry_point_passes_fp8_options_to_the_config(tmp_path):
+    from megatron_adamoe.training.arguments import PretrainArguments, validate
+    from megatron_adamoe.training.model import layer_spec_backend, transformer_config
+
+    args = PretrainArguments(bf16=True, fp8_format="hybrid", fp8_recipe="tensorwise",
+                             moe_grouped_gemm=True)
+    validate(args, check_io=False)
+    config = transformer_config(args, on_gpu=True)
+    assert (config.fp8, config.fp8_recipe, config.bf16) == ("hybrid", "tensorwise", True)
+    assert layer_spec_backend(args, on_gpu=True, has_te=True) == "transformer_engine"

@@ -31,3 +31,14 @@ def test_bench_rejects_bad_values():
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 2
     assert "--num-experts (3) must be even for EP = 2; or --skip-ep" in result.stderr
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--te"], "--te (requested) must come with --device cuda; Transformer Engine is GPU only"),
+    (["--fp8-recipe", "delayed"], "--fp8-recipe (delayed) must come with --te; FP8 GEMMs are TE's"),
+])
+def test_bench_gpu_options_are_checked_on_cpu(argv, message):
+    command = [sys.executable, str(ROOT / "tools" / "bench_moe_layer.py"), *argv]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].endswith(f"error: {message}")

@@ -280,3 +280,56 @@ def test_cpu_rejects_flex_dispatcher_and_tied_embeddings_across_stages(data):
         "untie_embeddings_and_output_weights (False) must be true on CPU with pipeline stages; "
         "Megatron syncs tied embeddings across stages on CUDA"
     )
+
+
+def test_fp8_and_transformer_engine_selection(data):
+    """FP8 and the TE spec are chosen and checked without Transformer Engine installed."""
+    from megatron_adamoe.training.model import check_device_support, layer_spec_backend
+
+    assert _error(CPU_CONFIG, {**data, "fp8_format": "hybrid"}) == (
+        "fp8_format ('hybrid') must come with bf16 (FP8 GEMMs keep bf16 weights and "
+        "activations); add --bf16"
+    )
+    assert _error(CPU_CONFIG, {**data, "fp8_recipe": "nvfp4"}) == (
+        "fp8_recipe ('nvfp4') must be one of 'delayed', 'tensorwise', 'blockwise', 'mxfp8'; "
+        "pick one of them"
+    )
+    args = load_arguments(CPU_CONFIG, {**data, "fp8_format": "hybrid", "bf16": True,
+                                       "fp8_recipe": "mxfp8", "moe_grouped_gemm": True}, 2)
+    with pytest.raises(ValueError) as info:
+        check_device_support(args, on_gpu=False)
+    assert str(info.value) == ("fp8_format ('hybrid') must be null on CPU; FP8 GEMMs are "
+                               "Transformer Engine's (GPU only)")
+    with pytest.raises(ValueError) as info:
+        check_device_support(args, on_gpu=True, capability=(9, 0))
+    assert str(info.value) == ("fp8_recipe ('mxfp8') must run on compute capability 10.0+ (this "
+                               "GPU: 9.0); use 'delayed' or 'tensorwise'")
+    check_device_support(args, on_gpu=True, capability=(10, 0))
+    args.fp8_recipe = "blockwise"
+    check_device_support(args, on_gpu=True, capability=(9, 0))
+    with pytest.raises(ValueError, match=r"compute capability 9.0\+ \(this GPU: 8.0\)"):
+        check_device_support(args, on_gpu=True, capability=(8, 0))
+
+    assert layer_spec_backend(args, on_gpu=True, has_te=True) == "transformer_engine"
+    with pytest.raises(ValueError) as info:
+        layer_spec_backend(args, on_gpu=True, has_te=False)
+    assert str(info.value) == (
+        "fp8_format ('hybrid') must be off without Transformer Engine; install it (pip install "
+        "megatron-adamoe[gpu]) or drop the option")
+    args.fp8_format = None
+    with pytest.raises(ValueError, match=r"^moe_grouped_gemm \(True\) must be off without"):
+        layer_spec_backend(args, on_gpu=True, has_te=False)
+    args.moe_grouped_gemm = False
+    assert layer_spec_backend(args, on_gpu=True, has_te=False) == "local"
+    assert layer_spec_backend(args, on_gpu=False, has_te=False) == "local"
+
+
+def test_fp8_options_stay_off_the_cpu_transformer_config(data):
+    """(With fp8 set, TransformerConfig checks the Transformer Engine version, so the GPU side
+    of this mapping runs in tests/gpu only.)"""
+    from megatron_adamoe.training.model import transformer_config
+
+    args = load_arguments(CPU_CONFIG, {**data, "fp8_format": "hybrid", "bf16": True,
+                                       "fp8_recipe": "tensorwise"}, 2)
+    config = transformer_config(args, on_gpu=False)
+    assert (config.fp8, config.bf16) == (None, False)
