@@ -80,3 +80,26 @@ def test_qkv_layout_interleaves_query_groups():
     expected = torch.cat([q[0:8], k[0:4], v[0:4], q[8:16], k[4:8], v[4:8]])
     assert torch.equal(qkv, expected)
     assert all(torch.equal(a, b) for a, b in zip(split_qkv(qkv, shape), (q, k, v)))
+
+
+def test_generate_with_kv_cache_and_left_padding_equals_each_prompt_alone():
+    from megatron_adamoe.hf.modeling_adamoe import AdaMoEForCausalLM
+
+    torch.manual_seed(0)
+    model = AdaMoEForCausalLM(AdaMoEHFConfig(**{**SMALL, "null_expert_type": "identity"}))
+    model.eval().generation_config.eos_token_id = None
+    prompts = [torch.randint(4, 32, (1, 7)), torch.randint(4, 32, (1, 4))]
+    alone = [model.generate(p, max_new_tokens=6, do_sample=False)[0, p.shape[1]:]
+             for p in prompts]
+    batch = torch.zeros(2, 7, dtype=torch.long)
+    mask = torch.zeros(2, 7, dtype=torch.long)
+    for row, prompt in enumerate(prompts):  # left padding
+        batch[row, 7 - prompt.shape[1]:], mask[row, 7 - prompt.shape[1]:] = prompt[0], 1
+    together = model.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                              pad_token_id=0)[:, 7:]
+    assert torch.equal(together[0], alone[0]) and torch.equal(together[1], alone[1])
+    with torch.no_grad():
+        no_cache = model(torch.cat([prompts[0], alone[0][None, :-1]], 1), use_cache=False).logits
+    assert torch.equal(no_cache[0, -6:].argmax(-1), alone[0])  # cache and no cache agree
+    with pytest.raises(ValueError, match=r"^attention_mask \(shape \(2, 1, 7, 7\)\) must be 2-D"):
+        model(batch, attention_mask=torch.ones(2, 1, 7, 7))
