@@ -297,12 +297,14 @@ def expert_gemm_table(layers, x, args):
 
 
 def print_gemm_table(table):
-    print(f"\n{'expert GEMMs (fwd+bwd)':<26}{'rows':>9}{'ms':>10}{'TFLOP/s':>10}{'vs dense':>10}")
+    print(f"\n{'expert GEMMs (fwd+bwd)':<26}{'rows':>9}{'FP8 pad':>9}{'ms':>10}{'TFLOP/s':>10}"
+          f"{'vs dense':>10}")
     for name, label in (("stock", "stock experts"), ("adamoe", "AdaMoE experts"),
                         ("dense", "dense GEMM, same rows")):
         r = table[name]
         ratio = r["tflops"] / table["dense"]["tflops"]
-        print(f"{label:<26}{r['rows']:>9d}{r['ms']:>10.2f}{r['tflops']:>10.1f}{ratio:>10.3f}")
+        print(f"{label:<26}{r['rows']:>9d}{r['pad_rows']:>9d}{r['ms']:>10.2f}"
+              f"{r['tflops']:>10.1f}{ratio:>10.3f}")
 
 
 def print_table(args, rows):

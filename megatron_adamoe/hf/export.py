@@ -17,7 +17,12 @@ from typing import Optional
 import torch
 
 from megatron_adamoe.hf.configuration_adamoe import AdaMoEHFConfig
-from megatron_adamoe.hf.mapping import ModelShape, dist_to_local, local_to_hf
+from megatron_adamoe.hf.mapping import (
+    ROUTER_DTYPE_TO_HF,
+    ModelShape,
+    dist_to_local,
+    local_to_hf,
+)
 from megatron_adamoe.hf.megatron_checkpoint import (
     find_checkpoint,
     read_arguments,
@@ -31,7 +36,6 @@ from megatron_adamoe.training.metrics import moe_layer_indices
 
 logger = logging.getLogger(__name__)
 
-ROUTER_DTYPES = {None: None, "fp32": "float32", "fp64": "float64"}
 
 
 def check_exportable(args: PretrainArguments) -> None:
@@ -80,7 +84,7 @@ def hf_config(args: PretrainArguments, vocab_size: int, tokenizer=None) -> AdaMo
         num_experts_per_tok=args.moe_router_topk,
         null_expert_type=args.adamoe_null_expert_type,
         router_weight_norm=args.adamoe_weight_norm,
-        router_dtype=ROUTER_DTYPES[args.moe_router_dtype],
+        router_dtype=ROUTER_DTYPE_TO_HF[args.moe_router_dtype],
         moe_layers=moe_layer_indices(args),
         tie_word_embeddings=not args.untie_embeddings_and_output_weights,
         architectures=["AdaMoEForCausalLM"],

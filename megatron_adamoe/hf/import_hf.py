@@ -29,7 +29,12 @@ import shutil
 import torch
 from safetensors import safe_open
 
-from megatron_adamoe.hf.mapping import ModelShape, hf_names, hf_to_local
+from megatron_adamoe.hf.mapping import (
+    ROUTER_DTYPE_FROM_HF,
+    ModelShape,
+    hf_names,
+    hf_to_local,
+)
 from megatron_adamoe.hf.strict import listing, load_strictly
 from megatron_adamoe.training.arguments import (
     PretrainArguments,
@@ -44,7 +49,6 @@ ARCHITECTURES = ("MixtralForCausalLM", "AdaMoEForCausalLM")
 NULL_ROUTER_INITS = ("tile", "random")
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-ROUTER_DTYPES = {None: None, "float32": "fp32", "float64": "fp64"}
 
 
 REQUIRED_KEYS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
@@ -152,7 +156,7 @@ def pretrain_arguments(config: dict, num_null_experts: int, topk: int, tp: int, 
         adamoe_num_null_experts=num_null_experts,
         adamoe_null_expert_type=config.get("null_expert_type", "zero"),
         adamoe_weight_norm=config.get("router_weight_norm", "true_experts"),
-        moe_router_dtype=ROUTER_DTYPES[config.get("router_dtype", "float32")] if is_adamoe
+        moe_router_dtype=ROUTER_DTYPE_FROM_HF[config.get("router_dtype", "float32")] if is_adamoe
         else "fp32",
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,

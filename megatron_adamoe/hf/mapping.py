@@ -22,6 +22,11 @@ from dataclasses import dataclass
 import torch
 
 
+# Megatron's moe_router_dtype -> the HF config's router_dtype, and back.
+ROUTER_DTYPE_TO_HF = {None: None, "fp32": "float32", "fp64": "float64"}
+ROUTER_DTYPE_FROM_HF = {hf: megatron for megatron, hf in ROUTER_DTYPE_TO_HF.items()}
+
+
 @dataclass(frozen=True)
 class ModelShape:
     num_layers: int

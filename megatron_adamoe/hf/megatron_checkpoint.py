@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
 
 import torch
 import yaml
@@ -21,13 +20,6 @@ from megatron_adamoe.training.arguments import PretrainArguments, settable_field
 from megatron_adamoe.training.checkpoint_paths import TRACKER, latest_checkpoint
 
 CONFIG_FILE = "config.yaml"
-
-
-@dataclass
-class MegatronCheckpoint:
-    directory: str
-    args: PretrainArguments
-    tensors: dict  # dist key -> global tensor (layers stacked on axis 0)
 
 
 def find_checkpoint(path: str) -> str:
@@ -88,11 +80,6 @@ def read_model_tensors(directory: str) -> dict:
         raise ValueError(f"load ({directory!r}) must hold readable shards; copy the checkpoint "
                          f"again ({type(error).__name__})") from None
     return tensors
-
-
-def read_checkpoint(path: str) -> MegatronCheckpoint:
-    directory = find_checkpoint(path)
-    return MegatronCheckpoint(directory, read_arguments(directory), read_model_tensors(directory))
 
 
 def _is_model_tensor(key: str) -> bool:

@@ -1,4 +1,4 @@
-"""A Megatron-Core AdaMoE GPT in this one process (TP = EP = PP = 1), for conversion and checks.
+"""A Megatron-Core AdaMoE GPT in this one process (TP = EP = PP = 1), for conversion.
 
 ``import-hf`` builds the target model here on the meta device and saves it with
 ``dist_checkpointing``, which needs a process group: ``single_process_megatron`` starts a gloo
@@ -14,7 +14,7 @@ import tempfile
 
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing, parallel_state
+from megatron.core import parallel_state
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from megatron_adamoe.mcore.cpu import enable_cpu_mode
@@ -65,20 +65,3 @@ def build_single_process_model(args: PretrainArguments, vocab_size: int, meta: b
     with torch.device("meta") if meta else contextlib.nullcontext():
         model = build_model(local, config, vocab_size, on_gpu=False)
     return model
-
-
-def load_single_process_model(directory: str, args: PretrainArguments, vocab_size: int):
-    """The model of a dist checkpoint, loaded by Megatron's own dist_checkpointing."""
-    model = build_single_process_model(args, vocab_size)
-    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, directory)
-    model.load_state_dict(state["model"], strict=True)
-    return model.eval()
-
-
-def causal_logits(model, tokens: torch.Tensor) -> torch.Tensor:
-    """Megatron GPT forward over [B, S] tokens -> [B, S, V] logits (explicit causal mask)."""
-    seq = tokens.size(1)
-    position_ids = torch.arange(seq).unsqueeze(0).expand_as(tokens)
-    mask = torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1)[None, None]
-    with torch.no_grad():
-        return model(tokens, position_ids, mask)

@@ -66,24 +66,35 @@ def train_checkpoint(corpus, directory, *overrides, nproc=2):
 def megatron(single_rank):
     """Megatron-Core in this process (one gloo rank), loading checkpoints with its own
     dist_checkpointing: the reference side of every comparison."""
-    from megatron_adamoe.hf import megatron_model
+    from megatron.core import dist_checkpointing
+
     from megatron_adamoe.hf.megatron_checkpoint import find_checkpoint, read_arguments
+    from megatron_adamoe.hf.megatron_model import build_single_process_model
 
     class Megatron:
         @staticmethod
         def load(checkpoint, vocab_size):
             directory = find_checkpoint(str(checkpoint))
-            return megatron_model.load_single_process_model(
-                directory, read_arguments(directory), vocab_size)
+            model = build_single_process_model(read_arguments(directory), vocab_size)
+            state = dist_checkpointing.load({"model": model.sharded_state_dict()}, directory)
+            model.load_state_dict(state["model"], strict=True)
+            return model.eval()
 
-        logits = staticmethod(megatron_model.causal_logits)
+        @staticmethod
+        def logits(model, tokens):
+            """GPT forward over [B, S] tokens -> [B, S, V] (explicit causal mask on CPU)."""
+            seq = tokens.size(1)
+            position_ids = torch.arange(seq).unsqueeze(0).expand_as(tokens)
+            mask = torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1)[None, None]
+            with torch.no_grad():
+                return model(tokens, position_ids, mask)
 
         @staticmethod
         def greedy(model, prompt, steps, suppress=()):
             """Argmax decoding by full recomputation; ``suppress``: ids never chosen."""
             tokens = prompt
             for _ in range(steps):
-                logits = megatron_model.causal_logits(model, tokens)[:, -1]
+                logits = Megatron.logits(model, tokens)[:, -1]
                 logits[:, list(suppress)] = float("-inf")
                 tokens = torch.cat([tokens, logits.argmax(-1)[:, None]], dim=1)
             return tokens

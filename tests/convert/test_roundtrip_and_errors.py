@@ -24,9 +24,9 @@ def exported(synthetic_corpus, tmp_path_factory):
 
 
 def _model_tensors(checkpoint):
-    from megatron_adamoe.hf.megatron_checkpoint import read_checkpoint
+    from megatron_adamoe.hf.megatron_checkpoint import find_checkpoint, read_model_tensors
 
-    return read_checkpoint(str(checkpoint)).tensors
+    return read_model_tensors(find_checkpoint(str(checkpoint)))
 
 
 def _safetensors(directory):
