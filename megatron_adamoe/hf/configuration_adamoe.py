@@ -25,7 +25,7 @@ class AdaMoEHFConfig(PretrainedConfig):
     """
 
     model_type = "adamoe"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
     def __init__(
         self,

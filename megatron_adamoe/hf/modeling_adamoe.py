@@ -14,6 +14,7 @@ experts, K picks per token.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -26,6 +27,17 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .configuration_adamoe import AdaMoEHFConfig
 
 _ROUTER_DTYPES = {None: None, "float32": torch.float32, "float64": torch.float64}
+
+# The decoding cache's keyword: ``cache`` from transformers 5.24 (``generate()`` passes it so and
+# reads it back from the output), ``past_key_values`` before. The forwards take either.
+_CACHE_FIELD = ("cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+                else "past_key_values")
+
+
+def _one_cache(cache, past_key_values):
+    if cache is not None and past_key_values is not None:
+        raise ValueError("cache/past_key_values: pass the decoding cache under one name only")
+    return cache if cache is not None else past_key_values
 
 
 def route_tokens(logits_TX: torch.Tensor, topk: int, num_true_experts: int, weight_norm: str,
@@ -233,10 +245,11 @@ class AdaMoEModel(AdaMoEPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None,
-                past_key_values=None, inputs_embeds=None, use_cache=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
+                inputs_embeds=None, use_cache=None, past_key_values=None, **kwargs):
         """Returns (hidden_states [B, S, H], cache, router logits per MoE layer).
 
+        ``cache`` (``past_key_values`` before transformers 5.24): the decoding cache, either name.
         Positions of new tokens follow the cache length (transformers' ``cache_position``, if
         passed in ``kwargs``, says the same and is not needed). ``attention_mask``: [B, keys],
         1 = attend; padded (left-padded) batches give ``position_ids`` as generate() does."""
@@ -246,10 +259,11 @@ class AdaMoEModel(AdaMoEPreTrainedModel):
             raise ValueError(f"attention_mask (shape {tuple(attention_mask.shape)}) must be 2-D "
                              "[batch, keys]; pass the tokenizer's mask")
         x_BSH = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        cache = _one_cache(cache, past_key_values)
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache()
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if use_cache and cache is None:
+            cache = DynamicCache()
+        past = cache.get_seq_length() if cache is not None else 0
         batch, seq = x_BSH.shape[:2]
         cache_position = torch.arange(past, past + seq, device=x_BSH.device)
         if position_ids is None:
@@ -258,11 +272,10 @@ class AdaMoEModel(AdaMoEPreTrainedModel):
         cos_sin = self.rotary_emb(position_ids, x_BSH.dtype)
         router_logits = []
         for layer in self.layers:
-            x_BSH, logits = layer(x_BSH, cos_sin, mask_B1SS,
-                                  past_key_values if use_cache else None)
+            x_BSH, logits = layer(x_BSH, cos_sin, mask_B1SS, cache if use_cache else None)
             if logits is not None:
                 router_logits.append(logits)
-        return self.norm(x_BSH), (past_key_values if use_cache else None), router_logits
+        return self.norm(x_BSH), (cache if use_cache else None), router_logits
 
 
 def _causal_mask(attention_mask, cache_position, num_keys: int, batch: int, dtype):
@@ -303,12 +316,13 @@ class AdaMoEForCausalLM(AdaMoEPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None,
-                past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
-                logits_to_keep=0, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0,
+                past_key_values=None, **kwargs):
         hidden_BSH, cache, _ = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
+            cache=_one_cache(cache, past_key_values), inputs_embeds=inputs_embeds,
+            use_cache=use_cache)
         if logits_to_keep:
             hidden_BSH = hidden_BSH[:, -logits_to_keep:]
         logits = self.lm_head(hidden_BSH)
@@ -316,4 +330,4 @@ class AdaMoEForCausalLM(AdaMoEPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
                                    labels[:, 1:].flatten().to(logits.device), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache})

@@ -82,6 +82,58 @@ def test_qkv_layout_interleaves_query_groups():
     assert all(torch.equal(a, b) for a, b in zip(split_qkv(qkv, shape), (q, k, v)))
 
 
+def _tiny_causal_lm(null_type: str, seed: int = 0):
+    from megatron_adamoe.hf.modeling_adamoe import AdaMoEForCausalLM
+
+    torch.manual_seed(seed)
+    config = AdaMoEHFConfig(**{**SMALL, "vocab_size": 128, "null_expert_type": null_type})
+    model = AdaMoEForCausalLM(config)
+    for param in model.parameters():  # larger weights than the init: varied routing and tokens
+        torch.nn.init.normal_(param, std=1.0)
+    # float64: cached and uncached decoding then agree far below any argmax or top-k margin
+    model = model.double().eval()
+    model.generation_config.eos_token_id = None
+    return model
+
+
+@pytest.mark.parametrize("null_type", ["zero", "identity"])
+def test_greedy_generate_with_cache_equals_without_cache(null_type):
+    """32 new tokens, one prompt and left-padded batched prompts: the decoding cache must be
+    taken under the keyword this transformers passes (``cache`` from 5.24)."""
+    model = _tiny_causal_lm(null_type)
+    prompt = torch.randint(4, 128, (1, 6), generator=torch.Generator().manual_seed(1))
+    batch = torch.randint(4, 128, (3, 8), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(batch)
+    mask[1, :3], mask[2, :5] = 0, 0  # left padding
+    batch = batch.masked_fill(mask == 0, 0)
+    for inputs in ({"input_ids": prompt}, {"input_ids": batch, "attention_mask": mask}):
+        outputs = [model.generate(**inputs, max_new_tokens=32, do_sample=False, pad_token_id=0,
+                                  use_cache=use_cache)
+                   for use_cache in (True, False)]
+        assert outputs[0].shape[1] == inputs["input_ids"].shape[1] + 32
+        assert torch.equal(outputs[0], outputs[1])
+        # Not a degenerate loop (which a broken cache could also repeat): varied new tokens.
+        assert len(set(outputs[0][:, -32:].flatten().tolist())) > 8
+
+
+def test_forward_takes_the_cache_under_either_keyword():
+    from transformers import DynamicCache
+
+    model = _tiny_causal_lm("zero")
+    tokens = torch.randint(4, 128, (1, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        whole = model(tokens, use_cache=False).logits[:, -1]
+        for keyword in ("cache", "past_key_values"):
+            cache = DynamicCache()
+            model(tokens[:, :-1], use_cache=True, **{keyword: cache})
+            assert cache.get_seq_length() == 8
+            step = model(tokens[:, -1:], use_cache=True, **{keyword: cache}).logits[:, -1]
+            # (attention probabilities are computed in float32, as in Megatron)
+            torch.testing.assert_close(step, whole, rtol=1e-4, atol=1e-4)
+        with pytest.raises(ValueError, match="under one name only"):
+            model(tokens, cache=DynamicCache(), past_key_values=DynamicCache())
+
+
 def test_generate_with_kv_cache_and_left_padding_equals_each_prompt_alone():
     from megatron_adamoe.hf.modeling_adamoe import AdaMoEForCausalLM
 
