@@ -58,10 +58,13 @@ class AdaMoELayer(MoELayer):
     def route(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         """Mirrors MoELayer.route; keeps the identity-null weights and input for ``postprocess``.
 
-        Both run inside upstream's ``custom_forward``, so under MoE recompute the recomputed pass
-        stores tensors that carry gradient.
+        The router is called through ``nn.Module.__call__`` as upstream does, so its forward hooks
+        fire (Megatron DDP waits for a module's parameter all-gather in a forward pre-hook under
+        ``overlap_param_gather``). Route and postprocess both run inside upstream's
+        ``custom_forward``, so under MoE recompute the recomputed pass stores tensors that carry
+        gradient.
         """
-        routing = self.router.route(hidden_states, padding_mask)
+        routing = self.router(hidden_states, padding_mask, return_routing=True)
         if self.config.adamoe_null_expert_type == "identity":
             self._identity_input = (routing.identity_weight_T, hidden_states)
         return routing.probs_TE, routing.routing_map_TE

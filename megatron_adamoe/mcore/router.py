@@ -42,7 +42,7 @@ class AdaMoERouter(TopKRouter):
 
     The gate weight is [n + m, hidden]. ``forward`` returns ``probs`` and ``routing_map`` of shape
     [tokens, n] (a row has 0..k entries), as the Megatron dispatcher contract requires.
-    ``route`` also returns the identity-null weights. With m = 0 every output equals TopKRouter's
+    ``forward(..., return_routing=True)`` also returns the identity-null weights. With m = 0 every output equals TopKRouter's
     bit for bit.
 
     Attributes set by each forward, for logging: ``last_routing_stats`` (ops.RoutingStats).
@@ -79,19 +79,25 @@ class AdaMoERouter(TopKRouter):
         coefficient is zero (then it is measured, not applied), so logged names never vary."""
         return self.config.moe_router_load_balancing_type == "aux_loss"
 
-    def route(
-        self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None
-    ) -> NullExpertRouting:
-        """Mirrors TopKRouter.forward, returning the identity-null weights as well."""
+    def forward(
+        self,
+        input: torch.Tensor,
+        padding_mask: Optional[torch.Tensor] = None,
+        return_routing: bool = False,
+    ):
+        """Mirrors TopKRouter.forward: (probs [T, n], routing_map [T, n]).
+
+        ``return_routing=True`` returns the whole :class:`NullExpertRouting` instead (the identity
+        weights too); AdaMoELayer asks for it through ``nn.Module.__call__``, so forward hooks on
+        the router (DDP's parameter all-gather under ``overlap_param_gather``) still fire.
+        """
         input = self.apply_input_jitter(input)
         logits = self.gating(input)
         if self.config.moe_router_force_load_balancing:
             logits = apply_random_logits(logits)
-        return self._route_logits(logits, padding_mask)
-
-    def forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
-        """Mirrors TopKRouter.forward: (probs [T, n], routing_map [T, n])."""
-        routing = self.route(input, padding_mask)
+        routing = self._route_logits(logits, padding_mask)
+        if return_routing:
+            return routing
         return routing.probs_TE, routing.routing_map_TE
 
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):

@@ -135,3 +135,35 @@ def test_moe_recompute_gives_the_same_outputs_and_grads(megatron_env, null_type)
     torch.testing.assert_close(out_rc, out, **TOL)
     torch.testing.assert_close(x_grad_rc, x_grad, **TOL)
     torch.testing.assert_close(router_grad_rc, router_grad, **TOL)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("null_type", ["zero", "identity"])
+def test_router_is_called_through_module_call_so_its_hooks_fire(megatron_env, null_type,
+                                                                 recompute):
+    """Megatron DDP (overlap_param_gather) waits for parameters in forward pre-hooks: the layer
+    must call its router through nn.Module.__call__, once per forward, and the hook must see the
+    weight before the router uses it."""
+    config = adamoe_config(
+        hidden_size=HIDDEN, moe_ffn_hidden_size=FFN, adamoe_null_expert_type=null_type,
+        **(dict(recompute_granularity="selective", recompute_modules=["moe"]) if recompute else {}),
+    )
+    layer = build_adamoe_layer(config)
+    weights = make_full_weights(11, HIDDEN, FFN, NUM_TRUE, NUM_NULL)
+    load_full_weights(layer, weights)
+    true_router = layer.router.weight.detach().clone()
+    calls = []
+
+    def gather_parameters(module, args):  # what DDP's pre-hook does: the real weights arrive
+        calls.append(len(args))
+        with torch.no_grad():
+            module.weight.copy_(true_router)
+
+    with torch.no_grad():
+        layer.router.weight.zero_()  # stale until the hook runs
+    layer.router.register_forward_pre_hook(gather_parameters)
+    x = torch.randn(SEQ, BATCH, HIDDEN, generator=torch.Generator().manual_seed(12))
+    out, _ = layer(x.clone().requires_grad_(True))
+    assert len(calls) == 1
+    y_ref, _ = dense_adamoe_layer(x.view(-1, HIDDEN), weights, TOPK, "true_experts", null_type)
+    torch.testing.assert_close(out.view(-1, HIDDEN), y_ref, **TOL)
