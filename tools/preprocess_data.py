@@ -22,6 +22,7 @@ import logging
 import os
 import sys
 
+from megatron_adamoe.errors import OptionError, report
 from megatron_adamoe.training import corpus
 from megatron_adamoe.training.pretrain import quiet_known_upstream_noise
 
@@ -51,10 +52,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         if args.train_tokenizer == (args.tokenizer_model is not None):
-            raise ValueError("tokenizer (none or two given) must come from exactly one of "
+            raise OptionError("tokenizer (none or two given) must come from exactly one of "
                              "--train-tokenizer and --tokenizer-model; pass one of them")
         if args.vocab_size < 16:
-            raise ValueError(f"vocab_size ({args.vocab_size}) must be >= 16; raise --vocab-size")
+            raise OptionError(f"vocab_size ({args.vocab_size}) must be >= 16; raise --vocab-size")
         inputs = list(args.input)
         if inputs == ["synthetic"]:
             documents = corpus.synthetic_documents(args.synthetic_documents, args.seed)
@@ -65,7 +66,7 @@ def main(argv=None) -> int:
                 logging.info(corpus.SHAKESPEARE_ATTRIBUTION)
             documents = list(corpus.iter_documents(inputs, args.json_key))
         if not documents:
-            raise ValueError(f"input ({args.input!r}) must contain at least one document")
+            raise OptionError(f"input ({args.input!r}) must contain at least one document")
         os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
         model_path = args.tokenizer_model
         if args.train_tokenizer:
@@ -77,9 +78,8 @@ def main(argv=None) -> int:
         stats = corpus.write_indexed_dataset(
             documents, tokenizer, args.output_prefix + "_text", total=len(documents),
             show_progress=not args.no_progress)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except OptionError as error:
+        return report(error)
     logging.info("data_path: %s_text  tokenizer_model: %s  (%d documents, %d tokens)",
                  args.output_prefix, model_path, stats["documents"], stats["tokens"])
     return 0

@@ -15,6 +15,8 @@ import sys
 import warnings
 from typing import Optional
 
+from megatron_adamoe.errors import OptionError, report
+
 logger = logging.getLogger("megatron_adamoe.convert")
 
 
@@ -53,7 +55,7 @@ def run(options: argparse.Namespace) -> str:
                          options.max_shard_size)
     for name in ("tp", "ep", "pp"):
         if getattr(options, name) < 1:
-            raise ValueError(f"{name} ({getattr(options, name)}) must be >= 1; pass a positive "
+            raise OptionError(f"{name} ({getattr(options, name)}) must be >= 1; pass a positive "
                              f"--{name}")
     from megatron_adamoe.hf.import_hf import import_hf
 
@@ -70,9 +72,8 @@ def main(argv: Optional[list] = None) -> int:
     warnings.filterwarnings("ignore", message=r"torch.distributed is disabled")
     try:
         out = run(options)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except OptionError as error:
+        return report(error)
     logger.info("wrote %s", out)
     return 0
 

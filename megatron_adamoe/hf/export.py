@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from megatron_adamoe.errors import OptionError
 from megatron_adamoe.hf.configuration_adamoe import AdaMoEHFConfig
 from megatron_adamoe.hf.mapping import (
     ROUTER_DTYPE_TO_HF,
@@ -43,7 +44,7 @@ def check_exportable(args: PretrainArguments) -> None:
     wanted = {"normalization": "RMSNorm", "position_embedding_type": "rope", "swiglu": True}
     for name, value in wanted.items():
         if getattr(args, name) != value:
-            raise ValueError(f"{name} ({getattr(args, name)!r}) must be {value!r} to export; the "
+            raise OptionError(f"{name} ({getattr(args, name)!r}) must be {value!r} to export; the "
                              "Hugging Face AdaMoE model is a Mixtral-style decoder")
 
 
@@ -100,9 +101,9 @@ def export_hf(load: str, out: str, tokenizer_model: Optional[str] = None,
     """Write the HF model directory ``out`` from the checkpoint under ``load``; returns ``out``.
     Cheap checks (paths, options, tokenizer) come before the weights are read."""
     if os.path.exists(out):
-        raise ValueError(f"out ({out!r}) must not exist yet; remove it or pick another path")
+        raise OptionError(f"out ({out!r}) must not exist yet; remove it or pick another path")
     if not SHARD_SIZE.fullmatch(str(max_shard_size)):
-        raise ValueError(f"max_shard_size ({max_shard_size!r}) must be a byte count like 5GB, "
+        raise OptionError(f"max_shard_size ({max_shard_size!r}) must be a byte count like 5GB, "
                          "500MB or 1000000; fix --max-shard-size")
     directory = find_checkpoint(load)
     args = read_arguments(directory)
@@ -113,7 +114,7 @@ def export_hf(load: str, out: str, tokenizer_model: Optional[str] = None,
     hf_tensors = local_to_hf(dist_to_local(tensors, shape), shape)
     vocab_size = tensors["embedding.word_embeddings.weight"].shape[0]
     if tokenizer.vocab_size > vocab_size:
-        raise ValueError(f"tokenizer_model ({tokenizer.vocab_file!r}) must have at most the "
+        raise OptionError(f"tokenizer_model ({tokenizer.vocab_file!r}) must have at most the "
                          f"model's {vocab_size} tokens (it has {tokenizer.vocab_size}); pass "
                          "the run's tokenizer")
     config = hf_config(args, vocab_size, tokenizer)
@@ -146,10 +147,10 @@ def export_hf(load: str, out: str, tokenizer_model: Optional[str] = None,
 
 def _load_tokenizer(path: Optional[str]) -> AdaMoETokenizer:
     if path is None or not os.path.isfile(path):
-        raise ValueError(f"tokenizer_model ({path!r}) must be the run's sentencepiece model; "
+        raise OptionError(f"tokenizer_model ({path!r}) must be the run's sentencepiece model; "
                          "pass --tokenizer-model PATH")
     try:
         return AdaMoETokenizer(vocab_file=path)
     except (RuntimeError, OSError) as error:  # sentencepiece's error for a non-model file
-        raise ValueError(f"tokenizer_model ({path!r}) must be a sentencepiece model; pass the "
+        raise OptionError(f"tokenizer_model ({path!r}) must be a sentencepiece model; pass the "
                          f"run's ({type(error).__name__})") from None

@@ -29,6 +29,7 @@ import shutil
 import torch
 from safetensors import safe_open
 
+from megatron_adamoe.errors import OptionError
 from megatron_adamoe.hf.mapping import (
     ROUTER_DTYPE_FROM_HF,
     ModelShape,
@@ -58,20 +59,20 @@ REQUIRED_KEYS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "int
 def read_hf_config(hf_dir: str) -> dict:
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
-        raise ValueError(f"hf ({hf_dir!r}) must be a Hugging Face model directory with "
+        raise OptionError(f"hf ({hf_dir!r}) must be a Hugging Face model directory with "
                          "config.json; check the path")
     try:
         with open(path) as handle:
             config = json.load(handle)
     except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path} must be readable JSON; restore it ({error})") from None
+        raise OptionError(f"{path} must be readable JSON; restore it ({error})") from None
     architectures = config.get("architectures") or []
     if len(architectures) != 1 or architectures[0] not in ARCHITECTURES:
-        raise ValueError(f"architectures ({architectures!r}) must be one of {ARCHITECTURES}; "
+        raise OptionError(f"architectures ({architectures!r}) must be one of {ARCHITECTURES}; "
                          f"{path} describes a model this converter does not know")
     missing = [key for key in REQUIRED_KEYS if not isinstance(config.get(key), int)]
     if missing:
-        raise ValueError(f"config.json keys ({', '.join(missing)}) must be present as integers; "
+        raise OptionError(f"config.json keys ({', '.join(missing)}) must be present as integers; "
                          f"{path} is incomplete")
     _reject_unsupported(config, path)
     return config
@@ -92,7 +93,7 @@ def _reject_unsupported(config: dict, path: str) -> None:
     unsupported["head_dim"] = (config.get("head_dim") or hidden // heads, hidden // heads)
     for name, (value, supported) in unsupported.items():
         if value != supported:
-            raise ValueError(f"{name} ({value!r}) must be {supported!r} to import; {path} "
+            raise OptionError(f"{name} ({value!r}) must be {supported!r} to import; {path} "
                              "describes a model Megatron's AdaMoE GPT does not reproduce")
     if config["architectures"][0] == "AdaMoEForCausalLM":
         from megatron_adamoe.hf.configuration_adamoe import AdaMoEHFConfig
@@ -108,16 +109,16 @@ def read_hf_tensors(hf_dir: str) -> dict:
             with open(index_path) as handle:
                 files = sorted(set(json.load(handle)["weight_map"].values()))
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            raise ValueError(f"{index_path} must be a safetensors index with a weight_map; "
+            raise OptionError(f"{index_path} must be a safetensors index with a weight_map; "
                              "restore it") from None
     elif os.path.isfile(os.path.join(hf_dir, SINGLE_FILE)):
         files = [SINGLE_FILE]
     else:
-        raise ValueError(f"hf ({hf_dir!r}) must contain {INDEX_FILE} or {SINGLE_FILE}; only "
+        raise OptionError(f"hf ({hf_dir!r}) must contain {INDEX_FILE} or {SINGLE_FILE}; only "
                          "safetensors checkpoints are read")
     missing = [name for name in files if not os.path.isfile(os.path.join(hf_dir, name))]
     if missing:
-        raise ValueError(f"hf ({hf_dir!r}) must contain every shard its index names; missing: "
+        raise OptionError(f"hf ({hf_dir!r}) must contain every shard its index names; missing: "
                          f"{', '.join(missing)}")
     tensors = {}
     for name in files:
@@ -126,7 +127,7 @@ def read_hf_tensors(hf_dir: str) -> dict:
                 for key in handle.keys():
                     tensors[key] = handle.get_tensor(key)
         except Exception as error:  # noqa: BLE001 - a corrupt shard is one user error
-            raise ValueError(f"hf shard ({name!r}) must be a readable safetensors file; copy it "
+            raise OptionError(f"hf shard ({name!r}) must be a readable safetensors file; copy it "
                              f"again ({type(error).__name__}: {error})") from None
     return tensors
 
@@ -191,9 +192,9 @@ def import_hf(hf_dir: str, out: str, num_null_experts=None, topk=None, tp: int =
               ep: int = 1, pp: int = 1, null_router_init: str = "tile", seed: int = 0) -> str:
     """Write the AdaMoE Megatron checkpoint ``out`` from ``hf_dir``; returns ``out``."""
     if os.path.exists(out):
-        raise ValueError(f"out ({out!r}) must not exist yet; remove it or pick another path")
+        raise OptionError(f"out ({out!r}) must not exist yet; remove it or pick another path")
     if null_router_init not in NULL_ROUTER_INITS:
-        raise ValueError(f"null_router_init ({null_router_init!r}) must be one of "
+        raise OptionError(f"null_router_init ({null_router_init!r}) must be one of "
                          f"{NULL_ROUTER_INITS}; see megatron_adamoe/hf/import_hf.py")
     config = read_hf_config(hf_dir)
     is_adamoe = config["architectures"][0] == "AdaMoEForCausalLM"
@@ -201,10 +202,10 @@ def import_hf(hf_dir: str, out: str, num_null_experts=None, topk=None, tp: int =
     if num_null_experts is None:
         num_null_experts = saved_nulls if is_adamoe else 0
     if is_adamoe and num_null_experts != saved_nulls:
-        raise ValueError(f"num_null_experts ({num_null_experts}) must equal the AdaMoE model's "
+        raise OptionError(f"num_null_experts ({num_null_experts}) must equal the AdaMoE model's "
                          f"m ({saved_nulls}); drop --num-null-experts")
     if num_null_experts < 0:
-        raise ValueError(f"num_null_experts ({num_null_experts}) must be >= 0; pass a "
+        raise OptionError(f"num_null_experts ({num_null_experts}) must be >= 0; pass a "
                          "non-negative --num-null-experts")
     topk = config["num_experts_per_tok"] if topk is None else topk
     args = pretrain_arguments(config, num_null_experts, topk, tp, ep, pp)
@@ -270,7 +271,7 @@ def _check_hf_names(tensors: dict, shape: ModelShape, hf_dir: str) -> None:
     if set(tensors) - expected:
         problems.append(f"unexpected: {listing(set(tensors) - expected)}")
     if problems:
-        raise ValueError(f"hf ({hf_dir!r}) must hold exactly the tensors of its config; "
+        raise OptionError(f"hf ({hf_dir!r}) must hold exactly the tensors of its config; "
                          + "; ".join(problems))
 
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_adamoe.errors import OptionError
+
 
 # Megatron's moe_router_dtype -> the HF config's router_dtype, and back.
 ROUTER_DTYPE_TO_HF = {None: None, "fp32": "float32", "fp64": "float64"}
@@ -99,7 +101,7 @@ def dist_to_local(tensors: dict, shape: ModelShape) -> dict:
     """Dist-checkpoint tensors -> per-layer local names (unknown keys raise)."""
     unknown = sorted(key for key in tensors if not is_dist_model_key(key))
     if unknown:
-        raise ValueError(f"checkpoint tensors ({', '.join(unknown)}) must be model tensors this "
+        raise OptionError(f"checkpoint tensors ({', '.join(unknown)}) must be model tensors this "
                          "converter knows; the checkpoint has modules it does not support")
     local = {}
     for key, tensor in tensors.items():

@@ -16,6 +16,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import load as dcp_load
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from megatron_adamoe.errors import OptionError
 from megatron_adamoe.training.arguments import PretrainArguments, settable_fields, validate
 from megatron_adamoe.training.checkpoint_paths import TRACKER, latest_checkpoint
 
@@ -25,10 +26,10 @@ CONFIG_FILE = "config.yaml"
 def find_checkpoint(path: str) -> str:
     """A checkpoint root (with the tracker) or an ``iter_N`` directory -> the iteration dir."""
     if not os.path.isdir(path):
-        raise ValueError(f"load ({path!r}) must be a checkpoint directory; check the path")
+        raise OptionError(f"load ({path!r}) must be a checkpoint directory; check the path")
     directory = latest_checkpoint(path)
     if directory is None:
-        raise ValueError(f"load ({path!r}) must hold a Megatron dist checkpoint ({TRACKER} or "
+        raise OptionError(f"load ({path!r}) must hold a Megatron dist checkpoint ({TRACKER} or "
                          "metadata.json); point it at the save directory or an iter_N directory")
     return directory
 
@@ -38,20 +39,20 @@ def read_arguments(directory: str) -> PretrainArguments:
     world size and data paths, which belong to the run that wrote it)."""
     path = os.path.join(directory, CONFIG_FILE)
     if not os.path.isfile(path):
-        raise ValueError(f"load ({directory!r}) must contain {CONFIG_FILE} (written by "
+        raise OptionError(f"load ({directory!r}) must contain {CONFIG_FILE} (written by "
                          "megatron_adamoe.training.pretrain); this checkpoint has none")
     try:
         with open(path) as handle:
             raw = yaml.safe_load(handle) or {}
     except yaml.YAMLError as error:
-        raise ValueError(f"{path} must be valid YAML; restore it from the run ({error})".replace(
+        raise OptionError(f"{path} must be valid YAML; restore it from the run ({error})".replace(
             "\n", " ")) from None
     if not isinstance(raw, dict):
-        raise ValueError(f"{path} must be a YAML mapping of options; restore it from the run")
+        raise OptionError(f"{path} must be a YAML mapping of options; restore it from the run")
     fields = settable_fields()
     unknown = sorted(set(raw) - set(fields))
     if unknown:
-        raise ValueError(f"{CONFIG_FILE} keys ({', '.join(unknown)}) must be pretraining options; "
+        raise OptionError(f"{CONFIG_FILE} keys ({', '.join(unknown)}) must be pretraining options; "
                          f"{path} was not written by this version of megatron_adamoe")
     args = PretrainArguments(**raw)
     validate(args, check_io=False, check_topology=False)
@@ -64,7 +65,7 @@ def read_model_tensors(directory: str) -> dict:
     try:
         metadata = reader.read_metadata()
     except Exception as error:  # noqa: BLE001 - any unreadable metadata is one user error
-        raise ValueError(f"load ({directory!r}) must have readable dist_checkpointing metadata "
+        raise OptionError(f"load ({directory!r}) must have readable dist_checkpointing metadata "
                          f"(.metadata); {type(error).__name__}: {error}") from None
     _check_files(directory, metadata)
     tensors = {}
@@ -72,12 +73,12 @@ def read_model_tensors(directory: str) -> dict:
         if _is_model_tensor(key) and isinstance(item, TensorStorageMetadata):
             tensors[key] = torch.empty(item.size, dtype=item.properties.dtype)
     if "embedding.word_embeddings.weight" not in tensors:
-        raise ValueError(f"load ({directory!r}) must hold a GPT model's weights "
+        raise OptionError(f"load ({directory!r}) must hold a GPT model's weights "
                          "(embedding.word_embeddings.weight is missing)")
     try:
         dcp_load(tensors, storage_reader=reader, no_dist=True)
     except Exception as error:  # noqa: BLE001 - a corrupt shard is one user error
-        raise ValueError(f"load ({directory!r}) must hold readable shards; copy the checkpoint "
+        raise OptionError(f"load ({directory!r}) must hold readable shards; copy the checkpoint "
                          f"again ({type(error).__name__})") from None
     return tensors
 
@@ -98,10 +99,10 @@ def _check_files(directory: str, metadata) -> None:
     missing = sorted(name for name in needed
                      if not os.path.isfile(os.path.join(directory, name)))
     if missing:
-        raise ValueError(f"load ({directory!r}) must contain every shard its metadata names; "
+        raise OptionError(f"load ({directory!r}) must contain every shard its metadata names; "
                          f"missing: {', '.join(missing)}")
     short = sorted(name for name, size in needed.items()
                    if os.path.getsize(os.path.join(directory, name)) < size)
     if short:
-        raise ValueError(f"load ({directory!r}) has truncated shards ({', '.join(short)}); "
+        raise OptionError(f"load ({directory!r}) has truncated shards ({', '.join(short)}); "
                          "copy the checkpoint again")

@@ -7,6 +7,8 @@ from typing import Callable, Optional
 
 import torch
 
+from megatron_adamoe.errors import OptionError
+
 MAX_LISTED = 12
 
 
@@ -31,7 +33,7 @@ def check_tensors(expected: dict, tensors: dict, what: str) -> None:
     if misshaped:
         problems.append(f"mis-shaped: {listing(misshaped)}")
     if problems:
-        raise ValueError(f"{what} must match the target model tensor for tensor; "
+        raise OptionError(f"{what} must match the target model tensor for tensor; "
                          + "; ".join(problems))
 
 
@@ -48,5 +50,5 @@ def load_strictly(model: torch.nn.Module, tensors: dict, what: str,
     on_meta = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()]
                if tensor.is_meta]
     if on_meta:
-        raise ValueError(f"{what} must provide every tensor; still on the meta device: "
+        raise OptionError(f"{what} must provide every tensor; still on the meta device: "
                          f"{listing(on_meta)}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from megatron_adamoe.errors import OptionError
 from megatron_adamoe.mcore import _compat  # noqa: F401  (fails early on an unsupported version)
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -57,7 +58,7 @@ class AdaMoEConfig(TransformerConfig):
 
     def _validate_adamoe(self) -> None:
         def fail(field: str, rule: str, fix: str) -> None:
-            raise ValueError(f"{field} ({getattr(self, field)!r}) must {rule}; {fix}")
+            raise OptionError(f"{field} ({getattr(self, field)!r}) must {rule}; {fix}")
 
         n, m, k = self.num_moe_experts, self.adamoe_num_null_experts, self.moe_router_topk
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
@@ -137,9 +138,9 @@ class AdaMoEConfig(TransformerConfig):
         ]
         for field, fine, rule, fix in unsupported:
             if getattr(self, field) != fine:
-                raise ValueError(f"{field} ({getattr(self, field)!r}) must {rule}; {fix}")
+                raise OptionError(f"{field} ({getattr(self, field)!r}) must {rule}; {fix}")
         if self.adamoe_null_expert_type == "identity" and self.overlap_moe_expert_parallel_comm:
-            raise ValueError(
+            raise OptionError(
                 "overlap_moe_expert_parallel_comm (True) must be False with identity null experts; "
                 "the overlapped schedule bypasses AdaMoELayer's identity term (use 'zero' nulls)"
             )
@@ -147,7 +148,7 @@ class AdaMoEConfig(TransformerConfig):
             self.moe_token_dispatcher_type == "flex"
             and self.moe_flex_dispatcher_backend != "deepep"
         ):
-            raise ValueError(
+            raise OptionError(
                 f"moe_flex_dispatcher_backend ({self.moe_flex_dispatcher_backend!r}) must be "
                 "'deepep' with AdaMoE; only the DeepEP manager masks null slots"
             )
@@ -155,12 +156,12 @@ class AdaMoEConfig(TransformerConfig):
     def _validate_aux_loss(self) -> None:
         balancing = self.moe_router_load_balancing_type
         if balancing not in LOAD_BALANCING_TYPES:
-            raise ValueError(
+            raise OptionError(
                 f"moe_router_load_balancing_type ({balancing!r}) must be one of "
                 f"{LOAD_BALANCING_TYPES}; AdaMoE applies its null-aware loss as 'aux_loss'"
             )
         if isinstance(self.moe_aux_loss_coeff, (list, tuple)) or self.moe_aux_loss_coeff < 0:
-            raise ValueError(
+            raise OptionError(
                 f"moe_aux_loss_coeff ({self.moe_aux_loss_coeff!r}) must be one number >= 0; "
                 "AdaMoE has a single load-balancing loss"
             )
@@ -169,12 +170,12 @@ class AdaMoEConfig(TransformerConfig):
             return
         AuxLossCoeffSchedule.parse(schedule)  # raises a ValueError naming the field
         if balancing == "none":
-            raise ValueError(
+            raise OptionError(
                 f"adamoe_aux_loss_coeff_schedule ({schedule!r}) must be unset when "
                 "moe_router_load_balancing_type is 'none'; set the type to 'aux_loss'"
             )
         if self.moe_aux_loss_coeff != 0:
-            raise ValueError(
+            raise OptionError(
                 f"adamoe_aux_loss_coeff_schedule ({schedule!r}) must not be combined with "
                 f"moe_aux_loss_coeff ({self.moe_aux_loss_coeff}); keep only one of them"
             )

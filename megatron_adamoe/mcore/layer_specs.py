@@ -17,6 +17,7 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
+from megatron_adamoe.errors import OptionError
 from megatron_adamoe.mcore.config import AdaMoEConfig
 from megatron_adamoe.mcore.moe_layer import AdaMoELayer
 from megatron_adamoe.mcore.norms import SequenceParallelTorchNorm
@@ -65,7 +66,7 @@ def get_adamoe_gpt_layer_spec(
     Extra keyword arguments go to the upstream helper unchanged.
     """
     if not num_experts:
-        raise ValueError(
+        raise OptionError(
             f"num_experts ({num_experts!r}) must be a positive integer; an AdaMoE layer spec "
             "needs the number of true experts (config.num_moe_experts)"
         )

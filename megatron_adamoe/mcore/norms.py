@@ -6,6 +6,8 @@ import torch
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_adamoe.errors import OptionError
+
 
 class SequenceParallelTorchNorm:
     """Mirrors ``WrappedTorchNorm`` (the local spec's norm without Apex), minus its refusal of
@@ -26,12 +28,12 @@ class SequenceParallelTorchNorm:
                                     zero_centered_gamma, normalization)
         if config.layernorm_zero_centered_gamma or config.persist_layer_norm or (
                 config.memory_efficient_layer_norm):
-            raise ValueError("normalization options zero-centered gamma, persist_layer_norm and "
+            raise OptionError("normalization options zero-centered gamma, persist_layer_norm and "
                              "memory_efficient_layer_norm must be off for PyTorch norms; they "
                              "need Apex or Transformer Engine")
         norm_classes = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}
         if config.normalization not in norm_classes:
-            raise ValueError(f"normalization ({config.normalization!r}) must be 'LayerNorm' or "
+            raise OptionError(f"normalization ({config.normalization!r}) must be 'LayerNorm' or "
                              "'RMSNorm' under sequence parallelism")
         norm = norm_classes[config.normalization](normalized_shape=hidden_size, eps=eps)
         for param in norm.parameters():

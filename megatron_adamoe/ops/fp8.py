@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import torch
 
+from megatron_adamoe.errors import OptionError
+
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
 
 
 def fp8_align_size(recipe: str) -> int:
     """Rows per expert must be a multiple of this for the FP8 grouped GEMM."""
     if recipe not in FP8_RECIPES:
-        raise ValueError(f"fp8_recipe ({recipe!r}) must be one of {FP8_RECIPES}; pick one")
+        raise OptionError(f"fp8_recipe ({recipe!r}) must be one of {FP8_RECIPES}; pick one")
     return 32 if recipe == "mxfp8" else 16
 
 

@@ -7,12 +7,14 @@ Specification strings (the value of ``AdaMoEConfig.adamoe_aux_loss_coeff_schedul
     linear:0.1,0.01,2000             0.1 at step 0 decaying linearly to 0.01 at step 2000, then flat
     linear:0.1,0.01,2000,500         the same, holding 0.1 until step 500 and decaying from there
 
-Pure Python; parsing errors raise ``ValueError`` with the offending spec.
+Pure Python; parsing errors raise ``OptionError`` (a ``ValueError``) with the offending spec.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from megatron_adamoe.errors import OptionError
 
 SCHEDULE_KINDS = ("constant", "piecewise", "linear")
 
@@ -60,7 +62,7 @@ class AuxLossCoeffSchedule:
         kind, sep, body = str(spec).partition(":")
         kind = kind.strip()
         if not sep or kind not in SCHEDULE_KINDS or not body.strip():
-            raise ValueError(f"adamoe_aux_loss_coeff_schedule ({spec!r}) is not a schedule; {hint}")
+            raise OptionError(f"adamoe_aux_loss_coeff_schedule ({spec!r}) is not a schedule; {hint}")
         try:
             parts = [part.strip() for part in body.split(",")]
             if kind == "constant" and len(parts) == 1:
@@ -85,11 +87,11 @@ class AuxLossCoeffSchedule:
             else:
                 raise ValueError("wrong number of fields")
         except ValueError as error:
-            raise ValueError(
+            raise OptionError(
                 f"adamoe_aux_loss_coeff_schedule ({spec!r}) is malformed ({error}); {hint}"
             ) from None
         if any(value < 0 for value in schedule.values):
-            raise ValueError(
+            raise OptionError(
                 f"adamoe_aux_loss_coeff_schedule ({spec!r}) has a negative coefficient; "
                 "coefficients must be >= 0"
             )

@@ -20,6 +20,8 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from megatron_adamoe.errors import OptionError
+
 
 @dataclass
 class PretrainArguments:
@@ -161,7 +163,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     if value is None:
         if optional:
             return None
-        raise ValueError(f"{name} (None) must be set ({source}); give it a value or drop the key")
+        raise OptionError(f"{name} (None) must be set ({source}); give it a value or drop the key")
     allowed = [a for a in args if a is not type(None)] or [hint]
     if name == "data_path" and isinstance(value, str):
         value = value.split()
@@ -178,13 +180,13 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         if kind in (int, bool, str) and type(value) is kind:
             return value
     names = " or ".join(getattr(k, "__name__", str(k)) for k in allowed)
-    raise ValueError(f"{name} ({value!r}) must be {names} ({source}); fix the value")
+    raise OptionError(f"{name} ({value!r}) must be {names} ({source}); fix the value")
 
 
-def _unknown_key(key: str, source: str) -> ValueError:
+def _unknown_key(key: str, source: str) -> OptionError:
     guess = difflib.get_close_matches(key, list(settable_fields()), n=1, cutoff=0.5)
     hint = f"did you mean '{guess[0]}'?" if guess else "the keys are PretrainArguments fields"
-    return ValueError(f"config key '{key}' ({source}) is not a known option; {hint}")
+    return OptionError(f"config key '{key}' ({source}) is not a known option; {hint}")
 
 
 def parse_overrides(argv: list[str]) -> dict[str, Any]:
@@ -194,7 +196,7 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
     while index < len(argv):
         token = argv[index]
         if not token.startswith("--"):
-            raise ValueError(
+            raise OptionError(
                 f"command-line argument ({token!r}) must be a --flag or its value; "
                 "write overrides as --key value"
             )
@@ -223,13 +225,13 @@ def load_arguments(
     raw: dict[str, Any] = {}
     if config_path is not None:
         if not os.path.isfile(config_path):
-            raise ValueError(
+            raise OptionError(
                 f"config ({config_path!r}) must be an existing YAML file; check the path"
             )
         with open(config_path) as handle:
             loaded = yaml.safe_load(handle) or {}
         if not isinstance(loaded, dict):
-            raise ValueError(f"config ({config_path!r}) must be a YAML mapping of key: value")
+            raise OptionError(f"config ({config_path!r}) must be a YAML mapping of key: value")
         raw.update({k: (v, os.path.basename(config_path)) for k, v in loaded.items()})
     raw.update({k: (v, "command line") for k, v in (overrides or {}).items()})
     fields = settable_fields()
@@ -250,7 +252,7 @@ def validate(args: PretrainArguments, check_io: bool = True,
     run supplies them) and, reading a saved config, ``check_topology`` (the world size)."""
 
     def fail(name: str, rule: str, fix: str) -> None:
-        raise ValueError(f"{name} ({getattr(args, name)!r}) must {rule}; {fix}")
+        raise OptionError(f"{name} ({getattr(args, name)!r}) must {rule}; {fix}")
 
     for name, choices in CHOICES.items():
         if getattr(args, name) not in choices:
@@ -319,7 +321,7 @@ def _validate_topology(args: PretrainArguments, fail) -> None:
         * args.context_parallel_size
     )
     if args.world_size % model_parallel:
-        raise ValueError(
+        raise OptionError(
             f"world size ({args.world_size}) must be divisible by tensor x pipeline x context "
             f"parallel size ({model_parallel}); launch a multiple of {model_parallel} processes "
             "or change the layout"
@@ -328,7 +330,7 @@ def _validate_topology(args: PretrainArguments, fail) -> None:
     etp = args.expert_tensor_parallel_size or args.tensor_model_parallel_size
     expert_grid = etp * args.expert_model_parallel_size * args.pipeline_model_parallel_size
     if args.world_size % expert_grid:
-        raise ValueError(
+        raise OptionError(
             f"world size ({args.world_size}) must be divisible by expert tensor x expert x "
             f"pipeline parallel size ({expert_grid}); change expert_model_parallel_size or "
             "the number of processes"
@@ -384,7 +386,7 @@ def _split_shares(split: str) -> list[float]:
     except ValueError:
         shares = []
     if len(shares) != 3 or any(share < 0 for share in shares) or sum(shares) <= 0:
-        raise ValueError(f"split ({split!r}) must be three non-negative weights "
+        raise OptionError(f"split ({split!r}) must be three non-negative weights "
                          "'train,valid,test'; e.g. '98,2,0'")
     return shares
 
@@ -403,7 +405,7 @@ def _validate_io(args: PretrainArguments, fail) -> None:
             continue  # a blend weight
         for suffix in (".bin", ".idx"):
             if not os.path.isfile(str(prefix) + suffix):
-                raise ValueError(
+                raise OptionError(
                     f"data_path ({prefix!r}) must name an indexed dataset ({prefix}{suffix} is "
                     "missing); run tools/preprocess_data.py or `make data` first"
                 )

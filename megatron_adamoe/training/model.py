@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
+from megatron_adamoe.errors import OptionError
 from megatron_adamoe.mcore import AdaMoEConfig, get_adamoe_gpt_decoder_block_spec
 from megatron_adamoe.training.arguments import PretrainArguments, padded_vocab_size
 
@@ -30,7 +31,7 @@ def layer_spec_backend(args: PretrainArguments, on_gpu: bool, has_te: bool) -> s
     if on_gpu:
         for name in ("fp8_format", "moe_grouped_gemm"):
             if getattr(args, name):
-                raise ValueError(f"{name} ({getattr(args, name)!r}) must be off without "
+                raise OptionError(f"{name} ({getattr(args, name)!r}) must be off without "
                                  "Transformer Engine; install it (pip install "
                                  "megatron-adamoe[gpu]) or drop the option")
     return "local"
@@ -45,31 +46,31 @@ def check_device_support(args: PretrainArguments, on_gpu: bool,
             needed = (9, 0) if args.fp8_recipe == "blockwise" else (10, 0)
             capability = capability or torch.cuda.get_device_capability()
             if tuple(capability) < needed:
-                raise ValueError(
+                raise OptionError(
                     f"fp8_recipe ({args.fp8_recipe!r}) must run on compute capability "
                     f"{needed[0]}.{needed[1]}+ (this GPU: {capability[0]}.{capability[1]}); use "
                     "'delayed' or 'tensorwise'")
         return
     if args.fp8_format:
-        raise ValueError(f"fp8_format ({args.fp8_format!r}) must be null on CPU; FP8 GEMMs are "
+        raise OptionError(f"fp8_format ({args.fp8_format!r}) must be null on CPU; FP8 GEMMs are "
                          "Transformer Engine's (GPU only)")
     if args.use_distributed_optimizer:
-        raise ValueError(
+        raise OptionError(
             "use_distributed_optimizer (True) must be false on CPU; Megatron's distributed "
             "optimizer checkpoints its state through Apex or Transformer Engine (GPU only)")
     if args.context_parallel_size > 1:
-        raise ValueError(
+        raise OptionError(
             f"context_parallel_size ({args.context_parallel_size}) must be 1 on CPU; context "
             "parallel attention is Transformer Engine's (GPU only)")
     if args.moe_token_dispatcher_type == "flex":
-        raise ValueError("moe_token_dispatcher_type ('flex') must be 'alltoall' or 'allgather' on "
+        raise OptionError("moe_token_dispatcher_type ('flex') must be 'alltoall' or 'allgather' on "
                          "CPU; the flex dispatcher runs on DeepEP (GPU only)")
     if args.pipeline_model_parallel_size > 1 and not args.untie_embeddings_and_output_weights:
-        raise ValueError("untie_embeddings_and_output_weights (False) must be true on CPU with "
+        raise OptionError("untie_embeddings_and_output_weights (False) must be true on CPU with "
                          "pipeline stages; Megatron syncs tied embeddings across stages on CUDA")
     for name in ("moe_grouped_gemm", "moe_permute_fusion"):
         if getattr(args, name):
-            raise ValueError(f"{name} (True) must be false on CPU; it needs Transformer Engine "
+            raise OptionError(f"{name} (True) must be false on CPU; it needs Transformer Engine "
                              "or grouped_gemm kernels (GPU only)")
 
 

@@ -18,6 +18,7 @@ import sys
 import warnings
 from typing import Optional
 
+from megatron_adamoe.errors import OptionError, report
 from megatron_adamoe.training.arguments import load_arguments, parse_overrides
 
 logger = logging.getLogger("megatron_adamoe.pretrain")
@@ -71,28 +72,29 @@ def main(argv: Optional[list[str]] = None) -> int:
         stream=sys.stdout,
     )
     quiet_known_upstream_noise()
+    config_path, validate_only, rest = _split_argv(argv)
     try:
-        config_path, validate_only, rest = _split_argv(argv)
         args = load_arguments(config_path, parse_overrides(rest), world_size)
         if validate_only:
-            import torch
-
-            from megatron_adamoe.training.model import check_device_support, transformer_config
-
-            on_gpu = torch.cuda.is_available()
-            check_device_support(args, on_gpu)
-            transformer_config(args, on_gpu)  # AdaMoEConfig's own checks
-            logger.info("config ok: %d processes, data-parallel size %d, %d micro-batches/step",
-                        world_size, args.data_parallel_size, args.num_microbatches)
-            return 0
+            return _validate_only(args, world_size)
         from megatron_adamoe.training.loop import setup
 
-        train = setup(args)
-    except ValueError as error:  # a mistake in the options: one line, no traceback
-        if rank == 0:
-            print(f"error: {error}", file=sys.stderr, flush=True)
-        return 2
-    train()  # errors from here on keep their tracebacks
+        setup(args)()
+    except OptionError as error:  # a mistake the user can fix: one line, from any rank
+        return report(error, None if validate_only else rank, world_size)
+    return 0
+
+
+def _validate_only(args, world_size: int) -> int:
+    import torch
+
+    from megatron_adamoe.training.model import check_device_support, transformer_config
+
+    on_gpu = torch.cuda.is_available()
+    check_device_support(args, on_gpu)
+    transformer_config(args, on_gpu)  # AdaMoEConfig's own checks
+    logger.info("config ok: %d processes, data-parallel size %d, %d micro-batches/step",
+                world_size, args.data_parallel_size, args.num_microbatches)
     return 0
 
 
