@@ -1,15 +1,24 @@
 #!/usr/bin/env bash
-# Pretrain AdaMoE with torchrun, on one node or many.
+""":"
+# Pretrain AdaMoE. One file, two ways to start it (it is valid bash and valid Python):
+#
+#   torchrun --nproc-per-node 8 launch/pretrain_adamoe.sh --config CONFIG [--key value ...]
+#       torchrun runs this file as Python in every worker: the Python part at the bottom.
+#       Multi node as usual: --nnodes N --node-rank R --master-addr HOST, or
+#       --rdzv-backend c10d --rdzv-endpoint HOST:PORT --rdzv-id ID.
 #
 #   CONFIG=configs/cpu_adamoe_tiny.yaml launch/pretrain_adamoe.sh [--key value ...]
 #   NNODES=8 NODE_RANK=$i MASTER_ADDR=node0 CONFIG=configs/gpu_mixtral_8x7b_adamoe.yaml \
 #       launch/pretrain_adamoe.sh
+#       Run directly, the bash part below is a wrapper: it picks GPUs or (without CUDA)
+#       GPUS_PER_NODE=2 CPU processes over gloo, checks the options once before any process
+#       starts (one error line, exit status 2), then starts torchrun on this same file.
 #
-# Without a GPU it falls back to GPUS_PER_NODE=2 CPU processes over gloo. Extra arguments are
-# option overrides in Megatron's spelling and go to the entry point unchanged. The options are
-# checked once before any process starts, so a bad value ends with one error line.
+# Options: a YAML file (--config, or CONFIG; default configs/cpu_adamoe_tiny.yaml), then overrides
+# in Megatron's flag spelling. Relative paths are relative to the repository root.
 set -euo pipefail
 
+SCRIPT=launch/pretrain_adamoe.sh
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 CONFIG=${CONFIG:-configs/cpu_adamoe_tiny.yaml}
@@ -17,10 +26,6 @@ CONFIG=${CONFIG:-configs/cpu_adamoe_tiny.yaml}
 HAS_GPU=$("$PYTHON" -c "import torch; print(int(torch.cuda.is_available()))")
 if [ "$HAS_GPU" = 1 ]; then
     GPUS_PER_NODE=${GPUS_PER_NODE:-$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")}
-    export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
-    export NCCL_IB_TIMEOUT=${NCCL_IB_TIMEOUT:-19}
-    export NCCL_ASYNC_ERROR_HANDLING=${NCCL_ASYNC_ERROR_HANDLING:-1}
-    export TORCH_NCCL_AVOID_RECORD_STREAMS=${TORCH_NCCL_AVOID_RECORD_STREAMS:-1}
 else
     GPUS_PER_NODE=${GPUS_PER_NODE:-2}   # CPU fallback: processes over gloo
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -45,8 +50,35 @@ fi
 TRAINING_ARGS=(--config "$CONFIG")
 
 # Check the options for this world size first: one clear line and exit status 2 when wrong.
-WORLD_SIZE=$WORLD_SIZE "$PYTHON" -m megatron_adamoe.training.pretrain --validate-only \
-    "${TRAINING_ARGS[@]}" "$@"
+WORLD_SIZE=$WORLD_SIZE "$PYTHON" "$SCRIPT" --validate-only "${TRAINING_ARGS[@]}" "$@"
 
-exec "$PYTHON" -m torch.distributed.run "${DISTRIBUTED_ARGS[@]}" \
-    -m megatron_adamoe.training.pretrain "${TRAINING_ARGS[@]}" "$@"
+exec "$PYTHON" -m torch.distributed.run "${DISTRIBUTED_ARGS[@]}" "$SCRIPT" \
+    "${TRAINING_ARGS[@]}" "$@"
+":"""
+# Python: one worker, as torchrun starts it (and the wrapper's --validate-only check). The entry
+# point is megatron_adamoe.training.pretrain; this part only finds the repository and the config.
+import os
+import sys
+
+
+def _worker() -> int:
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # Set before torch starts CUDA (Megatron's recommendation for overlapping communication);
+    # inert on CPU. Values already in the environment (the wrapper's, the user's) win.
+    for name, value in (("CUDA_DEVICE_MAX_CONNECTIONS", "1"), ("NCCL_IB_TIMEOUT", "19"),
+                        ("TORCH_NCCL_AVOID_RECORD_STREAMS", "1")):
+        os.environ.setdefault(name, value)
+    os.chdir(repo)
+    sys.path.insert(0, repo)
+    from megatron_adamoe.training.pretrain import main
+
+    argv = sys.argv[1:]
+    if not any(arg == "--config" or arg.startswith("--config=") for arg in argv):
+        argv = ["--config", os.environ.get("CONFIG", "configs/cpu_adamoe_tiny.yaml"), *argv]
+    return main(argv)
+
+
+# Guarded: multiprocessing's spawn start method (dist_checkpointing's helpers) re-runs this file
+# as the children's main module, where it must not start another worker.
+if __name__ == "__main__":
+    sys.exit(_worker())
