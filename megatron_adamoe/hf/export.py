@@ -118,7 +118,9 @@ def export_hf(load: str, out: str, tokenizer_model: Optional[str] = None,
                          f"model's {vocab_size} tokens (it has {tokenizer.vocab_size}); pass "
                          "the run's tokenizer")
     config = hf_config(args, vocab_size, tokenizer)
-    config.dtype = tensors["embedding.word_embeddings.weight"].dtype
+    # The stored dtype, under its name in this transformers (``dtype``; ``torch_dtype`` < 4.56).
+    setattr(config, "dtype" if hasattr(config, "dtype") else "torch_dtype",
+            tensors["embedding.word_embeddings.weight"].dtype)
     with torch.device("meta"):
         model = AdaMoEForCausalLM(config)
     if config.tie_word_embeddings:  # Megatron's output layer is the embedding

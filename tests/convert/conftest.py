@@ -26,9 +26,13 @@ def convert(*args, check=True) -> subprocess.CompletedProcess:
 _REMOTE_CODE_SCRIPT = """
 import sys
 import torch
+import transformers
+from packaging.version import Version
 from transformers import AutoModelForCausalLM, AutoTokenizer
 hf_dir, inputs, outputs = sys.argv[1:4]
-model = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True, dtype=torch.float32)
+dtype_kwarg = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+model = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True,
+                                             **{dtype_kwarg: torch.float32})
 tokenizer = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=True)
 assert not [m for m in sys.modules if m.startswith("megatron")], "remote code imported megatron"
 tokens, prompt, steps = torch.load(inputs)
