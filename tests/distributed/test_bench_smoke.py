@@ -1,4 +1,5 @@
-"""The layer benchmark runs end to end (tiny shapes) and prints its table; numbers not asserted."""
+"""The layer benchmark runs end to end (tiny shapes, EP = 2 ranks) and prints its table; the
+numbers are not asserted, the stock all-to-all row count is."""
 
 from __future__ import annotations
 
@@ -24,21 +25,3 @@ def test_bench_moe_layer_prints_table():
     table = result.stdout.splitlines()
     stock_row = next(line for line in table if line.startswith("stock top-2"))
     assert stock_row.split()[-1] == str(2 * 16 * 2 * 2)  # stock ships T * k rows over both ranks
-
-
-def test_bench_rejects_bad_values():
-    command = [sys.executable, str(ROOT / "tools" / "bench_moe_layer.py"), "--num-experts", "3"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert result.returncode == 2
-    assert "--num-experts (3) must be even for EP = 2; or --skip-ep" in result.stderr
-
-
-@pytest.mark.parametrize("argv,message", [
-    (["--te"], "--te (requested) must come with --device cuda; Transformer Engine is GPU only"),
-    (["--fp8-recipe", "delayed"], "--fp8-recipe (delayed) must come with --te; FP8 GEMMs are TE's"),
-])
-def test_bench_gpu_options_are_checked_on_cpu(argv, message):
-    command = [sys.executable, str(ROOT / "tools" / "bench_moe_layer.py"), *argv]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].endswith(f"error: {message}")
