@@ -18,7 +18,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from megatron_adamoe.errors import OptionError
 from megatron_adamoe.training.arguments import PretrainArguments, settable_fields, validate
-from megatron_adamoe.training.checkpoint_paths import TRACKER, latest_checkpoint
+from megatron_adamoe.training.checkpoint_paths import TRACKER, damaged_files, latest_checkpoint
 
 CONFIG_FILE = "config.yaml"
 
@@ -67,7 +67,7 @@ def read_model_tensors(directory: str) -> dict:
     except Exception as error:  # noqa: BLE001 - any unreadable metadata is one user error
         raise OptionError(f"load ({directory!r}) must have readable dist_checkpointing metadata "
                          f"(.metadata); {type(error).__name__}: {error}") from None
-    _check_files(directory, metadata)
+    _check_files(directory)
     tensors = {}
     for key, item in metadata.state_dict_metadata.items():
         if _is_model_tensor(key) and isinstance(item, TensorStorageMetadata):
@@ -90,19 +90,9 @@ def _is_model_tensor(key: str) -> bool:
                 or "_extra_state" in key)
 
 
-def _check_files(directory: str, metadata) -> None:
+def _check_files(directory: str) -> None:
     """Every data file the metadata names exists and is long enough (one line if not)."""
-    needed: dict = {}
-    for info in (metadata.storage_data or {}).values():
-        needed[info.relative_path] = max(needed.get(info.relative_path, 0),
-                                         info.offset + info.length)
-    missing = sorted(name for name in needed
-                     if not os.path.isfile(os.path.join(directory, name)))
-    if missing:
-        raise OptionError(f"load ({directory!r}) must contain every shard its metadata names; "
-                         f"missing: {', '.join(missing)}")
-    short = sorted(name for name, size in needed.items()
-                   if os.path.getsize(os.path.join(directory, name)) < size)
-    if short:
-        raise OptionError(f"load ({directory!r}) has truncated shards ({', '.join(short)}); "
-                         "copy the checkpoint again")
+    problem = damaged_files(directory)
+    if problem:
+        raise OptionError(f"load ({directory!r}) must hold a complete checkpoint ({problem}); "
+                          "copy the checkpoint again")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import tempfile
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -21,6 +22,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from megatron_adamoe.errors import OptionError
+from megatron_adamoe.training import data_check
 
 
 @dataclass
@@ -90,6 +92,7 @@ class PretrainArguments:
     # --- data ---
     data_path: Optional[list] = None
     split: str = "98,2,0"
+    adamoe_data_seed: Optional[int] = None  # shuffles the data; null = seed (Megatron's rule)
     tokenizer_model: Optional[str] = None
     data_cache_path: Optional[str] = None
     # --- checkpoints ---
@@ -189,6 +192,13 @@ def _unknown_key(key: str, source: str) -> OptionError:
     return OptionError(f"config key '{key}' ({source}) is not a known option; {hint}")
 
 
+def _yaml_error(path: str, error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(error, "problem", None) or "invalid YAML"
+    return f"config ({path!r}) must be valid YAML: {problem}{where}; fix the file"
+
+
 def parse_overrides(argv: list[str]) -> dict[str, Any]:
     """``--moe-router-topk 3 --bf16 --no-swiglu --data-path a b`` -> {key: value}."""
     overrides: dict[str, Any] = {}
@@ -229,7 +239,10 @@ def load_arguments(
                 f"config ({config_path!r}) must be an existing YAML file; check the path"
             )
         with open(config_path) as handle:
-            loaded = yaml.safe_load(handle) or {}
+            try:
+                loaded = yaml.safe_load(handle) or {}
+            except yaml.YAMLError as error:
+                raise OptionError(_yaml_error(config_path, error)) from None
         if not isinstance(loaded, dict):
             raise OptionError(f"config ({config_path!r}) must be a YAML mapping of key: value")
         raw.update({k: (v, os.path.basename(config_path)) for k, v in loaded.items()})
@@ -268,6 +281,9 @@ def validate(args: PretrainArguments, check_io: bool = True,
     for name in NON_NEGATIVE:
         if getattr(args, name) < 0:
             fail(name, "be >= 0", "set a non-negative value")
+    for name in ("seed", "adamoe_data_seed"):
+        if getattr(args, name) is not None and not 0 <= getattr(args, name) < 2**32:
+            fail(name, "be in [0, 2**32)", "pick a non-negative 32-bit seed")
     if args.norm_epsilon <= 0:
         fail("norm_epsilon", "be > 0", "set a small positive value such as 1e-5")
     if args.fp8_format and not args.bf16:
@@ -400,15 +416,20 @@ def _validate_io(args: PretrainArguments, fail) -> None:
              "e.g. '98,2,0', or drop eval_interval")
     if not args.data_path:
         fail("data_path", "be set", "run tools/preprocess_data.py and pass its output prefix")
+    needed = [True, bool(args.eval_interval), False]
     for prefix in args.data_path:
         if isinstance(prefix, (int, float)):
             continue  # a blend weight
-        for suffix in (".bin", ".idx"):
-            if not os.path.isfile(str(prefix) + suffix):
-                raise OptionError(
-                    f"data_path ({prefix!r}) must name an indexed dataset ({prefix}{suffix} is "
-                    "missing); run tools/preprocess_data.py or `make data` first"
-                )
+        stats = data_check.read_index(str(prefix))
+        data_check.check_splits(str(prefix), stats, shares, args.split, needed, args.seq_length)
+        # Megatron's GPTDataset writes its index cache here (path_to_cache or its default).
+        cache = args.data_cache_path or os.path.join(str(prefix), "cache", "GPTDataset_indices")
+        _check_writable("data_cache_path" if args.data_cache_path else "data_path", cache,
+                        "the dataset index cache goes there; set data_cache_path to a writable "
+                        "directory")
+    if args.save is not None:
+        _check_writable("save", args.save, "checkpoints go there; fix its permissions or point "
+                        "save elsewhere")
     if args.tokenizer_model is None or not os.path.isfile(args.tokenizer_model):
         fail("tokenizer_model", "be an existing sentencepiece .model file",
              "pass the model tools/preprocess_data.py wrote")
@@ -417,6 +438,18 @@ def _validate_io(args: PretrainArguments, fail) -> None:
              "set eval_interval")
     if args.save_interval is not None and args.save is None:
         fail("save_interval", "come with a save directory", "set save or drop save_interval")
+
+
+def _check_writable(name: str, directory: str, why: str) -> None:
+    """``directory`` exists or can be made, and a file can be written in it (then removed)."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".adamoe-write-check-", dir=directory)
+        os.close(handle)
+        os.remove(probe)
+    except OSError as error:
+        raise OptionError(f"{name} ({directory!r}) must be a writable directory "
+                          f"({error.strerror}); {why}") from None
 
 
 def padded_vocab_size(vocab_size: int, args: PretrainArguments) -> int:

@@ -17,16 +17,19 @@ aux-coefficient schedules are restored under any layout.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
 import shutil
 import signal
+import tempfile
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import torch
+import yaml
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
@@ -37,6 +40,8 @@ from megatron_adamoe.training.checkpoint_paths import (
     PARTIAL,
     TRACKER,
     checkpoint_dir,
+    damaged_files,
+    iterations,
     latest_checkpoint,
     write_atomically,
 )
@@ -107,6 +112,47 @@ def _sharded_state_dict(model, optimizer, is_loading: bool, with_optimizer: bool
     return state
 
 
+# Options that set tensor shapes: resuming with another value cannot load the checkpoint.
+SHAPE_OPTIONS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                 "num_query_groups", "num_experts", "moe_ffn_hidden_size",
+                 "adamoe_num_null_experts", "moe_layer_freq", "swiglu", "normalization",
+                 "position_embedding_type", "untie_embeddings_and_output_weights",
+                 "make_vocab_size_divisible_by")
+
+
+def check_resumable(directory: str, args: PretrainArguments) -> None:
+    """Before any rank reads it: the checkpoint's files are complete (else name the problem and
+    the newest intact older checkpoint) and the options that set tensor shapes match those of
+    the run that wrote it (its config.yaml), naming the first that differs."""
+    problem = damaged_files(directory)
+    if problem:
+        root = os.path.dirname(os.path.normpath(directory))
+        current = os.path.basename(os.path.normpath(directory))
+        older = [i for i in iterations(root) if os.path.basename(checkpoint_dir(root, i)) < current
+                 and damaged_files(checkpoint_dir(root, i)) is None]
+        hint = (f"the previous checkpoint {os.path.basename(checkpoint_dir(root, older[-1]))} is "
+                f"intact: resume from it with `echo {older[-1]} > {os.path.join(root, TRACKER)}`"
+                if older else "no older intact checkpoint is there; restore the files or start "
+                "afresh with another save directory")
+        raise OptionError(f"checkpoint ({directory!r}) must be complete to load ({problem}); "
+                          f"{hint}")
+    saved = _saved_options(directory)
+    for name in SHAPE_OPTIONS:
+        if name in saved and saved[name] != getattr(args, name):
+            raise OptionError(
+                f"{name} ({getattr(args, name)!r}) must equal the checkpoint's "
+                f"({saved[name]!r}) to load {directory}; set it back, or start a new run with "
+                "another save directory")
+
+
+def _saved_options(directory: str) -> dict:
+    path = os.path.join(directory, "config.yaml")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as handle:
+        return yaml.safe_load(handle) or {}
+
+
 def save_checkpoint(args: PretrainArguments, position: TrainingPosition, model, optimizer,
                     scheduler) -> str:
     """Write ``iter_N`` under ``args.save`` and publish it; returns its directory."""
@@ -125,17 +171,56 @@ def save_checkpoint(args: PretrainArguments, position: TrainingPosition, model, 
     state["position"] = {"iteration": position.iteration,
                          "consumed_samples": position.consumed_samples}
     state["layout"] = _layout(args)
-    dist_checkpointing.save(state, partial)
-    _maybe_kill_during_save(position.iteration)
-    dist.barrier()
-    if dist.get_rank() == 0:
-        write_atomically(os.path.join(partial, "config.yaml"), resolved_yaml(args))
-        if os.path.exists(final):  # the same iteration saved before a restart
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        write_atomically(os.path.join(args.save, TRACKER), f"{position.iteration}\n")
+    try:
+        dist_checkpointing.save(state, partial)
+        _maybe_kill_during_save(position.iteration)
+        dist.barrier()
+        if dist.get_rank() == 0:
+            write_atomically(os.path.join(partial, "config.yaml"), resolved_yaml(args))
+            if os.path.exists(final):  # the same iteration saved before a restart
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            write_atomically(os.path.join(args.save, TRACKER), f"{position.iteration}\n")
+    except Exception as error:
+        storage = storage_problem(error, args.save)
+        if storage is None:
+            raise
+        shutil.rmtree(partial, ignore_errors=True)
+        previous = latest_checkpoint(args.save)
+        kept = (f"{os.path.basename(previous)} is still the latest checkpoint" if previous
+                else "no earlier checkpoint exists")
+        raise OptionError(f"save ({args.save!r}) {storage} while writing "
+                          f"{os.path.basename(final)}; {kept} and the partial save was removed; "
+                          "free space or point save elsewhere") from None
     dist.barrier()
     return final
+
+
+def storage_problem(error: BaseException, directory: str) -> Optional[str]:
+    """'ran out of disk space' or 'is not writable (...)' when ``error`` came from the storage
+    under ``directory`` (an errno anywhere in its chain, else a probe write there); else None.
+    Writers deep in torch report a full disk as, e.g., "unexpected pos 704 vs 598"."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and _describe(seen):
+            return _describe(seen)
+        seen = seen.__cause__ or seen.__context__
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory) as probe:
+            probe.write(b"\0" * (1 << 20))
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as probe_error:
+        return _describe(probe_error)
+    return None
+
+
+def _describe(error: OSError) -> Optional[str]:
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "ran out of disk space"
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"is not writable ({error.strerror})"
+    return None
 
 
 def save_weights(args: PretrainArguments, model, root: str) -> str:
@@ -175,6 +260,7 @@ def load_checkpoint(args: PretrainArguments, model, optimizer, scheduler) -> Tra
             raise OptionError(f"load ({args.load!r}) must contain a checkpoint ({TRACKER} or a "
                              "dist_checkpointing directory); check the path")
         return TrainingPosition()
+    check_resumable(directory, args)
     common = dist_checkpointing.load_common_state_dict(directory)
     same_layout = common.get("layout") == _layout(args)
     restore_state = not finetune

@@ -75,6 +75,17 @@ def check_device_support(args: PretrainArguments, on_gpu: bool,
 
 
 def transformer_config(args: PretrainArguments, on_gpu: bool) -> AdaMoEConfig:
+    """The run's AdaMoEConfig. Megatron-Core's own checks in TransformerConfig raise a plain
+    ValueError; for these options they are the user's to fix, so they become OptionErrors."""
+    try:
+        return _transformer_config(args, on_gpu)
+    except OptionError:
+        raise
+    except ValueError as error:
+        raise OptionError(f"Megatron-Core rejects these options: {error}") from None
+
+
+def _transformer_config(args: PretrainArguments, on_gpu: bool) -> AdaMoEConfig:
     bf16 = args.bf16 and on_gpu
     return AdaMoEConfig(
         num_layers=args.num_layers,
@@ -100,6 +111,8 @@ def transformer_config(args: PretrainArguments, on_gpu: bool) -> AdaMoEConfig:
         moe_ffn_hidden_size=(
             args.moe_ffn_hidden_size or args.ffn_hidden_size or 4 * args.hidden_size),
         moe_router_topk=args.moe_router_topk,
+        # Megatron's name for adamoe_weight_norm "none" (it requires it with top-1)
+        moe_router_pre_softmax=args.adamoe_weight_norm == "none",
         moe_layer_freq=args.moe_layer_freq,
         moe_aux_loss_coeff=args.moe_aux_loss_coeff,
         moe_z_loss_coeff=args.moe_z_loss_coeff,

@@ -99,8 +99,8 @@ def test_corrupt_or_mismatched_inputs_fail_with_one_line(exported, tmp_path):
     broken = _copy(checkpoint, tmp_path / "ckpt_missing_shard")
     os.remove(broken / iteration / "__1_0.distcp")
     assert _one_line_error("export-hf", "--load", broken, "--out", tmp_path / "x") == (
-        f"load ({str(broken / iteration)!r}) must contain every shard its metadata names; "
-        "missing: __1_0.distcp")
+        f"load ({str(broken / iteration)!r}) must hold a complete checkpoint (missing shard "
+        "__1_0.distcp); copy the checkpoint again")
 
     missing_shard = _copy(hf_dir, tmp_path / "hf_missing_shard")
     os.remove(missing_shard / "model-00002-of-00004.safetensors")

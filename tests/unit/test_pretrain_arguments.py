@@ -8,6 +8,8 @@ import os
 import pytest
 import yaml
 
+from tests.indexed_data import write_indexed_dataset
+
 from megatron_adamoe.training.arguments import (
     load_arguments,
     parse_overrides,
@@ -20,9 +22,9 @@ CPU_CONFIG = os.path.join(REPO, "configs", "cpu_adamoe_tiny.yaml")
 
 @pytest.fixture
 def data(tmp_path):
-    """Stand-in files where the options expect an indexed dataset and a tokenizer."""
-    for suffix in (".bin", ".idx"):
-        (tmp_path / f"corpus_text{suffix}").write_bytes(b"")
+    """A real (small) indexed dataset and a stand-in tokenizer file where the options expect
+    them: 1000 documents of 2100 tokens, enough for every split the shipped configs read."""
+    write_indexed_dataset(str(tmp_path / "corpus_text"), [2100] * 1000)
     (tmp_path / "tok.model").write_bytes(b"")
     return {"data_path": [str(tmp_path / "corpus_text")],
             "tokenizer_model": str(tmp_path / "tok.model")}
@@ -170,6 +172,9 @@ def test_other_rules(data):
     assert _error(None, {**data, "skip_train": True}) == (
         "skip_train (True) must come with eval_interval (the validation set size depends on it); "
         "set eval_interval"
+    )
+    assert _error(CPU_CONFIG, {**data, "adamoe_data_seed": -1}) == (
+        "adamoe_data_seed (-1) must be in [0, 2**32); pick a non-negative 32-bit seed"
     )
 
 
@@ -333,3 +338,28 @@ def test_fp8_options_stay_off_the_cpu_transformer_config(data):
                                        "fp8_recipe": "tensorwise"}, 2)
     config = transformer_config(args, on_gpu=False)
     assert (config.fp8, config.bf16) == (None, False)
+
+
+def test_top1_routing_builds_megatrons_pre_softmax_config(data):
+    """Megatron requires moe_router_pre_softmax with top-1: weight norm 'none' is that."""
+    from megatron_adamoe.training.model import transformer_config
+
+    args = load_arguments(CPU_CONFIG, {**data, "moe_router_topk": 1,
+                                       "adamoe_num_null_experts": 0,
+                                       "adamoe_weight_norm": "none"}, 2)
+    config = transformer_config(args, on_gpu=False)
+    assert config.moe_router_pre_softmax and config.moe_router_topk == 1
+
+
+def test_megatrons_own_config_errors_are_one_line_option_errors(data, monkeypatch):
+    from megatron_adamoe.errors import OptionError
+    from megatron_adamoe.training import model
+
+    def megatron_rejects(args, on_gpu):
+        raise ValueError("Please use --moe-router-pre-softmax when topk is 1.")
+
+    monkeypatch.setattr(model, "_transformer_config", megatron_rejects)
+    with pytest.raises(OptionError) as info:
+        model.transformer_config(load_arguments(CPU_CONFIG, data, 2), on_gpu=False)
+    assert str(info.value) == ("Megatron-Core rejects these options: Please use "
+                               "--moe-router-pre-softmax when topk is 1.")
