@@ -11,9 +11,9 @@ LOCK := requirements/lock.txt
 TORCH_INDEX ?=
 PIP_INDEX := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 # The extras the lock covers (the GPU extra is never locked: it is built on GPU nodes).
-LOCK_EXTRAS := test
+LOCK_EXTRAS := test study
 
-.PHONY: install lock data demo baseline hf test test-fast bench clean
+.PHONY: install lock data demo baseline hf study test test-fast bench clean
 
 # The lock is for CPython 3.11 on Linux x86_64 (what CI runs). The venv is rebuilt from scratch
 # whenever the lock or pyproject.toml changes, so it never keeps packages the lock dropped.
@@ -66,6 +66,11 @@ hf: $(STAMP)
 	rm -rf runs/cpu_adamoe_tiny/hf
 	$(PY) tools/convert_checkpoint.py export-hf --load runs/cpu_adamoe_tiny/checkpoints \
 		--out runs/cpu_adamoe_tiny/hf
+
+# The CPU study: AdaMoE vs top-k pretraining on Shakespeare, 6 configs x 3 seeds (about two hours
+# on 2 cores; resumable: run it again after a stop). Report: docs/study/cpu_shakespeare/.
+study: $(DATA)
+	$(PY) tools/study.py configs/study/cpu_shakespeare.yaml
 
 # AdaMoE layer vs stock Megatron-Core top-k on CPU: load, time, all-to-all rows under EP = 2.
 bench: $(STAMP)

@@ -25,7 +25,7 @@ BATCH_KEYS = ("tokens", "labels", "loss_mask", "attention_mask", "position_ids")
 def build_datasets(args: PretrainArguments, tokenizer):
     """(train, valid) GPTDatasets; rank 0 builds the index caches first, then every rank loads."""
     config = GPTDatasetConfig(
-        random_seed=args.seed,
+        random_seed=args.seed if args.adamoe_data_seed is None else args.adamoe_data_seed,
         sequence_length=args.seq_length,
         blend=get_blend_from_list([str(p) for p in args.data_path]),
         split=args.split,

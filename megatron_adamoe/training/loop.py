@@ -28,6 +28,7 @@ from megatron.core.utils import get_batch_on_this_cp_rank
 
 from megatron_adamoe.errors import OptionError
 from megatron_adamoe.mcore import adamoe_metric_names, enable_cpu_mode, set_adamoe_training_step
+from megatron_adamoe.mcore.router import k_eff_metric_names
 from megatron_adamoe.training import checkpointing, corpus, data, metrics
 from megatron_adamoe.training.arguments import PretrainArguments, padded_vocab_size
 from megatron_adamoe.training.model import build_model, check_device_support, transformer_config
@@ -290,6 +291,7 @@ class _Reporter:
         self.args, self.vocab_size = args, vocab_size
         self.writer, self.wandb_run = writer, wandb_run
         self.track_names = list(adamoe_metric_names(config))
+        self.k_eff_names = k_eff_metric_names(config.moe_router_topk)
         self.moe_layers = metrics.moe_layer_indices(args)
         self.started = time.time()
         self.window_seconds, self.window_iterations = 0.0, 0
@@ -317,9 +319,12 @@ class _Reporter:
         writer.add_scalar("learning-rate", lr, step)
         if grad_norm is not None:
             writer.add_scalar("grad-norm", grad_norm, step)
+        k_eff = [writer.per_layer(name) for name in self.k_eff_names]
         _append_metrics(args.adamoe_metrics_file, {
             "iteration": step, "lm loss": loss, "lr": lr, "grad norm": grad_norm,
+            "step time": step_seconds,
             "load": [loads.get(i) for i in self.moe_layers], "flops vs topk": flops_ratio,
+            "k_eff": [[fractions.get(i) for fractions in k_eff] for i in self.moe_layers],
             **{name: float(value) for name, value in moe_losses.items()}})
         self.window_seconds += step_seconds
         self.window_iterations += 1

@@ -1,0 +1,193 @@
+"""The study README: what ran, on what, the measured table, and comparisons against the top-k
+frontier with their seed uncertainty. Numbers only from results rows; the grid file's
+``discussion`` (written by a person after reading the results) is quoted as it is.
+
+Statistics, over each arm's seeds: mean and population standard deviation; a difference of means
+is given with its standard error sqrt(s_a^2/n_a + s_b^2/n_b) and called larger than the seed
+spread when it exceeds twice that (with three seeds an indication, not a formal test).
+"""
+
+from __future__ import annotations
+
+import math
+from statistics import fmean, pstdev
+from typing import Optional
+
+from megatron_adamoe.ops.routing import expected_load
+
+PLOTS = (("losses.png", "Training (smoothed) and validation loss"),
+         ("frontier.png", "Validation loss against expert compute: the top-k frontier and AdaMoE"),
+         ("layer_load.png", "Load (true experts per token) per MoE layer over training"),
+         ("k_eff.png", "Share of tokens using 0..k true experts, per layer, at the end"))
+
+
+def _stats(values: list[float]) -> tuple[float, float, int]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return math.nan, math.nan, 0
+    return fmean(values), (pstdev(values) if len(values) > 1 else 0.0), len(values)
+
+
+def _pm(values: list[float], digits: int = 3) -> str:
+    mean, std, count = _stats(values)
+    if not count:
+        return "-"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if count > 1 else f"{mean:.{digits}f}"
+
+
+def arm_stats(rows: list[dict], arm: str) -> dict:
+    mine = [r for r in rows if r["config"] == arm]
+    return {key: _stats([r[key] for r in mine]) for key in
+            ("final_val_loss", "best_val_loss", "mean_load", "expert_flops_vs_baseline",
+             "model_flops_vs_baseline", "tokens_per_s")} | {"rows": mine}
+
+
+def _interpolate(points: list[tuple[float, float]], x: float) -> Optional[float]:
+    """Piecewise-linear y(x) through ``points`` (sorted by x); None outside their range."""
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return None
+
+
+def frontier(grid, stats: dict) -> list[tuple[str, dict]]:
+    """The top-k arms with results, sorted by measured expert FLOPs."""
+    arms = [(arm, stats[arm]) for arm in grid.arms
+            if arm in stats and grid.family(arm) == "top-k" and stats[arm]["rows"]]
+    return sorted(arms, key=lambda item: item[1]["expert_flops_vs_baseline"][0])
+
+
+def compare_at_equal_flops(point: dict, front: list[tuple[str, dict]]) -> Optional[dict]:
+    """The arm's loss minus the top-k frontier's at the arm's expert FLOPs (interpolated)."""
+    xs = [s["expert_flops_vs_baseline"][0] for _, s in front]
+    x = point["expert_flops_vs_baseline"][0]
+    mean = _interpolate(list(zip(xs, [s["final_val_loss"][0] for _, s in front])), x)
+    if mean is None:
+        return None
+    std = _interpolate(list(zip(xs, [s["final_val_loss"][1] for _, s in front])), x)
+    count = min(s["final_val_loss"][2] for _, s in front)
+    a_mean, a_std, a_count = point["final_val_loss"]
+    diff = a_mean - mean
+    error = math.sqrt(a_std**2 / a_count + std**2 / count)
+    # With one seed on either side there is no spread to compare against.
+    exceeds = None if min(a_count, count) < 2 else abs(diff) > 2 * error
+    return {"topk_loss": mean, "diff": diff, "stderr": error, "exceeds": exceeds}
+
+
+def flops_at_equal_loss(point: dict, front: list[tuple[str, dict]]) -> tuple[str, Optional[float]]:
+    """Expert FLOPs the top-k frontier needs for the arm's loss, as (how, saving fraction)."""
+    curve = [(s["final_val_loss"][0], s["expert_flops_vs_baseline"][0]) for _, s in front]
+    loss, flops = point["final_val_loss"][0], point["expert_flops_vs_baseline"][0]
+    by_loss = sorted(curve)
+    if loss < by_loss[0][0]:
+        return "below every top-k arm's loss", 1 - flops / max(x for _, x in curve)
+    if loss > by_loss[-1][0]:
+        return "above every top-k arm's loss", None
+    needed = _interpolate(by_loss, loss)
+    return "interpolated", 1 - flops / needed
+
+
+def render(grid, rows: list[dict], machine: dict, command: str) -> str:
+    stats = {arm: arm_stats(rows, arm) for arm in grid.arms}
+    stats = {arm: s for arm, s in stats.items() if s["rows"]}
+    base = f"top-{grid.baseline_topk}"
+    lines = [f"# Study: {grid.name}", ""]
+    if grid.description:
+        lines += [grid.description.strip(), ""]
+    done = len(rows)
+    lines += [f"{done} of {len(grid.runs())} runs finished ({len(grid.arms)} configs x "
+              f"{len(grid.seeds)} seeds). Produced by the study harness from the runs' own "
+              "metrics; rebuild this page with the command below plus `--report-only`.", "",
+              "## Reproduce", "", "```bash", "make data   # the Shakespeare corpus and tokenizer",
+              command, "```", ""]
+    if machine:
+        lines += [f"Machine: {machine.get('cpu')}, {machine.get('cores')} cores; Python "
+                  f"{machine.get('python')}, torch {machine.get('torch')}, megatron-core "
+                  f"{machine.get('megatron-core')}; {machine.get('platform')}.",
+                  f"Commit(s): {', '.join(sorted({str(r['commit']) for r in rows}))}.", ""]
+    lines += _setup_lines(grid, rows)
+    lines += ["## Results", "",
+              f"Mean ± standard deviation over seeds. Load: true experts per token, mean over "
+              f"layers and the last {10}% of steps. Expert FLOPs: load / {grid.baseline_topk} "
+              f"(relative to {base}). Model FLOPs: the whole forward pass at the measured "
+              f"per-layer loads, relative to {base}. Time/step: relative to {base}'s median step "
+              "time in its runs.", "",
+              "| config | n | m | k | balanced load | seeds | final val loss | best val loss | "
+              "measured load | expert FLOPs | model FLOPs | tokens/s | time/step |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    base_tps = stats.get(_arm_with_k(grid, stats, grid.baseline_topk), {}).get("tokens_per_s")
+    for arm, s in stats.items():
+        row = s["rows"][0]
+        balanced = expected_load(row["k"], row["n"], row["m"])
+        tps = s["tokens_per_s"]
+        relative = f"{base_tps[0] / tps[0]:.3f}" if base_tps and tps[2] else "-"
+        lines.append(
+            f"| {arm} | {row['n']} | {row['m']} | {row['k']} | {balanced:.2f} | {len(s['rows'])} "
+            f"| {_pm([r['final_val_loss'] for r in s['rows']])} "
+            f"| {_pm([r['best_val_loss'] for r in s['rows']])} "
+            f"| {_pm([r['mean_load'] for r in s['rows']])} "
+            f"| {_pm([r['expert_flops_vs_baseline'] for r in s['rows']])} "
+            f"| {_pm([r['model_flops_vs_baseline'] for r in s['rows']])} "
+            f"| {_pm([r['tokens_per_s'] for r in s['rows']], 0)} | {relative} |")
+    lines += [""] + _comparison_lines(grid, stats, base, base_tps)
+    lines += ["## Plots", ""]
+    for filename, caption in PLOTS:
+        lines += [f"**{caption}**", "", f"![{caption}]({filename})", ""]
+    if grid.discussion:
+        lines += ["## Discussion", "", grid.discussion.strip(), ""]
+    lines += ["The per-run rows are in [results.csv](results.csv); each run's metrics in "
+              "`runs/<config>-seed<N>/metrics.jsonl.gz`.", ""]
+    return "\n".join(lines)
+
+
+def _arm_with_k(grid, stats: dict, k: int) -> Optional[str]:
+    for arm, s in stats.items():
+        if grid.family(arm) == "top-k" and s["rows"][0]["k"] == k:
+            return arm
+    return None
+
+
+def _setup_lines(grid, rows: list[dict]) -> list[str]:
+    common = ", ".join(f"`{k}: {v}`" for k, v in grid.common.items())
+    arms = "; ".join(f"**{arm}** " + (", ".join(f"`{k}: {v}`" for k, v in o.items()) or "-")
+                     for arm, o in grid.arms.items())
+    return ["## What ran", "",
+            f"Every run: the base config `{grid.base_config}` with {common}; data seed "
+            f"{grid.data_seed} for every run (the same batches and the same validation set); the "
+            f"seed ({', '.join(map(str, grid.seeds))}) sets the initialisation. Arms: {arms}.", ""]
+
+
+def _comparison_lines(grid, stats: dict, base: str, base_tps) -> list[str]:
+    front = frontier(grid, stats)
+    others = [(arm, s) for arm, s in stats.items() if grid.family(arm) != "top-k"]
+    if len(front) < 2 or not others:
+        return ["(Comparisons need at least two top-k arms and one other arm with results.)", ""]
+    lines = ["## Against the top-k frontier", "",
+             "The top-k arms' (expert FLOPs, validation loss) points, joined by straight lines, "
+             "form the frontier. Each other arm is compared with it at its own measured expert "
+             "FLOPs (loss difference; negative = AdaMoE better) and at its own loss (the expert "
+             "FLOPs top-k would need, interpolated; saving = 1 - AdaMoE's / top-k's).", "",
+             "| config | expert FLOPs | loss − top-k loss at equal FLOPs | > 2 s.e.? | "
+             "top-k FLOPs at equal loss | FLOPs saved |", "|---|---|---|---|---|---|"]
+    for arm, s in others:
+        at_flops = compare_at_equal_flops(s, front)
+        how, saving = flops_at_equal_loss(s, front)
+        diff = ("outside the frontier's FLOPs range" if at_flops is None else
+                f"{at_flops['diff']:+.4f} ± {at_flops['stderr']:.4f}")
+        exceeds = ("-" if at_flops is None or at_flops["exceeds"] is None else
+                   "yes" if at_flops["exceeds"] else "no")
+        saved = "-" if saving is None else f"{saving:+.1%}"
+        lines.append(f"| {arm} | {s['expert_flops_vs_baseline'][0]:.3f} | {diff} | {exceeds} | "
+                     f"{how} | {saved} |")
+    lines += [""]
+    if base_tps:
+        lines += ["Wall clock: time per step relative to " + base + " against model FLOPs "
+                  "relative to " + base + " (1.0 = time follows FLOPs exactly):", ""]
+        for arm, s in stats.items():
+            flops, tps = s["model_flops_vs_baseline"][0], s["tokens_per_s"]
+            if tps[2] and not math.isnan(flops):
+                time_ratio = base_tps[0] / tps[0]
+                lines.append(f"- {arm}: time {time_ratio:.3f}, model FLOPs {flops:.3f}, "
+                             f"time/FLOPs {time_ratio / flops:.3f}")
+        lines += [""]
+    return lines

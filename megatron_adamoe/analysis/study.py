@@ -1,0 +1,332 @@
+"""A reproducible study: a grid of configs x seeds through the real pretraining entry point.
+
+A grid file (YAML, e.g. ``configs/study/cpu_shakespeare.yaml``) names a base config, options common
+to every arm (data, tokens, optimizer, schedule, validation: only routing may differ between arms),
+the arms, the seeds and one data seed (every run reads the same batches and the same validation
+set; seeds change the initialisation only). ``run_grid`` runs what is missing: a finished run has
+``done.json`` and is skipped, a half-finished one resumes from its own checkpoints. After each run
+it refreshes the report under ``<out>/<name>/``: ``results.csv`` (one row per run), the plots and
+``README.md``, and keeps each run's metrics there (``runs/<run>/metrics.jsonl.gz``), so the report
+can be rebuilt from the committed files alone (``--report-only``).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import gzip
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from statistics import fmean, median, pstdev
+from typing import Optional
+
+import yaml
+
+from megatron_adamoe.analysis import plots, report
+from megatron_adamoe.analysis.runs import Run, read_run
+from megatron_adamoe.errors import OptionError
+from megatron_adamoe.training.arguments import PretrainArguments, settable_fields
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+LAUNCH = "launch/pretrain_adamoe.sh"
+CSV_COLUMNS = ("config", "seed", "n", "m", "k", "steps", "tokens", "final_val_loss",
+               "best_val_loss", "mean_load", "expert_flops_vs_baseline", "model_flops_vs_baseline",
+               "tokens_per_s", "wall_s", "commit")
+GRID_KEYS = {"name", "description", "base_config", "nproc", "seeds", "data_seed",
+             "flops_baseline_topk", "common", "arms", "families", "discussion"}
+
+
+@dataclass
+class Grid:
+    name: str
+    path: str
+    base_config: str
+    nproc: int
+    seeds: list[int]
+    data_seed: int
+    baseline_topk: int
+    common: dict
+    arms: dict[str, dict]
+    families: dict[str, str]
+    description: str = ""
+    discussion: str = ""
+
+    def run_name(self, arm: str, seed: int) -> str:
+        return f"{arm}-seed{seed}"
+
+    def runs(self) -> list[tuple[str, int]]:
+        """Seed-major: every arm of seed 1, then of seed 2, ...; a stopped grid then has whole
+        seeds, and slow periods of a shared machine spread over the arms."""
+        return [(arm, seed) for seed in self.seeds for arm in self.arms]
+
+    def options(self, arm: str) -> PretrainArguments:
+        """The arm's resolved options (base config, then common, then the arm's own)."""
+        with open(os.path.join(REPO, self.base_config)) as handle:
+            values = yaml.safe_load(handle) or {}
+        values.update(self.common)
+        values.update(self.arms[arm])
+        fields = settable_fields()
+        return PretrainArguments(**{k: v for k, v in values.items() if k in fields})
+
+    def family(self, arm: str) -> str:
+        if arm in self.families:
+            return self.families[arm]
+        return "top-k" if not self.options(arm).adamoe_num_null_experts else "AdaMoE"
+
+
+def load_grid(path: str) -> Grid:
+    if not os.path.isfile(path):
+        raise OptionError(f"grid ({path!r}) must be an existing YAML file; see configs/study/")
+    with open(path) as handle:
+        raw = yaml.safe_load(handle) or {}
+    unknown = sorted(set(raw) - GRID_KEYS)
+    if unknown:
+        raise OptionError(f"grid keys ({', '.join(unknown)}) must be among {sorted(GRID_KEYS)}; "
+                          f"fix {path}")
+    for key in ("name", "base_config", "seeds", "arms"):
+        if not raw.get(key):
+            raise OptionError(f"grid key {key} must be set; fix {path}")
+    fields = settable_fields()
+    for where, options in [("common", raw.get("common") or {}), *raw["arms"].items()]:
+        bad = sorted(set(options) - set(fields))
+        if bad:
+            raise OptionError(f"grid {where} options ({', '.join(bad)}) must be pretraining "
+                              f"options; fix {path}")
+    for reserved in ("seed", "adamoe_data_seed", "save", "adamoe_metrics_file",
+                     "tensorboard_dir", "adamoe_flops_baseline_topk"):
+        if any(reserved in options for options in [raw.get("common") or {},
+                                                    *raw["arms"].values()]):
+            raise OptionError(f"grid option {reserved} must not be set; the harness sets it "
+                              "per run")
+    return Grid(
+        name=raw["name"], path=path, base_config=raw["base_config"],
+        nproc=int(raw.get("nproc", 2)), seeds=[int(s) for s in raw["seeds"]],
+        data_seed=int(raw.get("data_seed", 1234)),
+        baseline_topk=int(raw.get("flops_baseline_topk", 2)), common=raw.get("common") or {},
+        arms=raw["arms"], families=raw.get("families") or {},
+        description=raw.get("description", ""), discussion=raw.get("discussion", ""))
+
+
+def run_command(grid: Grid, arm: str, seed: int, run_dir: str, port: int) -> list[str]:
+    """The exact command of one run: the launch script under torchrun, as a user types it."""
+    overrides = {**grid.common, **grid.arms[arm], "seed": seed, "adamoe_data_seed": grid.data_seed,
+                 "save": os.path.join(run_dir, "checkpoints"),
+                 "adamoe_metrics_file": os.path.join(run_dir, "metrics.jsonl"),
+                 "tensorboard_dir": os.path.join(run_dir, "tensorboard"),
+                 "adamoe_flops_baseline_topk": grid.baseline_topk}
+    flags = []
+    for key, value in overrides.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else f"--no-{key.replace('_', '-')}")
+        elif isinstance(value, list):
+            flags += [flag, *map(str, value)]
+        else:
+            flags += [flag, "null" if value is None else str(value)]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(grid.nproc),
+            "--master-port", str(port), LAUNCH, "--config", grid.base_config, *flags]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _iterations_done(metrics_path: str) -> int:
+    try:
+        with open(metrics_path) as handle:
+            return len({json.loads(line)["iteration"] for line in handle
+                        if line.strip() and '"lm loss"' in line})
+    except (OSError, ValueError):
+        return 0
+
+
+def run_grid(grid: Grid, runs_dir: str, out_dir: str, progress: bool = True) -> None:
+    """Run every missing (arm, seed), refreshing the report after each; progress with ETA."""
+    from tqdm import tqdm
+
+    study_dir = os.path.join(runs_dir, grid.name)
+    report_dir = os.path.join(out_dir, grid.name)
+    os.makedirs(report_dir, exist_ok=True)
+    todo = [(arm, seed) for arm, seed in grid.runs()
+            if not os.path.isfile(os.path.join(study_dir, grid.run_name(arm, seed), "done.json"))]
+    steps = {arm: grid.options(arm).train_iters for arm in grid.arms}
+    bar = tqdm(total=sum(steps[arm] for arm, _ in todo), unit="it", disable=not progress,
+               desc=f"{grid.name}: {len(todo)} of {len(grid.runs())} runs to go")
+    for number, (arm, seed) in enumerate(todo, 1):
+        name = grid.run_name(arm, seed)
+        run_dir = os.path.join(study_dir, name)
+        os.makedirs(run_dir, exist_ok=True)
+        bar.set_postfix_str(f"run {number}/{len(todo)} {name}")
+        wall = _run_one(grid, arm, seed, run_dir, bar)
+        with open(os.path.join(run_dir, "done.json"), "w") as handle:
+            json.dump({"wall_s": wall, "finished": datetime.datetime.now().isoformat(
+                timespec="seconds"), "commit": _git_commit(), "machine": machine()}, handle)
+        _keep_in_report(run_dir, os.path.join(report_dir, "runs", name))
+        write_report(grid, out_dir)
+    bar.close()
+    write_report(grid, out_dir)
+
+
+def _run_one(grid: Grid, arm: str, seed: int, run_dir: str, bar) -> float:
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    command = run_command(grid, arm, seed, run_dir, _free_port())
+    attempts_path = os.path.join(run_dir, "attempts.json")
+    attempts = json.load(open(attempts_path)) if os.path.isfile(attempts_path) else []
+    counted = _iterations_done(metrics)
+    bar.update(counted)
+    started = time.time()
+    with open(os.path.join(run_dir, "train.log"), "a") as log:
+        log.write(f"$ {' '.join(command)}\n")
+        log.flush()
+        process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+        while process.poll() is None:
+            time.sleep(2)
+            done = _iterations_done(metrics)
+            bar.update(max(0, done - counted))
+            counted = max(counted, done)
+    attempts.append({"command": command, "wall_s": time.time() - started,
+                     "returncode": process.returncode})
+    with open(attempts_path, "w") as handle:
+        json.dump(attempts, handle, indent=1)
+    if process.returncode != 0:
+        raise RuntimeError(f"run {os.path.basename(run_dir)} failed ({process.returncode}); "
+                           f"see {os.path.join(run_dir, 'train.log')}; rerun to resume")
+    return sum(a["wall_s"] for a in attempts)
+
+
+def _keep_in_report(run_dir: str, keep_dir: str) -> None:
+    """The run's metrics (gzipped) and done.json next to the report, for --report-only."""
+    os.makedirs(keep_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "metrics.jsonl"), "rb") as source, \
+            open(os.path.join(keep_dir, "metrics.jsonl.gz.tmp"), "wb") as raw, \
+            gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as target:  # same bytes each time
+        shutil.copyfileobj(source, target)
+    os.replace(os.path.join(keep_dir, "metrics.jsonl.gz.tmp"),
+               os.path.join(keep_dir, "metrics.jsonl.gz"))
+    shutil.copyfile(os.path.join(run_dir, "done.json"), os.path.join(keep_dir, "done.json"))
+
+
+def summarize(grid: Grid, arm: str, seed: int, run: Run, done: dict) -> dict:
+    """One results.csv row, from the run's measured records."""
+    options = grid.options(arm)
+    tail = run.tail(plots.TAIL_FRACTION)
+    loads = [s.mean_load for s in tail if s.mean_load is not None]
+    flops = [s.flops_vs_topk for s in tail if s.flops_vs_topk is not None]
+    times = [s.step_time for s in run.train[5:] if s.step_time]  # past the first steps' warm-up
+    steps = run.train[-1].iteration if run.train else 0
+    mean_load = fmean(loads) if loads else None
+    return {
+        "config": arm, "seed": seed, "n": options.num_experts,
+        "m": options.adamoe_num_null_experts, "k": options.moe_router_topk, "steps": steps,
+        "tokens": steps * options.global_batch_size * options.seq_length,
+        "final_val_loss": run.validation[-1][1] if run.validation else None,
+        "best_val_loss": min(loss for _, loss in run.validation) if run.validation else None,
+        "mean_load": mean_load,
+        "expert_flops_vs_baseline": None if mean_load is None else mean_load / grid.baseline_topk,
+        "model_flops_vs_baseline": fmean(flops) if flops else None,
+        "tokens_per_s": (options.global_batch_size * options.seq_length / median(times)
+                         if times else None),
+        "wall_s": done.get("wall_s"), "commit": done.get("commit"),
+    }
+
+
+def collect(grid: Grid, out_dir: str) -> tuple[list[dict], list[Run], dict]:
+    """Rows and runs of every finished run kept in the report directory."""
+    keep = os.path.join(out_dir, grid.name, "runs")
+    rows, runs, machine_info = [], [], {}
+    for arm, seed in grid.runs():
+        run_dir = os.path.join(keep, grid.run_name(arm, seed))
+        if not os.path.isfile(os.path.join(run_dir, "done.json")):
+            continue
+        with open(os.path.join(run_dir, "done.json")) as handle:
+            done = json.load(handle)
+        machine_info = done.get("machine", machine_info)
+        run = read_run(run_dir, grid.run_name(arm, seed))
+        runs.append(run)
+        rows.append(summarize(grid, arm, seed, run, done))
+    return rows, runs, machine_info
+
+
+def write_report(grid: Grid, out_dir: str) -> Optional[str]:
+    """results.csv, the plots and README.md under ``out_dir/<name>/`` (temp names, renamed)."""
+    rows, runs, machine_info = collect(grid, out_dir)
+    if not rows:
+        return None
+    report_dir = os.path.join(out_dir, grid.name)
+    _write_csv(rows, os.path.join(report_dir, "results.csv"))
+    plots.plot_losses(runs, os.path.join(report_dir, "losses.png"))
+    points = [{"name": arm, "family": grid.family(arm),
+               "x": [r["expert_flops_vs_baseline"] for r in rows if r["config"] == arm],
+               "y": [r["final_val_loss"] for r in rows if r["config"] == arm]}
+              for arm in grid.arms if any(r["config"] == arm for r in rows)]
+    plots.plot_frontier(points, os.path.join(report_dir, "frontier.png"),
+                        x_label=f"expert FLOPs vs top-{grid.baseline_topk} (measured load / "
+                        f"{grid.baseline_topk})",
+                        title=f"{grid.name}: validation loss vs expert compute")
+    plots.plot_layer_load(runs, os.path.join(report_dir, "layer_load.png"))
+    adamoe_runs = [run for run, row in zip(runs, rows) if grid.family(row["config"]) != "top-k"]
+    if adamoe_runs:
+        plots.plot_k_eff(adamoe_runs, os.path.join(report_dir, "k_eff.png"))
+    text = report.render(grid, rows, machine_info,
+                         command=f"python tools/study.py {os.path.relpath(grid.path, REPO)}")
+    path = os.path.join(report_dir, "README.md")
+    with open(path + ".tmp", "w") as handle:
+        handle.write(text)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def _write_csv(rows: list[dict], path: str) -> None:
+    with open(path + ".tmp", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if row[k] is None else
+                                 f"{row[k]:.6g}" if isinstance(row[k], float) else row[k])
+                             for k in CSV_COLUMNS})
+    os.replace(path + ".tmp", path)
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def machine() -> dict:
+    """What the runs ran on: CPU model and count, Python, torch and megatron-core versions."""
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next(line.split(":", 1)[1].strip() for line in handle
+                       if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "absent"
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "torch": installed("torch"), "megatron-core": installed("megatron-core"),
+            "platform": platform.platform()}
+
+
+def spread(values: list[float]) -> tuple[float, float]:
+    """(mean, population standard deviation) of the seeds' values."""
+    return fmean(values), (pstdev(values) if len(values) > 1 else 0.0)

@@ -1,0 +1,106 @@
+"""The study harness end to end: a 2-config x 1-seed grid of a few steps on the synthetic corpus,
+through the real entry point; the CSV's content against the runs' own metrics, the plots, the
+README, resuming a run, and rebuilding the report from the kept files alone."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tests.training.conftest import REPO
+
+pytestmark = pytest.mark.distributed
+
+
+def _grid(tmp_path, corpus) -> str:
+    data_path, tokenizer = corpus
+    grid = {
+        "name": "tiny", "base_config": "configs/cpu_adamoe_tiny.yaml", "nproc": 2,
+        "seeds": [7], "data_seed": 3, "flops_baseline_topk": 2,
+        "common": {"data_path": [data_path], "tokenizer_model": tokenizer, "num_layers": 2,
+                   "hidden_size": 64, "seq_length": 64, "moe_ffn_hidden_size": 64,
+                   "micro_batch_size": 4, "global_batch_size": 8, "train_iters": 6,
+                   "lr_warmup_iters": 1, "eval_interval": 3, "eval_iters": 1,
+                   "save_interval": 3, "log_interval": 3, "moe_aux_loss_coeff": 0.01,
+                   "adamoe_aux_loss_coeff_schedule": None},
+        "arms": {"top2": {"moe_router_topk": 2, "adamoe_num_null_experts": 0},
+                 "ada": {"moe_router_topk": 3, "adamoe_num_null_experts": 4}},
+        "discussion": "Written by a person after reading the results.",
+    }
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return str(path)
+
+
+def _study(*args, check=True):
+    result = subprocess.run([sys.executable, "tools/study.py", *args, "--no-progress"],
+                            cwd=REPO, capture_output=True, text=True, timeout=900)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def test_study_harness_runs_a_grid_and_reports_it(synthetic_corpus, tmp_path):
+    grid = _grid(tmp_path, synthetic_corpus)
+    runs, out = tmp_path / "runs", tmp_path / "docs"
+    _study(grid, "--runs-dir", str(runs), "--out", str(out))
+    report = out / "tiny"
+    with open(report / "results.csv") as handle:
+        rows = {row["config"]: row for row in csv.DictReader(handle)}
+    assert sorted(rows) == ["ada", "top2"]
+    for name, row in rows.items():
+        metrics = [json.loads(line) for line in
+                   gzip.open(report / "runs" / f"{name}-seed7" / "metrics.jsonl.gz", "rt")]
+        train = [r for r in metrics if "lm loss" in r]
+        validation = [r["validation lm loss"] for r in metrics if "validation lm loss" in r]
+        assert (row["seed"], row["steps"], row["tokens"]) == ("7", "6", str(6 * 8 * 64))
+        assert float(row["final_val_loss"]) == pytest.approx(validation[-1], rel=1e-5)
+        assert float(row["best_val_loss"]) == pytest.approx(min(validation), rel=1e-5)
+        last_load = sum(train[-1]["load"]) / len(train[-1]["load"])
+        assert float(row["mean_load"]) == pytest.approx(last_load, rel=1e-5)  # tail = 1 step
+        assert float(row["expert_flops_vs_baseline"]) == pytest.approx(last_load / 2, rel=1e-5)
+        assert float(row["tokens_per_s"]) > 0 and float(row["wall_s"]) > 0
+    assert (rows["top2"]["n"], rows["top2"]["m"], rows["top2"]["k"]) == ("4", "0", "2")
+    assert (rows["ada"]["n"], rows["ada"]["m"], rows["ada"]["k"]) == ("4", "4", "3")
+    assert float(rows["top2"]["mean_load"]) == 2.0  # stock top-2: always two true experts
+    assert float(rows["top2"]["model_flops_vs_baseline"]) == pytest.approx(1.0)
+    assert 0 <= float(rows["ada"]["mean_load"]) <= 3
+    text = (report / "README.md").read_text()
+    assert "2 of 2 runs finished" in text and "python tools/study.py" in text
+    assert "| top2 | 4 | 0 | 2 | 2.00 | 1 |" in text and "| ada | 4 | 4 | 3 | 1.50 | 1 |" in text
+    assert "Written by a person after reading the results." in text
+    for png in ("losses.png", "frontier.png", "layer_load.png", "k_eff.png"):
+        assert (report / png).stat().st_size > 5000, png
+    assert not list(report.glob("*.tmp*"))
+
+    # A run that stopped before its done.json resumes from its own checkpoint; the rest is kept.
+    os.remove(runs / "tiny" / "ada-seed7" / "done.json")
+    _study(grid, "--runs-dir", str(runs), "--out", str(out))
+    log = (runs / "tiny" / "ada-seed7" / "train.log").read_text()
+    assert "resuming at iteration 6" in log
+    attempts = json.loads((runs / "tiny" / "ada-seed7" / "attempts.json").read_text())
+    assert [a["returncode"] for a in attempts] == [0, 0]
+    assert len(json.loads((runs / "tiny" / "top2-seed7" / "attempts.json").read_text())) == 1
+
+    # The report rebuilds from the kept files alone.
+    before = (report / "results.csv").read_text()
+    (report / "results.csv").unlink()
+    _study(grid, "--out", str(out), "--runs-dir", str(tmp_path / "nowhere"), "--report-only")
+    assert (report / "results.csv").read_text() == before
+
+
+def test_study_rejects_a_bad_grid_with_one_line(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({"name": "x", "base_config": "configs/cpu_adamoe_tiny.yaml",
+                                    "seeds": [1], "arms": {"a": {"moe_router_top_k": 2}}}))
+    result = _study(str(path), "--report-only", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"error: grid a options (moe_router_top_k) must be pretraining options; fix {path}")

@@ -1,0 +1,192 @@
+"""Reading runs back (metrics file, resumed runs, TensorBoard), the plots' data and images, the
+study report's frontier arithmetic, and per-token compute maps against a per-token loop."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from megatron_adamoe.analysis import plots, report
+from megatron_adamoe.analysis.compute_map import (
+    compute,
+    frequency_quartiles,
+    summary,
+    token_class,
+    write,
+)
+from megatron_adamoe.analysis.runs import read_run
+from megatron_adamoe.errors import OptionError
+
+
+def _record(iteration, loss, loads, k_eff=None, step_time=0.5, flops=0.9):
+    return {"iteration": iteration, "lm loss": loss, "load": loads, "step time": step_time,
+            "flops vs topk": flops, "k_eff": k_eff or [[0.1, 0.4, 0.5]] * len(loads)}
+
+
+def _write_run(directory, losses, loads, validation, k_eff=None):
+    directory.mkdir(parents=True)
+    with open(directory / "metrics.jsonl", "w") as handle:
+        for i, loss in enumerate(losses, 1):
+            handle.write(json.dumps(_record(i, loss, loads, k_eff)) + "\n")
+        for iteration, loss in validation:
+            handle.write(json.dumps({"iteration": iteration, "validation lm loss": loss}) + "\n")
+    return directory
+
+
+def test_metrics_file_of_a_resumed_run_keeps_the_last_attempt(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    lines = [_record(1, 5.0, [1.0]), _record(2, 4.0, [1.2]), _record(3, 9.0, [1.1]),
+             {"iteration": 2, "validation lm loss": 4.5},
+             _record(3, 3.5, [1.3]), _record(4, 3.0, [1.4])]  # attempt 2 from iteration 2
+    (run_dir / "metrics.jsonl").write_text("\n".join(map(json.dumps, lines)) + "\n")
+    run = read_run(str(run_dir))
+    assert [(s.iteration, s.loss) for s in run.train] == [(1, 5.0), (2, 4.0), (3, 3.5), (4, 3.0)]
+    assert run.validation == [(2, 4.5)]
+    assert run.train[-1].mean_load == 1.4 and run.tail(0.5)[0].iteration == 3
+
+
+def test_damaged_or_missing_runs_fail_with_one_line(tmp_path):
+    with pytest.raises(OptionError, match=r"must hold metrics.jsonl or tensorboard/"):
+        read_run(str(tmp_path))
+    (tmp_path / "metrics.jsonl").write_text('{"iteration": 1, "lm loss": 2.0}\n{"iter')
+    with pytest.raises(OptionError, match=r"metrics.jsonl:2 must be a JSON record"):
+        read_run(str(tmp_path))
+
+
+def test_tensorboard_events_read_like_the_metrics_file(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(tmp_path / "run" / "tensorboard"))
+    for step in (1, 2, 3):
+        writer.add_scalar("lm loss", 5.0 - step, step)
+        writer.add_scalar("adamoe/flops_vs_topk", 0.8, step)
+        for layer in (0, 1):
+            writer.add_scalar(f"moe/adamoe/load_layer_{layer}", 1.0 + layer + step / 10, step)
+            for j, value in enumerate((0.25, 0.5, 0.25)):
+                writer.add_scalar(f"moe/adamoe/k_eff_{j}_fraction_layer_{layer}", value, step)
+    writer.add_scalar("lm loss validation", 2.5, 3)
+    writer.close()
+    run = read_run(str(tmp_path / "run"))
+    assert [s.loss for s in run.train] == [4.0, 3.0, 2.0]
+    assert run.train[0].loads == pytest.approx([1.1, 2.1])
+    assert run.train[2].k_eff == [[0.25, 0.5, 0.25]] * 2
+    assert run.validation == [(3, 2.5)] and run.train[1].flops_vs_topk == pytest.approx(0.8)
+
+
+def test_plot_data_mean_over_seeds_and_final_k_eff(tmp_path):
+    runs = [read_run(str(_write_run(tmp_path / f"a-seed{seed}", [4.0, 3.0 + seed], [1.0 + seed],
+                                    [(2, 3.0 + seed)], [[0.2 * seed, 1 - 0.2 * seed]])))
+            for seed in (1, 2)]
+    runs.append(read_run(str(_write_run(tmp_path / "b-seed1", [5.0, 4.0], [2.0], [(2, 2.0)]))))
+    groups = plots.group_runs(runs)
+    assert sorted(groups) == ["a", "b"] and len(groups["a"]) == 2
+    steps, mean, low, high = plots._mean_band([{1: 4.0, 2: 4.0}, {1: 4.0, 2: 5.0}])
+    assert (steps, mean, low, high) == ([1, 2], [4.0, 4.5], [4.0, 4.0], [4.0, 5.0])
+    assert plots.final_k_eff(runs[1], fraction=0.5) == [[0.4, 0.6]]
+    points = {p["name"]: p for p in plots.frontier_points(runs, baseline_topk=2)}
+    assert points["a"]["x"] == [1.0, 1.5] and points["a"]["y"] == [4.0, 5.0]
+    assert points["b"]["x"] == [1.0] and points["a"]["family"] == "runs"  # no saved options
+
+
+def test_plot_all_writes_every_chart_as_a_readable_image(tmp_path):
+    import matplotlib.image
+
+    runs = [read_run(str(_write_run(tmp_path / f"{name}-seed{seed}",
+                                    [5.0 - 0.01 * i for i in range(60)], [1.0, 1.5],
+                                    [(30, 4.0 + seed / 10), (60, 3.5 + seed / 10)])))
+            for name in ("top2", "adamoe") for seed in (1, 2)]
+    written = plots.plot_all(runs, str(tmp_path / "out"), baseline_topk=2)
+    assert [p.rsplit("/", 1)[1] for p in written] == ["losses.png", "layer_load.png",
+                                                      "k_eff.png", "frontier.png"]
+    for path in written:
+        image = matplotlib.image.imread(path)
+        assert image.shape[0] > 300 and image.shape[1] > 500
+        assert image[..., :3].std() > 0.05  # drawn on, not a blank canvas
+    assert not list((tmp_path / "out").glob("*.tmp*"))
+
+
+def _stats(loss, loss_std, flops, seeds=3):
+    return {"final_val_loss": (loss, loss_std, seeds), "expert_flops_vs_baseline": (flops, 0, 3)}
+
+
+def test_frontier_comparisons_interpolate_the_top_k_points():
+    front = [("top1", _stats(4.0, 0.03, 0.5)), ("top2", _stats(3.6, 0.03, 1.0)),
+             ("top3", _stats(3.5, 0.03, 1.5))]
+    at = report.compare_at_equal_flops(_stats(3.7, 0.0, 0.75), front)
+    assert at["topk_loss"] == pytest.approx(3.8) and at["diff"] == pytest.approx(-0.1)
+    assert at["stderr"] == pytest.approx(0.03 / math.sqrt(3)) and at["exceeds"]
+    assert report.compare_at_equal_flops(_stats(3.7, 0.0, 0.25), front) is None
+    how, saving = report.flops_at_equal_loss(_stats(3.6, 0, 0.75), front)
+    assert how == "interpolated" and saving == pytest.approx(0.25)  # top-k needs 1.0
+    how, saving = report.flops_at_equal_loss(_stats(3.4, 0, 0.75), front)
+    assert how == "below every top-k arm's loss" and saving == pytest.approx(0.5)
+    assert report.flops_at_equal_loss(_stats(4.2, 0, 0.75), front)[1] is None
+
+
+def test_token_classes_and_frequency_quartiles():
+    assert [token_class(p) for p in ("\u2581the", "ing", ",", "\u2581.", "\u2581", "3")] == [
+        "word-initial", "continuation", "punctuation", "punctuation", None, "continuation"]
+    # ids 7 (x4), 5 (x2), 9 (x1), 8 (x1): mid-ranks 6/8, 3/8, 1/8 of the 8 occurrences
+    assert frequency_quartiles([7, 5, 7, 9, 7, 5, 8, 7]) == [3, 1, 3, 0, 3, 1, 0, 3]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_and_tokenizer(tmp_path_factory):
+    import sentencepiece as spm
+
+    from megatron_adamoe.hf import AdaMoEForCausalLM, AdaMoEHFConfig, AdaMoETokenizer
+
+    root = tmp_path_factory.mktemp("tok")
+    text = ("To be, or not to be, that is the question: whether 'tis nobler in the mind "
+            "to suffer the slings and arrows of outrageous fortune. ") * 20
+    (root / "corpus.txt").write_text(text)
+    spm.SentencePieceTrainer.train(input=str(root / "corpus.txt"), model_prefix=str(root / "t"),
+                                   vocab_size=60, model_type="bpe", minloglevel=2)
+    torch.manual_seed(0)
+    config = AdaMoEHFConfig(vocab_size=64, hidden_size=16, intermediate_size=24,
+                            moe_intermediate_size=8, num_hidden_layers=3, num_attention_heads=4,
+                            num_key_value_heads=2, num_local_experts=4, num_null_experts=4,
+                            num_experts_per_tok=3, max_position_embeddings=16,
+                            moe_layers=[0, 2])
+    model = AdaMoEForCausalLM(config)
+    for param in model.parameters():
+        torch.nn.init.normal_(param, std=0.5)
+    return model, AdaMoETokenizer(str(root / "t.model")), text[:300]
+
+
+def test_compute_map_counts_true_picks_like_a_per_token_loop(tiny_model_and_tokenizer, tmp_path):
+    model, tokenizer, text = tiny_model_and_tokenizer
+    cmap = compute(model, tokenizer, text)
+    ids = tokenizer.sp_model.encode(text)
+    assert cmap.token_ids == ids and cmap.moe_layers == [0, 2] and len(ids) > 16  # 2+ windows
+    # Reference: the MoE blocks' inputs, window by window, routed token by token.
+    gate_inputs = {0: [], 2: []}
+    hooks = [model.model.layers[i].block_sparse_moe.register_forward_hook(
+        lambda module, args, out, i=i: gate_inputs[i].append(args[0].detach()))
+        for i in (0, 2)]
+    with torch.no_grad():
+        for start in range(0, len(ids), 16):
+            model(torch.tensor([ids[start:start + 16]]), use_cache=False)
+    for hook in hooks:
+        hook.remove()
+    for row, layer in enumerate((0, 2)):
+        gate = model.model.layers[layer].block_sparse_moe.gate.weight
+        expected = []
+        for x in torch.cat([g.reshape(-1, 16) for g in gate_inputs[layer]]):
+            picks = torch.topk(torch.softmax(gate @ x, dim=-1), 3).indices
+            expected.append(int((picks < 4).sum()))
+        assert cmap.k_eff_LT[row].tolist() == expected
+    assert 0 < cmap.mean_T.mean() < 3
+    stats = write(cmap, str(tmp_path / "map"), "test", per_layer=True, max_shown=40)
+    assert stats == summary(cmap)
+    assert stats["by_layer"]["2"] == pytest.approx(cmap.k_eff_LT[1].float().mean().item())
+    classes = stats["by_class"]
+    assert sum(c["tokens"] for c in classes.values()) <= stats["tokens"]
+    page = (tmp_path / "map" / "compute_map.html").read_text()
+    assert page.count("<h3>") == 3 and "MoE layer 2" in page  # mean row + one per layer
+    assert json.loads((tmp_path / "map" / "summary.json").read_text()) == stats
+    assert (tmp_path / "map" / "compute_map.png").stat().st_size > 1000
