@@ -11,9 +11,9 @@ LOCK := requirements/lock.txt
 TORCH_INDEX ?=
 PIP_INDEX := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 # The extras the lock covers (the GPU extra is never locked: it is built on GPU nodes).
-LOCK_EXTRAS := test study
+LOCK_EXTRAS := test study deepspeed lint
 
-.PHONY: install lock data demo baseline hf study test test-fast bench clean
+.PHONY: install lock data demo baseline hf study test test-fast lint bench clean
 
 # The lock is for CPython 3.11 on Linux x86_64 (what CI runs). The venv is rebuilt from scratch
 # whenever the lock or pyproject.toml changes, so it never keeps packages the lock dropped.
@@ -25,6 +25,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(PY) -m pip install --quiet --no-deps $(PIP_INDEX) -r $(LOCK)
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(PY) -m pip check
+	$(PY) -m megatron_adamoe.deepspeed.extension   # DeepSpeed's CPU comm op, built once here
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -78,6 +79,11 @@ bench: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# ruff: lint and format check at 100 columns (pyproject.toml); `ruff format` applies the format.
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 # The unit tier only: one process, no spawned ranks (under 3 minutes on 2 cores).
 test-fast: $(STAMP)

@@ -37,9 +37,13 @@ MASTER_PORT=${MASTER_PORT:-29500}
 RDZV_BACKEND=${RDZV_BACKEND:-}           # "c10d" for elastic rendezvous (then RDZV_ID)
 RDZV_ID=${RDZV_ID:-adamoe}
 MAX_RESTARTS=${MAX_RESTARTS:-0}
+# On SIGTERM torchrun forwards it to the workers, which finish the step and save (see
+# exit_signal_handler); it waits this long for them before killing them.
+SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-240}
 WORLD_SIZE=$((NNODES * GPUS_PER_NODE))
 
-DISTRIBUTED_ARGS=(--nproc-per-node "$GPUS_PER_NODE" --nnodes "$NNODES" --max-restarts "$MAX_RESTARTS")
+DISTRIBUTED_ARGS=(--nproc-per-node "$GPUS_PER_NODE" --nnodes "$NNODES" --max-restarts "$MAX_RESTARTS"
+                  --shutdown-timeout "$SHUTDOWN_TIMEOUT")
 if [ -n "$RDZV_BACKEND" ]; then
     DISTRIBUTED_ARGS+=(--rdzv-backend "$RDZV_BACKEND" --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT"
                        --rdzv-id "$RDZV_ID")

@@ -17,6 +17,7 @@ _MCORE_EXPORTS = (
     "AdaMoEAlltoAllTokenDispatcher",
     "AdaMoEFlexTokenDispatcher",
     "enable_cpu_mode",
+    "finalize_model_grads_with_load_control",
     "disable_cpu_mode",
     "get_adamoe_gpt_layer_spec",
     "get_adamoe_gpt_decoder_block_spec",

@@ -1,9 +1,11 @@
-"""The one error type for mistakes a user can fix: options, paths, input files, checkpoints.
+"""The errors a run reports as one line instead of a traceback.
 
-``OptionError`` is a ``ValueError`` whose message is one line,
-``<field> (<value>) must <rule>; <fix>``. Entry points print it as that one line (prefixed with the
-rank in a multi-process run) and exit with status 2; every other exception keeps its traceback.
-Torch-free, so every layer (ops, mcore, training, hf, tools) can raise it.
+``OptionError`` (a ``ValueError``): a mistake the user can fix (options, paths, input files,
+checkpoints, a full disk), ``<field> (<value>) must <rule>; <fix>``; exit status 2.
+``TrainingHalted`` (a ``RuntimeError``): a guard stopped training (a non-finite or spiking loss, a
+collapsed router) and saved nothing; exit status 3.
+Entry points print either as one line, prefixed with the rank in a multi-process run; every other
+exception keeps its traceback. Torch-free, so every layer can raise them.
 """
 
 from __future__ import annotations
@@ -12,10 +14,15 @@ import sys
 from typing import Optional, TextIO
 
 EXIT_USER_ERROR = 2
+EXIT_HALTED = 3
 
 
 class OptionError(ValueError):
     """A user-input error: reported as one line, without a traceback."""
+
+
+class TrainingHalted(RuntimeError):
+    """A training guard stopped the run; the state it reached was not saved."""
 
 
 def error_line(error: BaseException, rank: Optional[int] = None, world_size: int = 1) -> str:
@@ -25,8 +32,13 @@ def error_line(error: BaseException, rank: Optional[int] = None, world_size: int
     return f"{prefix}error: {message}"
 
 
-def report(error: BaseException, rank: Optional[int] = None, world_size: int = 1,
-           stream: Optional[TextIO] = None) -> int:
-    """Print ``error_line`` to stderr (flushed: the process may be killed next); return 2."""
+def report(
+    error: BaseException,
+    rank: Optional[int] = None,
+    world_size: int = 1,
+    stream: Optional[TextIO] = None,
+) -> int:
+    """Print ``error_line`` to stderr (flushed: the process may be killed next); return the exit
+    status (2 for OptionError, 3 for TrainingHalted)."""
     print(error_line(error, rank, world_size), file=stream or sys.stderr, flush=True)
-    return EXIT_USER_ERROR
+    return EXIT_HALTED if isinstance(error, TrainingHalted) else EXIT_USER_ERROR

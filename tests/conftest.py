@@ -8,6 +8,8 @@ import tempfile
 import pytest
 import torch
 
+from tests.runs import write_synthetic_corpus
+
 
 @pytest.fixture(scope="session")
 def single_rank():
@@ -38,3 +40,10 @@ def megatron_env(single_rank):
     get_moe_layer_wise_logging_tracker().clear()
     yield
     get_moe_layer_wise_logging_tracker().clear()
+
+
+@pytest.fixture(scope="session")
+def synthetic_corpus(tmp_path_factory):
+    """(data_path, tokenizer_model) of the synthetic corpus, written once per session by
+    tools/preprocess_data.py --input synthetic."""
+    return write_synthetic_corpus(tmp_path_factory.mktemp("corpus"))

@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def write_indexed_dataset(prefix: str, document_lengths: list[int], vocab_size: int = 200,
-                          seed: int = 0) -> str:
+def write_indexed_dataset(
+    prefix: str, document_lengths: list[int], vocab_size: int = 200, seed: int = 0
+) -> str:
     """Documents of random token ids with the given lengths; returns ``prefix``."""
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 

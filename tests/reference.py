@@ -1,7 +1,8 @@
 """Independent references for AdaMoE layers: a dense per-token loop and weight plumbing.
 
 Nothing here calls megatron_adamoe: the routing, weight normalisation and the paper's Eq. 6 are
-written out again, token by token, from the paper's definitions (DESIGN.md section 1).
+written out again, token by token, from the paper's definitions (AdaMoE, Zeng et al. 2024,
+section 3: routing over true + null experts, the weight norms, Eq. 6).
 """
 
 from __future__ import annotations
@@ -46,13 +47,34 @@ def expert_forward(x_H, fc1, fc2, glu):
     return fc2 @ hidden
 
 
-def dense_adamoe_layer(x_TH, weights, topk, weight_norm, null_type, glu=False):
-    """Per-token AdaMoE layer. Returns (y [T, H], selections: list of (true picks, null picks))."""
+def choose_experts(logits_X, topk, selection_bias=None, topp=None):
+    """The picks of one token: the k best by logits + bias; under top-p the shortest prefix of
+    them (in that order) whose mass under q = softmax(logits + bias) reaches p."""
+    scores_X = logits_X if selection_bias is None else logits_X + selection_bias
+    order = torch.argsort(scores_X, descending=True)[:topk].tolist()
+    if topp is None:
+        return order
+    q_X = torch.softmax(scores_X, dim=-1)
+    picks, mass = [], 0.0
+    for i in order:
+        if mass >= topp:
+            break
+        picks.append(i)
+        mass += float(q_X[i])
+    return picks
+
+
+def dense_adamoe_layer(
+    x_TH, weights, topk, weight_norm, null_type, glu=False, selection_bias=None, topp=None
+):
+    """Per-token AdaMoE layer. Returns (y [T, H], selections: list of (true picks, null picks)).
+    The bias and top-p change which experts are picked; the weights use p = softmax(logits)."""
     num_true = weights.fc1.shape[0]
     outputs, selections = [], []
     for x_H in x_TH:
-        p_X = torch.softmax(weights.router @ x_H, dim=-1)
-        picks = torch.topk(p_X, topk).indices.tolist()
+        logits_X = weights.router @ x_H
+        p_X = torch.softmax(logits_X, dim=-1)
+        picks = choose_experts(logits_X.detach(), topk, selection_bias, topp)
         true_picks = [i for i in picks if i < num_true]
         null_picks = [i for i in picks if i >= num_true]
         mass_selected = sum(p_X[i] for i in picks)
@@ -79,22 +101,32 @@ def dense_adamoe_layer(x_TH, weights, topk, weight_norm, null_type, glu=False):
     return torch.stack(outputs), selections
 
 
-def eq6_loss(x_TH, router_weight, topk, num_null, coeff):
-    """Paper Eq. 6 with the null bucket, written from its definition for one batch of tokens."""
+def eq6_loss(
+    x_TH, router_weight, topk, num_null, coeff, selection_bias=None, topp=None, target_load=None
+):
+    """Paper Eq. 6 with the null bucket, written from its definition for one batch of tokens;
+    counts follow the actual picks. With ``target_load`` tau each expert's term is divided by its
+    target share: tau / (k n) per true expert, (1 - tau / k) / m per null expert."""
     num_experts = router_weight.shape[0]
     num_true = num_experts - num_null
     num_tokens = x_TH.shape[0]
-    p_TX = torch.softmax(x_TH @ router_weight.T, dim=-1)
+    logits_TX = x_TH @ router_weight.T
+    p_TX = torch.softmax(logits_TX, dim=-1)
     counts = [0.0] * num_experts
     for t in range(num_tokens):
-        for i in torch.topk(p_TX[t], topk).indices.tolist():
+        for i in choose_experts(logits_TX[t].detach(), topk, selection_bias, topp):
             counts[i] += 1.0
     f = [c / (topk * num_tokens) for c in counts]
     if num_null:
         null_mean = sum(f[num_true:]) / num_null
         f = f[:num_true] + [null_mean] * num_null
+    share = [1.0 / num_experts] * num_experts
+    if target_load is not None:
+        share = [target_load / (topk * num_true)] * num_true + [
+            (1 - target_load / topk) / num_null
+        ] * num_null
     P = p_TX.mean(dim=0)
-    return coeff * num_experts * sum(f[i] * P[i] for i in range(num_experts))
+    return coeff * sum(f[i] * P[i] / share[i] for i in range(num_experts))
 
 
 # ---- weights in and out of Megatron's SequentialMLP experts -------------------------------------

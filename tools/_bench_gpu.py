@@ -62,10 +62,17 @@ def expert_gemm(layer, x, args) -> dict:
     ms = _time_ms(step, args.iters, args.warmup)
     rows = int(tokens_per_expert.sum())
     # FP8: TEGroupedMLP pads each expert's rows to the recipe's alignment, after the all-to-all
-    pad_rows = (local_padding_rows(tokens_per_expert.cpu(), fp8_align_size(args.fp8_recipe))
-                if args.fp8_recipe else 0)
-    return dict(rows=rows, pad_rows=pad_rows, ms=ms,
-                tflops=swiglu_flops(rows, args.hidden, args.ffn) / ms / 1e9)
+    pad_rows = (
+        local_padding_rows(tokens_per_expert.cpu(), fp8_align_size(args.fp8_recipe))
+        if args.fp8_recipe
+        else 0
+    )
+    return dict(
+        rows=rows,
+        pad_rows=pad_rows,
+        ms=ms,
+        tflops=swiglu_flops(rows, args.hidden, args.ffn) / ms / 1e9,
+    )
 
 
 def dense_gemm(rows: int, config, args) -> dict:
@@ -88,5 +95,9 @@ def dense_gemm(rows: int, config, args) -> dict:
         fc2.zero_grad(set_to_none=True)
 
     ms = _time_ms(step, args.iters, args.warmup)
-    return dict(rows=x.shape[0], pad_rows=0, ms=ms,
-                tflops=swiglu_flops(x.shape[0], args.hidden, args.ffn) / ms / 1e9)
+    return dict(
+        rows=x.shape[0],
+        pad_rows=0,
+        ms=ms,
+        tflops=swiglu_flops(x.shape[0], args.hidden, args.ffn) / ms / 1e9,
+    )

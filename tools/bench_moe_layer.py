@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megatron_adamoe.ops import expected_load
+from megatron_adamoe.options.vocab import FP8_RECIPES
 
 
 def parse_args(argv=None):
@@ -46,14 +47,21 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--skip-ep", action="store_true", help="skip the EP = 2 all-to-all count")
     parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--preset", choices=["mixtral"], default=None,
-                        help="Mixtral-8x7B layer: hidden 4096, FFN 14336, 8 experts, "
-                        "seq 4096, bf16")
-    parser.add_argument("--te", action="store_true",
-                        help="Transformer Engine spec with grouped-GEMM experts (GPU)")
-    parser.add_argument("--fp8-recipe", default=None,
-                        choices=["delayed", "tensorwise", "blockwise", "mxfp8"],
-                        help="FP8 (hybrid format) for the expert GEMMs; needs --te")
+    parser.add_argument(
+        "--preset",
+        choices=["mixtral"],
+        default=None,
+        help="Mixtral-8x7B layer: hidden 4096, FFN 14336, 8 experts, seq 4096, bf16",
+    )
+    parser.add_argument(
+        "--te", action="store_true", help="Transformer Engine spec with grouped-GEMM experts (GPU)"
+    )
+    parser.add_argument(
+        "--fp8-recipe",
+        default=None,
+        choices=FP8_RECIPES,
+        help="FP8 (hybrid format) for the expert GEMMs; needs --te",
+    )
     args = parser.parse_args(argv)
     if args.preset == "mixtral":
         args.hidden, args.ffn, args.num_experts, args.seq, args.dtype = 4096, 14336, 8, 4096, "bf16"
@@ -63,8 +71,9 @@ def parse_args(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda (requested) must have CUDA available; use --device cpu")
     if args.te and args.device != "cuda":
-        parser.error("--te (requested) must come with --device cuda; Transformer Engine is "
-                     "GPU only")
+        parser.error(
+            "--te (requested) must come with --device cuda; Transformer Engine is GPU only"
+        )
     if args.fp8_recipe and not args.te:
         parser.error(f"--fp8-recipe ({args.fp8_recipe}) must come with --te; FP8 GEMMs are TE's")
     if args.fp8_recipe and args.dtype != "bf16":
@@ -118,18 +127,22 @@ def build_layers(args, ep=1):
         **(dict(fp8="hybrid", fp8_recipe=args.fp8_recipe) if args.fp8_recipe else {}),
     )
     stock_config = TransformerConfig(moe_router_topk=args.baseline_topk, **common)
-    stock_spec = (get_gpt_layer_with_transformer_engine_spec(num_experts=args.num_experts,
-                                                             moe_grouped_gemm=True)
-                  if args.te else get_gpt_layer_local_spec(num_experts=args.num_experts))
+    stock_spec = (
+        get_gpt_layer_with_transformer_engine_spec(
+            num_experts=args.num_experts, moe_grouped_gemm=True
+        )
+        if args.te
+        else get_gpt_layer_local_spec(num_experts=args.num_experts)
+    )
     stock = build_module(stock_spec.submodules.mlp, config=stock_config)
     adamoe_config = AdaMoEConfig(
         moe_router_topk=args.moe_router_topk,
         adamoe_num_null_experts=args.adamoe_num_null_experts,
         **common,
     )
-    adamoe_spec = get_adamoe_gpt_layer_spec(num_experts=args.num_experts,
-                                            use_transformer_engine=args.te,
-                                            moe_grouped_gemm=args.te)
+    adamoe_spec = get_adamoe_gpt_layer_spec(
+        num_experts=args.num_experts, use_transformer_engine=args.te, moe_grouped_gemm=args.te
+    )
     adamoe = build_module(adamoe_spec.submodules.mlp, config=adamoe_config)
     adamoe.experts.load_state_dict(stock.experts.state_dict())
     for layer in (stock, adamoe):
@@ -176,12 +189,16 @@ def measure(layers, x, args):
         clear_aux_losses_tracker()
 
     layer_ms = time_alternating(
-        {name: (lambda l=layer: layer_step(l)) for name, layer in layers.items()},
-        args.iters, args.warmup, args.device,
+        {name: (lambda chosen=layer: layer_step(chosen)) for name, layer in layers.items()},
+        args.iters,
+        args.warmup,
+        args.device,
     )
     router_ms = time_alternating(
-        {name: (lambda l=layer: router_step(l)) for name, layer in layers.items()},
-        args.iters, args.warmup, args.device,
+        {name: (lambda chosen=layer: router_step(chosen)) for name, layer in layers.items()},
+        args.iters,
+        args.warmup,
+        args.device,
     )
     rows = {}
     for name, layer in layers.items():
@@ -270,8 +287,10 @@ def main(argv=None):
         torch.manual_seed(args.seed)
         stock, adamoe = build_layers(args)
         x = make_input(args, seed=args.seed)
-        print(f"measuring fwd+bwd on {args.device} ({torch.get_num_threads()} threads) ...",
-              flush=True)
+        print(
+            f"measuring fwd+bwd on {args.device} ({torch.get_num_threads()} threads) ...",
+            flush=True,
+        )
         rows = measure({"stock": stock, "adamoe": adamoe}, x, args)
         gemm = expert_gemm_table({"stock": stock, "adamoe": adamoe}, x, args)
         parallel_state.destroy_model_parallel()
@@ -297,14 +316,21 @@ def expert_gemm_table(layers, x, args):
 
 
 def print_gemm_table(table):
-    print(f"\n{'expert GEMMs (fwd+bwd)':<26}{'rows':>9}{'FP8 pad':>9}{'ms':>10}{'TFLOP/s':>10}"
-          f"{'vs dense':>10}")
-    for name, label in (("stock", "stock experts"), ("adamoe", "AdaMoE experts"),
-                        ("dense", "dense GEMM, same rows")):
+    print(
+        f"\n{'expert GEMMs (fwd+bwd)':<26}{'rows':>9}{'FP8 pad':>9}{'ms':>10}{'TFLOP/s':>10}"
+        f"{'vs dense':>10}"
+    )
+    for name, label in (
+        ("stock", "stock experts"),
+        ("adamoe", "AdaMoE experts"),
+        ("dense", "dense GEMM, same rows"),
+    ):
         r = table[name]
         ratio = r["tflops"] / table["dense"]["tflops"]
-        print(f"{label:<26}{r['rows']:>9d}{r['pad_rows']:>9d}{r['ms']:>10.2f}"
-              f"{r['tflops']:>10.1f}{ratio:>10.3f}")
+        print(
+            f"{label:<26}{r['rows']:>9d}{r['pad_rows']:>9d}{r['ms']:>10.2f}"
+            f"{r['tflops']:>10.1f}{ratio:>10.3f}"
+        )
 
 
 def print_table(args, rows):
@@ -326,7 +352,9 @@ def print_table(args, rows):
     for name in ("stock", "adamoe"):
         r = rows[name]
         a2a = f"{r['a2a_rows']:>15d}" if "a2a_rows" in r else f"{'-':>15}"
-        print(f"{labels[name]:<22}{r['load']:>8.3f}{r['layer_ms']:>13.2f}{r['router_ms']:>12.2f}{a2a}")
+        print(
+            f"{labels[name]:<22}{r['load']:>8.3f}{r['layer_ms']:>13.2f}{r['router_ms']:>12.2f}{a2a}"
+        )
     s, a = rows["stock"], rows["adamoe"]
     a2a_ratio = f"{a['a2a_rows'] / s['a2a_rows']:>15.3f}" if "a2a_rows" in a else f"{'-':>15}"
     print(

@@ -21,18 +21,25 @@ from megatron_adamoe.errors import OptionError, report  # noqa: E402
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--hf", help="an exported AdaMoE model directory")
     parser.add_argument("--load", help="a Megatron checkpoint (save directory or iter_N)")
     parser.add_argument("--text", required=True, help="a UTF-8 text file")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--per-layer", action="store_true", help="one text row per MoE layer")
-    parser.add_argument("--max-tokens", type=int, default=None,
-                        help="route only the first N tokens of the text")
-    parser.add_argument("--show-tokens", type=int, default=1500,
-                        help="tokens shown in the HTML page (statistics use all)")
+    parser.add_argument(
+        "--max-tokens", type=int, default=None, help="route only the first N tokens of the text"
+    )
+    parser.add_argument(
+        "--show-tokens",
+        type=int,
+        default=1500,
+        help="tokens shown in the HTML page (statistics use all)",
+    )
     parser.add_argument("--title", default=None)
     options = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -42,8 +49,9 @@ def main(argv=None) -> int:
         for name in ("max_tokens", "show_tokens"):
             value = getattr(options, name)
             if value is not None and value < 1:
-                raise OptionError(f"{name} ({value}) must be >= 1; pass a positive "
-                                  f"--{name.replace('_', '-')}")
+                raise OptionError(
+                    f"{name} ({value}) must be >= 1; pass a positive --{name.replace('_', '-')}"
+                )
         if not os.path.isfile(options.text):
             raise OptionError(f"text ({options.text!r}) must be an existing file; check the path")
         with open(options.text, encoding="utf-8") as handle:
@@ -51,8 +59,7 @@ def main(argv=None) -> int:
         model, tokenizer = compute_map.load_model(options.hf, options.load)
         cmap = compute_map.compute(model, tokenizer, text, options.max_tokens)
         title = options.title or f"Compute map: {os.path.basename(options.text)}"
-        stats = compute_map.write(cmap, options.out, title, options.per_layer,
-                                  options.show_tokens)
+        stats = compute_map.write(cmap, options.out, title, options.per_layer, options.show_tokens)
     except OptionError as error:
         return report(error)
     print(json.dumps(stats, indent=1))

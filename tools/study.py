@@ -21,14 +21,19 @@ from megatron_adamoe.errors import OptionError, report  # noqa: E402
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("grid", help="grid file (YAML), e.g. configs/study/cpu_shakespeare.yaml")
     parser.add_argument("--runs-dir", default="runs/study", help="where the runs live")
     parser.add_argument("--out", default="docs/study", help="where the report goes")
-    parser.add_argument("--report-only", action="store_true",
-                        help="rebuild the report from the kept metrics; run nothing")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rebuild the report from the kept metrics; run nothing",
+    )
     parser.add_argument("--no-progress", action="store_true")
     options = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -2,8 +2,8 @@
 
 The model runs as its Hugging Face export (``AdaMoEForCausalLM``; a Megatron checkpoint is exported
 to a temporary directory first), whose routing equals Megatron's (tests/unit/test_hf_model.py).
-The text is cut into windows of the model's context length; every token is routed by the same
-top-k over true + null experts the model was trained with.
+The text is cut into windows of the model's context length; every token is routed as the model
+routes it (top-k or top-p over true + null experts, with its selection biases).
 
 Outputs: ``compute_map.html`` (tokens coloured by mean k_eff over the MoE layers, optionally a row
 per layer, per-layer values in each token's tooltip), ``compute_map.png`` (a layers x tokens heat
@@ -74,8 +74,6 @@ def frequency_quartiles(token_ids: list[int]) -> list[int]:
 
 def compute(model, tokenizer, text: str, max_tokens: Optional[int] = None) -> ComputeMap:
     """Route every token of ``text`` through ``model`` (an ``AdaMoEForCausalLM``)."""
-    from megatron_adamoe.hf.modeling_adamoe import route_tokens
-
     config = model.config
     token_ids = tokenizer.sp_model.encode(text)
     if max_tokens:
@@ -87,17 +85,15 @@ def compute(model, tokenizer, text: str, max_tokens: Optional[int] = None) -> Co
     model.eval()
     with torch.no_grad():
         for start in range(0, len(token_ids), window):
-            chunk = torch.tensor([token_ids[start:start + window]])
-            _, _, router_logits = model.model(input_ids=chunk, use_cache=False)
-            for layer, logits_TX in enumerate(router_logits):
-                indices_TK, _, _ = route_tokens(
-                    logits_TX.float(), config.num_experts_per_tok, config.num_local_experts,
-                    config.router_weight_norm)
-                per_layer[layer].append((indices_TK < config.num_local_experts).sum(dim=-1))
+            chunk = torch.tensor([token_ids[start : start + window]])
+            _, _, routing = model.model(input_ids=chunk, use_cache=False)
+            for layer, (_, picked_TX) in enumerate(routing):  # the model's own picks
+                per_layer[layer].append(picked_TX[:, : config.num_local_experts].sum(dim=-1))
     k_eff_LT = torch.stack([torch.cat(chunks) for chunks in per_layer])
     pieces = [tokenizer.sp_model.id_to_piece(t) for t in token_ids]
-    return ComputeMap(pieces, token_ids, k_eff_LT, list(config.moe_layers),
-                      config.num_experts_per_tok)
+    return ComputeMap(
+        pieces, token_ids, k_eff_LT, list(config.moe_layers), config.num_experts_per_tok
+    )
 
 
 def summary(cmap: ComputeMap) -> dict:
@@ -111,12 +107,17 @@ def summary(cmap: ComputeMap) -> dict:
         return {"tokens": len(values), "mean_k_eff": fmean(values) if values else None}
 
     return {
-        "tokens": len(mean_T), "topk": cmap.topk, "mean_k_eff": fmean(mean_T),
+        "tokens": len(mean_T),
+        "topk": cmap.topk,
+        "mean_k_eff": fmean(mean_T),
         "by_class": {name: mean_where([c == name for c in classes]) for name in CLASSES},
-        "by_frequency": {name: mean_where([q == i for q in quartiles])
-                         for i, name in enumerate(QUARTILES)},
-        "by_layer": {str(layer): float(cmap.k_eff_LT[i].float().mean())
-                     for i, layer in enumerate(cmap.moe_layers)},
+        "by_frequency": {
+            name: mean_where([q == i for q in quartiles]) for i, name in enumerate(QUARTILES)
+        },
+        "by_layer": {
+            str(layer): float(cmap.k_eff_LT[i].float().mean())
+            for i, layer in enumerate(cmap.moe_layers)
+        },
     }
 
 
@@ -131,8 +132,7 @@ def _display(piece: str) -> str:
     return html.escape(piece.replace(WORD_START, " "))
 
 
-def render_html(cmap: ComputeMap, stats: dict, title: str, per_layer: bool,
-                max_shown: int) -> str:
+def render_html(cmap: ComputeMap, stats: dict, title: str, per_layer: bool, max_shown: int) -> str:
     shown = min(len(cmap.pieces), max_shown)
     mean_T = cmap.mean_T.tolist()
 
@@ -140,30 +140,40 @@ def render_html(cmap: ComputeMap, stats: dict, title: str, per_layer: bool,
         spans = []
         for t in range(shown):
             dark = values[t] > 0.6 * cmap.topk
-            tip = ", ".join(f"L{layer}: {int(cmap.k_eff_LT[i, t])}"
-                            for i, layer in enumerate(cmap.moe_layers))
-            spans.append(f'<span style="background:{_color(values[t], cmap.topk)};'
-                         f'{"color:white;" if dark else ""}" title="{tip}">'
-                         f"{_display(cmap.pieces[t])}</span>")
+            tip = ", ".join(
+                f"L{layer}: {int(cmap.k_eff_LT[i, t])}" for i, layer in enumerate(cmap.moe_layers)
+            )
+            spans.append(
+                f'<span style="background:{_color(values[t], cmap.topk)};'
+                f'{"color:white;" if dark else ""}" title="{tip}">'
+                f"{_display(cmap.pieces[t])}</span>"
+            )
         return f'<h3>{html.escape(label)}</h3><p class="text">{"".join(spans)}</p>'
 
     rows = [row(mean_T, f"mean over {len(cmap.moe_layers)} MoE layers")]
     if per_layer:
-        rows += [row(cmap.k_eff_LT[i].float().tolist(), f"MoE layer {layer}")
-                 for i, layer in enumerate(cmap.moe_layers)]
-    legend = "".join(f'<span style="background:{_color(j, cmap.topk)};'
-                     f'{"color:white;" if j > 0.6 * cmap.topk else ""}">&nbsp;{j}&nbsp;</span>'
-                     for j in range(cmap.topk + 1))
+        rows += [
+            row(cmap.k_eff_LT[i].float().tolist(), f"MoE layer {layer}")
+            for i, layer in enumerate(cmap.moe_layers)
+        ]
+    legend = "".join(
+        f'<span style="background:{_color(j, cmap.topk)};'
+        f'{"color:white;" if j > 0.6 * cmap.topk else ""}">&nbsp;{j}&nbsp;</span>'
+        for j in range(cmap.topk + 1)
+    )
     table = ["<table><tr><th>tokens</th><th>count</th><th>mean k_eff</th></tr>"]
     for group in ("by_class", "by_frequency"):
         for name, cell in stats[group].items():
             value = "-" if cell["mean_k_eff"] is None else f"{cell['mean_k_eff']:.3f}"
             table.append(f"<tr><td>{name}</td><td>{cell['tokens']}</td><td>{value}</td></tr>")
     for layer, value in stats["by_layer"].items():
-        table.append(f"<tr><td>MoE layer {layer}</td><td>{stats['tokens']}</td>"
-                     f"<td>{value:.3f}</td></tr>")
-    table.append(f"<tr><td><b>all</b></td><td>{stats['tokens']}</td>"
-                 f"<td><b>{stats['mean_k_eff']:.3f}</b></td></tr></table>")
+        table.append(
+            f"<tr><td>MoE layer {layer}</td><td>{stats['tokens']}</td><td>{value:.3f}</td></tr>"
+        )
+    table.append(
+        f"<tr><td><b>all</b></td><td>{stats['tokens']}</td>"
+        f"<td><b>{stats['mean_k_eff']:.3f}</b></td></tr></table>"
+    )
     return (
         "<!doctype html><html><head><meta charset='utf-8'>"
         f"<title>{html.escape(title)}</title><style>body{{font-family:sans-serif;max-width:"
@@ -172,8 +182,11 @@ def render_html(cmap: ComputeMap, stats: dict, title: str, per_layer: bool,
         f"<h1>{html.escape(title)}</h1><p>Each token coloured by the number of true experts it "
         f"used (k_eff, 0..{cmap.topk}); hover for the per-layer values. Legend: {legend}. "
         f"Showing {shown} of {len(cmap.pieces)} tokens; the table covers all of them.</p>"
-        + "".join(rows) + "<h2>Mean k_eff by token class, frequency and layer</h2>"
-        + "".join(table) + "</body></html>")
+        + "".join(rows)
+        + "<h2>Mean k_eff by token class, frequency and layer</h2>"
+        + "".join(table)
+        + "</body></html>"
+    )
 
 
 def render_png(cmap: ComputeMap, path: str, max_shown: int = 80) -> None:
@@ -186,10 +199,15 @@ def render_png(cmap: ComputeMap, path: str, max_shown: int = 80) -> None:
     grid = torch.cat([cmap.k_eff_LT[:, :shown].float(), cmap.mean_T[None, :shown]]).numpy()
     figure, axis = plt.subplots(figsize=(max(8, shown * 0.18), 1.2 + 0.45 * grid.shape[0]))
     image = axis.imshow(grid, cmap="Blues", vmin=0, vmax=cmap.topk, aspect="auto")
-    axis.set_yticks(range(grid.shape[0]),
-                    [f"layer {layer}" for layer in cmap.moe_layers] + ["mean"])
-    axis.set_xticks(range(shown), [p.replace(WORD_START, "_") for p in cmap.pieces[:shown]],
-                    rotation=90, fontsize=7)
+    axis.set_yticks(
+        range(grid.shape[0]), [f"layer {layer}" for layer in cmap.moe_layers] + ["mean"]
+    )
+    axis.set_xticks(
+        range(shown),
+        [p.replace(WORD_START, "_") for p in cmap.pieces[:shown]],
+        rotation=90,
+        fontsize=7,
+    )
     figure.colorbar(image, ax=axis, label="true experts (k_eff)", fraction=0.02)
     axis.set_title("true experts per token and layer")
     figure.tight_layout()
@@ -202,8 +220,10 @@ def load_model(hf_dir: Optional[str], load: Optional[str]):
     """(model, tokenizer) from an HF export, or from a Megatron checkpoint exported on the fly
     (to a temporary directory, removed once loaded)."""
     if (hf_dir is None) == (load is None):
-        raise OptionError("model (--hf and --load) must be given by exactly one of them; pass "
-                          "an exported directory or a checkpoint")
+        raise OptionError(
+            "model (--hf and --load) must be given by exactly one of them; pass "
+            "an exported directory or a checkpoint"
+        )
     if load is None:
         return _load_export(hf_dir)
     from megatron_adamoe.hf.export import export_hf
@@ -216,19 +236,24 @@ def _load_export(hf_dir: str):
     from megatron_adamoe.hf import AdaMoEForCausalLM, AdaMoETokenizer
 
     if not os.path.isfile(os.path.join(hf_dir, "config.json")):
-        raise OptionError(f"hf ({hf_dir!r}) must be an exported AdaMoE model directory; run "
-                          "tools/convert_checkpoint.py export-hf")
+        raise OptionError(
+            f"hf ({hf_dir!r}) must be an exported AdaMoE model directory; run "
+            "tools/convert_checkpoint.py export-hf"
+        )
     # (on Linux a removed file stays readable while it is mapped)
     model = AdaMoEForCausalLM.from_pretrained(hf_dir).float()
     return model, AdaMoETokenizer.from_pretrained(hf_dir)
 
 
-def write(cmap: ComputeMap, out_dir: str, title: str, per_layer: bool = False,
-          max_shown: int = 1500) -> dict:
+def write(
+    cmap: ComputeMap, out_dir: str, title: str, per_layer: bool = False, max_shown: int = 1500
+) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     stats = summary(cmap)
-    for name, text in (("compute_map.html", render_html(cmap, stats, title, per_layer, max_shown)),
-                       ("summary.json", json.dumps(stats, indent=1))):
+    for name, text in (
+        ("compute_map.html", render_html(cmap, stats, title, per_layer, max_shown)),
+        ("summary.json", json.dumps(stats, indent=1)),
+    ):
         path = os.path.join(out_dir, name)
         with open(path + ".tmp", "w") as handle:
             handle.write(text)

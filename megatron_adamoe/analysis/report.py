@@ -15,10 +15,12 @@ from typing import Optional
 
 from megatron_adamoe.ops.routing import expected_load
 
-PLOTS = (("losses.png", "Training (smoothed) and validation loss"),
-         ("frontier.png", "Validation loss against expert compute: the top-k frontier and AdaMoE"),
-         ("layer_load.png", "Load (true experts per token) per MoE layer over training"),
-         ("k_eff.png", "Share of tokens using 0..k true experts, per layer, at the end"))
+PLOTS = (
+    ("losses.png", "Training (smoothed) and validation loss"),
+    ("frontier.png", "Validation loss against expert compute: the top-k frontier and AdaMoE"),
+    ("layer_load.png", "Load (true experts per token) per MoE layer over training"),
+    ("k_eff.png", "Share of tokens using 0..k true experts, per layer, at the end"),
+)
 
 
 def _stats(values: list[float]) -> tuple[float, float, int]:
@@ -37,9 +39,17 @@ def _pm(values: list[float], digits: int = 3) -> str:
 
 def arm_stats(rows: list[dict], arm: str) -> dict:
     mine = [r for r in rows if r["config"] == arm]
-    return {key: _stats([r[key] for r in mine]) for key in
-            ("final_val_loss", "best_val_loss", "mean_load", "expert_flops_vs_baseline",
-             "model_flops_vs_baseline", "tokens_per_s")} | {"rows": mine}
+    return {
+        key: _stats([r[key] for r in mine])
+        for key in (
+            "final_val_loss",
+            "best_val_loss",
+            "mean_load",
+            "expert_flops_vs_baseline",
+            "model_flops_vs_baseline",
+            "tokens_per_s",
+        )
+    } | {"rows": mine}
 
 
 def _interpolate(points: list[tuple[float, float]], x: float) -> Optional[float]:
@@ -52,8 +62,11 @@ def _interpolate(points: list[tuple[float, float]], x: float) -> Optional[float]
 
 def frontier(grid, stats: dict) -> list[tuple[str, dict]]:
     """The top-k arms with results, sorted by measured expert FLOPs."""
-    arms = [(arm, stats[arm]) for arm in grid.arms
-            if arm in stats and grid.family(arm) == "top-k" and stats[arm]["rows"]]
+    arms = [
+        (arm, stats[arm])
+        for arm in grid.arms
+        if arm in stats and grid.family(arm) == "top-k" and stats[arm]["rows"]
+    ]
     return sorted(arms, key=lambda item: item[1]["expert_flops_vs_baseline"][0])
 
 
@@ -95,26 +108,41 @@ def render(grid, rows: list[dict], machine: dict, command: str) -> str:
     if grid.description:
         lines += [grid.description.strip(), ""]
     done = len(rows)
-    lines += [f"{done} of {len(grid.runs())} runs finished ({len(grid.arms)} configs x "
-              f"{len(grid.seeds)} seeds). Produced by the study harness from the runs' own "
-              "metrics; rebuild this page with the command below plus `--report-only`.", "",
-              "## Reproduce", "", "```bash", "make data   # the Shakespeare corpus and tokenizer",
-              command, "```", ""]
+    lines += [
+        f"{done} of {len(grid.runs())} runs finished ({len(grid.arms)} configs x "
+        f"{len(grid.seeds)} seeds). Produced by the study harness from the runs' own "
+        "metrics; rebuild this page with the command below plus `--report-only`.",
+        "",
+        "## Reproduce",
+        "",
+        "```bash",
+        "make data   # the Shakespeare corpus and tokenizer",
+        command,
+        "```",
+        "",
+    ]
     if machine:
-        lines += [f"Machine: {machine.get('cpu')}, {machine.get('cores')} cores; Python "
-                  f"{machine.get('python')}, torch {machine.get('torch')}, megatron-core "
-                  f"{machine.get('megatron-core')}; {machine.get('platform')}.",
-                  f"Commit(s): {', '.join(sorted({str(r['commit']) for r in rows}))}.", ""]
+        lines += [
+            f"Machine: {machine.get('cpu')}, {machine.get('cores')} cores; Python "
+            f"{machine.get('python')}, torch {machine.get('torch')}, megatron-core "
+            f"{machine.get('megatron-core')}; {machine.get('platform')}.",
+            f"Commit(s): {', '.join(sorted({str(r['commit']) for r in rows}))}.",
+            "",
+        ]
     lines += _setup_lines(grid, rows)
-    lines += ["## Results", "",
-              f"Mean ± standard deviation over seeds. Load: true experts per token, mean over "
-              f"layers and the last {10}% of steps. Expert FLOPs: load / {grid.baseline_topk} "
-              f"(relative to {base}). Model FLOPs: the whole forward pass at the measured "
-              f"per-layer loads, relative to {base}. Time/step: relative to {base}'s median step "
-              "time in its runs.", "",
-              "| config | n | m | k | balanced load | seeds | final val loss | best val loss | "
-              "measured load | expert FLOPs | model FLOPs | tokens/s | time/step |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "## Results",
+        "",
+        f"Mean ± standard deviation over seeds. Load: true experts per token, mean over "
+        f"layers and the last {10}% of steps. Expert FLOPs: load / {grid.baseline_topk} "
+        f"(relative to {base}). Model FLOPs: the whole forward pass at the measured "
+        f"per-layer loads, relative to {base}. Time/step: relative to {base}'s median step "
+        "time in its runs.",
+        "",
+        "| config | n | m | k | balanced load | seeds | final val loss | best val loss | "
+        "measured load | expert FLOPs | model FLOPs | tokens/s | time/step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     base_tps = stats.get(_arm_with_k(grid, stats, grid.baseline_topk), {}).get("tokens_per_s")
     for arm, s in stats.items():
         row = s["rows"][0]
@@ -128,15 +156,19 @@ def render(grid, rows: list[dict], machine: dict, command: str) -> str:
             f"| {_pm([r['mean_load'] for r in s['rows']])} "
             f"| {_pm([r['expert_flops_vs_baseline'] for r in s['rows']])} "
             f"| {_pm([r['model_flops_vs_baseline'] for r in s['rows']])} "
-            f"| {_pm([r['tokens_per_s'] for r in s['rows']], 0)} | {relative} |")
+            f"| {_pm([r['tokens_per_s'] for r in s['rows']], 0)} | {relative} |"
+        )
     lines += [""] + _comparison_lines(grid, stats, base, base_tps)
     lines += ["## Plots", ""]
     for filename, caption in PLOTS:
         lines += [f"**{caption}**", "", f"![{caption}]({filename})", ""]
     if grid.discussion:
         lines += ["## Discussion", "", grid.discussion.strip(), ""]
-    lines += ["The per-run rows are in [results.csv](results.csv); each run's metrics in "
-              "`runs/<config>-seed<N>/metrics.jsonl.gz`.", ""]
+    lines += [
+        "The per-run rows are in [results.csv](results.csv); each run's metrics in "
+        "`runs/<config>-seed<N>/metrics.jsonl.gz`.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -149,12 +181,18 @@ def _arm_with_k(grid, stats: dict, k: int) -> Optional[str]:
 
 def _setup_lines(grid, rows: list[dict]) -> list[str]:
     common = ", ".join(f"`{k}: {v}`" for k, v in grid.common.items())
-    arms = "; ".join(f"**{arm}** " + (", ".join(f"`{k}: {v}`" for k, v in o.items()) or "-")
-                     for arm, o in grid.arms.items())
-    return ["## What ran", "",
-            f"Every run: the base config `{grid.base_config}` with {common}; data seed "
-            f"{grid.data_seed} for every run (the same batches and the same validation set); the "
-            f"seed ({', '.join(map(str, grid.seeds))}) sets the initialisation. Arms: {arms}.", ""]
+    arms = "; ".join(
+        f"**{arm}** " + (", ".join(f"`{k}: {v}`" for k, v in o.items()) or "-")
+        for arm, o in grid.arms.items()
+    )
+    return [
+        "## What ran",
+        "",
+        f"Every run: the base config `{grid.base_config}` with {common}; data seed "
+        f"{grid.data_seed} for every run (the same batches and the same validation set); the "
+        f"seed ({', '.join(map(str, grid.seeds))}) sets the initialisation. Arms: {arms}.",
+        "",
+    ]
 
 
 def _comparison_lines(grid, stats: dict, base: str, base_tps) -> list[str]:
@@ -162,32 +200,52 @@ def _comparison_lines(grid, stats: dict, base: str, base_tps) -> list[str]:
     others = [(arm, s) for arm, s in stats.items() if grid.family(arm) != "top-k"]
     if len(front) < 2 or not others:
         return ["(Comparisons need at least two top-k arms and one other arm with results.)", ""]
-    lines = ["## Against the top-k frontier", "",
-             "The top-k arms' (expert FLOPs, validation loss) points, joined by straight lines, "
-             "form the frontier. Each other arm is compared with it at its own measured expert "
-             "FLOPs (loss difference; negative = AdaMoE better) and at its own loss (the expert "
-             "FLOPs top-k would need, interpolated; saving = 1 - AdaMoE's / top-k's).", "",
-             "| config | expert FLOPs | loss − top-k loss at equal FLOPs | > 2 s.e.? | "
-             "top-k FLOPs at equal loss | FLOPs saved |", "|---|---|---|---|---|---|"]
+    lines = [
+        "## Against the top-k frontier",
+        "",
+        "The top-k arms' (expert FLOPs, validation loss) points, joined by straight lines, "
+        "form the frontier. Each other arm is compared with it at its own measured expert "
+        "FLOPs (loss difference; negative = AdaMoE better) and at its own loss (the expert "
+        "FLOPs top-k would need, interpolated; saving = 1 - AdaMoE's / top-k's).",
+        "",
+        "| config | expert FLOPs | loss − top-k loss at equal FLOPs | > 2 s.e.? | "
+        "top-k FLOPs at equal loss | FLOPs saved |",
+        "|---|---|---|---|---|---|",
+    ]
     for arm, s in others:
         at_flops = compare_at_equal_flops(s, front)
         how, saving = flops_at_equal_loss(s, front)
-        diff = ("outside the frontier's FLOPs range" if at_flops is None else
-                f"{at_flops['diff']:+.4f} ± {at_flops['stderr']:.4f}")
-        exceeds = ("-" if at_flops is None or at_flops["exceeds"] is None else
-                   "yes" if at_flops["exceeds"] else "no")
+        diff = (
+            "outside the frontier's FLOPs range"
+            if at_flops is None
+            else f"{at_flops['diff']:+.4f} ± {at_flops['stderr']:.4f}"
+        )
+        exceeds = (
+            "-"
+            if at_flops is None or at_flops["exceeds"] is None
+            else "yes"
+            if at_flops["exceeds"]
+            else "no"
+        )
         saved = "-" if saving is None else f"{saving:+.1%}"
-        lines.append(f"| {arm} | {s['expert_flops_vs_baseline'][0]:.3f} | {diff} | {exceeds} | "
-                     f"{how} | {saved} |")
+        lines.append(
+            f"| {arm} | {s['expert_flops_vs_baseline'][0]:.3f} | {diff} | {exceeds} | "
+            f"{how} | {saved} |"
+        )
     lines += [""]
     if base_tps:
-        lines += ["Wall clock: time per step relative to " + base + " against model FLOPs "
-                  "relative to " + base + " (1.0 = time follows FLOPs exactly):", ""]
+        lines += [
+            "Wall clock: time per step relative to " + base + " against model FLOPs "
+            "relative to " + base + " (1.0 = time follows FLOPs exactly):",
+            "",
+        ]
         for arm, s in stats.items():
             flops, tps = s["model_flops_vs_baseline"][0], s["tokens_per_s"]
             if tps[2] and not math.isnan(flops):
                 time_ratio = base_tps[0] / tps[0]
-                lines.append(f"- {arm}: time {time_ratio:.3f}, model FLOPs {flops:.3f}, "
-                             f"time/FLOPs {time_ratio / flops:.3f}")
+                lines.append(
+                    f"- {arm}: time {time_ratio:.3f}, model FLOPs {flops:.3f}, "
+                    f"time/FLOPs {time_ratio / flops:.3f}"
+                )
         lines += [""]
     return lines

@@ -18,8 +18,8 @@ from typing import Optional
 
 import yaml
 
+from megatron_adamoe.checkpoint_files import latest_checkpoint
 from megatron_adamoe.errors import OptionError
-from megatron_adamoe.training.checkpoint_paths import latest_checkpoint
 
 METRICS_FILES = ("metrics.jsonl", "metrics.jsonl.gz")
 TENSORBOARD_DIR = "tensorboard"
@@ -65,9 +65,11 @@ def read_run(run_dir: str, name: Optional[str] = None) -> Run:
     else:
         events = os.path.join(run_dir, TENSORBOARD_DIR)
         if not os.path.isdir(events):
-            raise OptionError(f"run ({run_dir!r}) must hold {METRICS_FILES[0]} or "
-                              f"{TENSORBOARD_DIR}/; pass a run directory of the pretraining "
-                              "entry point")
+            raise OptionError(
+                f"run ({run_dir!r}) must hold {METRICS_FILES[0]} or "
+                f"{TENSORBOARD_DIR}/; pass a run directory of the pretraining "
+                "entry point"
+            )
         run = _from_tensorboard(events, name)
     run.options = _saved_options(os.path.join(run_dir, "checkpoints"))
     return run
@@ -97,17 +99,22 @@ def _from_metrics_file(path: str, name: str) -> Run:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
-                raise OptionError(f"{path}:{number} must be a JSON record; the file is damaged "
-                                  "(a run killed mid-write leaves at most a partial last line)"
-                                  ) from None
+                raise OptionError(
+                    f"{path}:{number} must be a JSON record; the file is damaged "
+                    "(a run killed mid-write leaves at most a partial last line)"
+                ) from None
             iteration = record["iteration"]
             if "validation lm loss" in record:
                 validation[iteration] = record["validation lm loss"]
             elif "lm loss" in record:
                 train[iteration] = TrainStep(
-                    iteration, record["lm loss"], record.get("load", []),
-                    record.get("k_eff", []), record.get("step time"),
-                    record.get("flops vs topk"))
+                    iteration,
+                    record["lm loss"],
+                    record.get("load", []),
+                    record.get("k_eff", []),
+                    record.get("step time"),
+                    record.get("flops vs topk"),
+                )
     return Run(name, [train[i] for i in sorted(train)], sorted(validation.items()))
 
 
@@ -132,10 +139,16 @@ def _from_tensorboard(directory: str, name: str) -> Run:
     flops = series("adamoe/flops_vs_topk")
     train = [
         TrainStep(
-            step, loss, [layers[i].get("load", {}).get(step) for i in order],
-            [[layers[i].get(f"k_eff_{j}_fraction", {}).get(step) for j in range(topk + 1)]
-             for i in order],
-            None, flops.get(step))
+            step,
+            loss,
+            [layers[i].get("load", {}).get(step) for i in order],
+            [
+                [layers[i].get(f"k_eff_{j}_fraction", {}).get(step) for j in range(topk + 1)]
+                for i in order
+            ],
+            None,
+            flops.get(step),
+        )
         for step, loss in sorted(losses.items())
     ]
     return Run(name, train, sorted(series("lm loss validation").items()))

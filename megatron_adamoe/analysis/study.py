@@ -32,15 +32,40 @@ import yaml
 from megatron_adamoe.analysis import plots, report
 from megatron_adamoe.analysis.runs import Run, read_run
 from megatron_adamoe.errors import OptionError
-from megatron_adamoe.training.arguments import PretrainArguments, settable_fields
+from megatron_adamoe.options import PretrainArguments, settable_fields
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAUNCH = "launch/pretrain_adamoe.sh"
-CSV_COLUMNS = ("config", "seed", "n", "m", "k", "steps", "tokens", "final_val_loss",
-               "best_val_loss", "mean_load", "expert_flops_vs_baseline", "model_flops_vs_baseline",
-               "tokens_per_s", "wall_s", "commit")
-GRID_KEYS = {"name", "description", "base_config", "nproc", "seeds", "data_seed",
-             "flops_baseline_topk", "common", "arms", "families", "discussion"}
+CSV_COLUMNS = (
+    "config",
+    "seed",
+    "n",
+    "m",
+    "k",
+    "steps",
+    "tokens",
+    "final_val_loss",
+    "best_val_loss",
+    "mean_load",
+    "expert_flops_vs_baseline",
+    "model_flops_vs_baseline",
+    "tokens_per_s",
+    "wall_s",
+    "commit",
+)
+GRID_KEYS = {
+    "name",
+    "description",
+    "base_config",
+    "nproc",
+    "seeds",
+    "data_seed",
+    "flops_baseline_topk",
+    "common",
+    "arms",
+    "families",
+    "discussion",
+}
 
 
 @dataclass
@@ -88,8 +113,9 @@ def load_grid(path: str) -> Grid:
         raw = yaml.safe_load(handle) or {}
     unknown = sorted(set(raw) - GRID_KEYS)
     if unknown:
-        raise OptionError(f"grid keys ({', '.join(unknown)}) must be among {sorted(GRID_KEYS)}; "
-                          f"fix {path}")
+        raise OptionError(
+            f"grid keys ({', '.join(unknown)}) must be among {sorted(GRID_KEYS)}; fix {path}"
+        )
     for key in ("name", "base_config", "seeds", "arms"):
         if not raw.get(key):
             raise OptionError(f"grid key {key} must be set; fix {path}")
@@ -97,30 +123,49 @@ def load_grid(path: str) -> Grid:
     for where, options in [("common", raw.get("common") or {}), *raw["arms"].items()]:
         bad = sorted(set(options) - set(fields))
         if bad:
-            raise OptionError(f"grid {where} options ({', '.join(bad)}) must be pretraining "
-                              f"options; fix {path}")
-    for reserved in ("seed", "adamoe_data_seed", "save", "adamoe_metrics_file",
-                     "tensorboard_dir", "adamoe_flops_baseline_topk"):
-        if any(reserved in options for options in [raw.get("common") or {},
-                                                    *raw["arms"].values()]):
-            raise OptionError(f"grid option {reserved} must not be set; the harness sets it "
-                              "per run")
+            raise OptionError(
+                f"grid {where} options ({', '.join(bad)}) must be pretraining options; fix {path}"
+            )
+    for reserved in (
+        "seed",
+        "adamoe_data_seed",
+        "save",
+        "adamoe_metrics_file",
+        "tensorboard_dir",
+        "adamoe_flops_baseline_topk",
+    ):
+        if any(reserved in options for options in [raw.get("common") or {}, *raw["arms"].values()]):
+            raise OptionError(
+                f"grid option {reserved} must not be set; the harness sets it per run"
+            )
     return Grid(
-        name=raw["name"], path=path, base_config=raw["base_config"],
-        nproc=int(raw.get("nproc", 2)), seeds=[int(s) for s in raw["seeds"]],
+        name=raw["name"],
+        path=path,
+        base_config=raw["base_config"],
+        nproc=int(raw.get("nproc", 2)),
+        seeds=[int(s) for s in raw["seeds"]],
         data_seed=int(raw.get("data_seed", 1234)),
-        baseline_topk=int(raw.get("flops_baseline_topk", 2)), common=raw.get("common") or {},
-        arms=raw["arms"], families=raw.get("families") or {},
-        description=raw.get("description", ""), discussion=raw.get("discussion", ""))
+        baseline_topk=int(raw.get("flops_baseline_topk", 2)),
+        common=raw.get("common") or {},
+        arms=raw["arms"],
+        families=raw.get("families") or {},
+        description=raw.get("description", ""),
+        discussion=raw.get("discussion", ""),
+    )
 
 
 def run_command(grid: Grid, arm: str, seed: int, run_dir: str, port: int) -> list[str]:
     """The exact command of one run: the launch script under torchrun, as a user types it."""
-    overrides = {**grid.common, **grid.arms[arm], "seed": seed, "adamoe_data_seed": grid.data_seed,
-                 "save": os.path.join(run_dir, "checkpoints"),
-                 "adamoe_metrics_file": os.path.join(run_dir, "metrics.jsonl"),
-                 "tensorboard_dir": os.path.join(run_dir, "tensorboard"),
-                 "adamoe_flops_baseline_topk": grid.baseline_topk}
+    overrides = {
+        **grid.common,
+        **grid.arms[arm],
+        "seed": seed,
+        "adamoe_data_seed": grid.data_seed,
+        "save": os.path.join(run_dir, "checkpoints"),
+        "adamoe_metrics_file": os.path.join(run_dir, "metrics.jsonl"),
+        "tensorboard_dir": os.path.join(run_dir, "tensorboard"),
+        "adamoe_flops_baseline_topk": grid.baseline_topk,
+    }
     flags = []
     for key, value in overrides.items():
         flag = "--" + key.replace("_", "-")
@@ -130,8 +175,19 @@ def run_command(grid: Grid, arm: str, seed: int, run_dir: str, port: int) -> lis
             flags += [flag, *map(str, value)]
         else:
             flags += [flag, "null" if value is None else str(value)]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(grid.nproc),
-            "--master-port", str(port), LAUNCH, "--config", grid.base_config, *flags]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(grid.nproc),
+        "--master-port",
+        str(port),
+        LAUNCH,
+        "--config",
+        grid.base_config,
+        *flags,
+    ]
 
 
 def _free_port() -> int:
@@ -143,8 +199,13 @@ def _free_port() -> int:
 def _iterations_done(metrics_path: str) -> int:
     try:
         with open(metrics_path) as handle:
-            return len({json.loads(line)["iteration"] for line in handle
-                        if line.strip() and '"lm loss"' in line})
+            return len(
+                {
+                    json.loads(line)["iteration"]
+                    for line in handle
+                    if line.strip() and '"lm loss"' in line
+                }
+            )
     except (OSError, ValueError):
         return 0
 
@@ -156,11 +217,18 @@ def run_grid(grid: Grid, runs_dir: str, out_dir: str, progress: bool = True) -> 
     study_dir = os.path.join(runs_dir, grid.name)
     report_dir = os.path.join(out_dir, grid.name)
     os.makedirs(report_dir, exist_ok=True)
-    todo = [(arm, seed) for arm, seed in grid.runs()
-            if not os.path.isfile(os.path.join(study_dir, grid.run_name(arm, seed), "done.json"))]
+    todo = [
+        (arm, seed)
+        for arm, seed in grid.runs()
+        if not os.path.isfile(os.path.join(study_dir, grid.run_name(arm, seed), "done.json"))
+    ]
     steps = {arm: grid.options(arm).train_iters for arm in grid.arms}
-    bar = tqdm(total=sum(steps[arm] for arm, _ in todo), unit="it", disable=not progress,
-               desc=f"{grid.name}: {len(todo)} of {len(grid.runs())} runs to go")
+    bar = tqdm(
+        total=sum(steps[arm] for arm, _ in todo),
+        unit="it",
+        disable=not progress,
+        desc=f"{grid.name}: {len(todo)} of {len(grid.runs())} runs to go",
+    )
     for number, (arm, seed) in enumerate(todo, 1):
         name = grid.run_name(arm, seed)
         run_dir = os.path.join(study_dir, name)
@@ -168,8 +236,15 @@ def run_grid(grid: Grid, runs_dir: str, out_dir: str, progress: bool = True) -> 
         bar.set_postfix_str(f"run {number}/{len(todo)} {name}")
         wall = _run_one(grid, arm, seed, run_dir, bar)
         with open(os.path.join(run_dir, "done.json"), "w") as handle:
-            json.dump({"wall_s": wall, "finished": datetime.datetime.now().isoformat(
-                timespec="seconds"), "commit": _git_commit(), "machine": machine()}, handle)
+            json.dump(
+                {
+                    "wall_s": wall,
+                    "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+                    "commit": _git_commit(),
+                    "machine": machine(),
+                },
+                handle,
+            )
         _keep_in_report(run_dir, os.path.join(report_dir, "runs", name))
         write_report(grid, out_dir)
     bar.close()
@@ -187,32 +262,43 @@ def _run_one(grid: Grid, arm: str, seed: int, run_dir: str, bar) -> float:
     with open(os.path.join(run_dir, "train.log"), "a") as log:
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
-        process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+        process = subprocess.Popen(
+            command,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
         while process.poll() is None:
             time.sleep(2)
             done = _iterations_done(metrics)
             bar.update(max(0, done - counted))
             counted = max(counted, done)
-    attempts.append({"command": command, "wall_s": time.time() - started,
-                     "returncode": process.returncode})
+    attempts.append(
+        {"command": command, "wall_s": time.time() - started, "returncode": process.returncode}
+    )
     with open(attempts_path, "w") as handle:
         json.dump(attempts, handle, indent=1)
     if process.returncode != 0:
-        raise RuntimeError(f"run {os.path.basename(run_dir)} failed ({process.returncode}); "
-                           f"see {os.path.join(run_dir, 'train.log')}; rerun to resume")
+        raise RuntimeError(
+            f"run {os.path.basename(run_dir)} failed ({process.returncode}); "
+            f"see {os.path.join(run_dir, 'train.log')}; rerun to resume"
+        )
     return sum(a["wall_s"] for a in attempts)
 
 
 def _keep_in_report(run_dir: str, keep_dir: str) -> None:
     """The run's metrics (gzipped) and done.json next to the report, for --report-only."""
     os.makedirs(keep_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "metrics.jsonl"), "rb") as source, \
-            open(os.path.join(keep_dir, "metrics.jsonl.gz.tmp"), "wb") as raw, \
-            gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as target:  # same bytes each time
+    with (
+        open(os.path.join(run_dir, "metrics.jsonl"), "rb") as source,
+        open(os.path.join(keep_dir, "metrics.jsonl.gz.tmp"), "wb") as raw,
+        gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as target,
+    ):  # same bytes each time
         shutil.copyfileobj(source, target)
-    os.replace(os.path.join(keep_dir, "metrics.jsonl.gz.tmp"),
-               os.path.join(keep_dir, "metrics.jsonl.gz"))
+    os.replace(
+        os.path.join(keep_dir, "metrics.jsonl.gz.tmp"), os.path.join(keep_dir, "metrics.jsonl.gz")
+    )
     shutil.copyfile(os.path.join(run_dir, "done.json"), os.path.join(keep_dir, "done.json"))
 
 
@@ -226,17 +312,23 @@ def summarize(grid: Grid, arm: str, seed: int, run: Run, done: dict) -> dict:
     steps = run.train[-1].iteration if run.train else 0
     mean_load = fmean(loads) if loads else None
     return {
-        "config": arm, "seed": seed, "n": options.num_experts,
-        "m": options.adamoe_num_null_experts, "k": options.moe_router_topk, "steps": steps,
+        "config": arm,
+        "seed": seed,
+        "n": options.num_experts,
+        "m": options.adamoe_num_null_experts,
+        "k": options.moe_router_topk,
+        "steps": steps,
         "tokens": steps * options.global_batch_size * options.seq_length,
         "final_val_loss": run.validation[-1][1] if run.validation else None,
         "best_val_loss": min(loss for _, loss in run.validation) if run.validation else None,
         "mean_load": mean_load,
         "expert_flops_vs_baseline": None if mean_load is None else mean_load / grid.baseline_topk,
         "model_flops_vs_baseline": fmean(flops) if flops else None,
-        "tokens_per_s": (options.global_batch_size * options.seq_length / median(times)
-                         if times else None),
-        "wall_s": done.get("wall_s"), "commit": done.get("commit"),
+        "tokens_per_s": (
+            options.global_batch_size * options.seq_length / median(times) if times else None
+        ),
+        "wall_s": done.get("wall_s"),
+        "commit": done.get("commit"),
     }
 
 
@@ -265,20 +357,32 @@ def write_report(grid: Grid, out_dir: str) -> Optional[str]:
     report_dir = os.path.join(out_dir, grid.name)
     _write_csv(rows, os.path.join(report_dir, "results.csv"))
     plots.plot_losses(runs, os.path.join(report_dir, "losses.png"))
-    points = [{"name": arm, "family": grid.family(arm),
-               "x": [r["expert_flops_vs_baseline"] for r in rows if r["config"] == arm],
-               "y": [r["final_val_loss"] for r in rows if r["config"] == arm]}
-              for arm in grid.arms if any(r["config"] == arm for r in rows)]
-    plots.plot_frontier(points, os.path.join(report_dir, "frontier.png"),
-                        x_label=f"expert FLOPs vs top-{grid.baseline_topk} (measured load / "
-                        f"{grid.baseline_topk})",
-                        title=f"{grid.name}: validation loss vs expert compute")
+    points = [
+        {
+            "name": arm,
+            "family": grid.family(arm),
+            "x": [r["expert_flops_vs_baseline"] for r in rows if r["config"] == arm],
+            "y": [r["final_val_loss"] for r in rows if r["config"] == arm],
+        }
+        for arm in grid.arms
+        if any(r["config"] == arm for r in rows)
+    ]
+    plots.plot_frontier(
+        points,
+        os.path.join(report_dir, "frontier.png"),
+        x_label=f"expert FLOPs vs top-{grid.baseline_topk} (measured load / {grid.baseline_topk})",
+        title=f"{grid.name}: validation loss vs expert compute",
+    )
     plots.plot_layer_load(runs, os.path.join(report_dir, "layer_load.png"))
     adamoe_runs = [run for run, row in zip(runs, rows) if grid.family(row["config"]) != "top-k"]
     if adamoe_runs:
         plots.plot_k_eff(adamoe_runs, os.path.join(report_dir, "k_eff.png"))
-    text = report.render(grid, rows, machine_info,
-                         command=f"python tools/study.py {os.path.relpath(grid.path, REPO)}")
+    text = report.render(
+        grid,
+        rows,
+        machine_info,
+        command=f"python tools/study.py {os.path.relpath(grid.path, REPO)}",
+    )
     path = os.path.join(report_dir, "README.md")
     with open(path + ".tmp", "w") as handle:
         handle.write(text)
@@ -291,16 +395,30 @@ def _write_csv(rows: list[dict], path: str) -> None:
         writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: ("" if row[k] is None else
-                                 f"{row[k]:.6g}" if isinstance(row[k], float) else row[k])
-                             for k in CSV_COLUMNS})
+            writer.writerow(
+                {
+                    k: (
+                        ""
+                        if row[k] is None
+                        else f"{row[k]:.6g}"
+                        if isinstance(row[k], float)
+                        else row[k]
+                    )
+                    for k in CSV_COLUMNS
+                }
+            )
     os.replace(path + ".tmp", path)
 
 
 def _git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                              capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -310,8 +428,9 @@ def machine() -> dict:
     cpu = platform.processor() or "unknown"
     try:
         with open("/proc/cpuinfo") as handle:
-            cpu = next(line.split(":", 1)[1].strip() for line in handle
-                       if line.startswith("model name"))
+            cpu = next(
+                line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")
+            )
     except (OSError, StopIteration):
         pass
     from importlib.metadata import PackageNotFoundError, version
@@ -322,9 +441,14 @@ def machine() -> dict:
         except PackageNotFoundError:
             return "absent"
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "torch": installed("torch"), "megatron-core": installed("megatron-core"),
-            "platform": platform.platform()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": installed("torch"),
+        "megatron-core": installed("megatron-core"),
+        "platform": platform.platform(),
+    }
 
 
 def spread(values: list[float]) -> tuple[float, float]:

@@ -8,8 +8,9 @@ Importing this package registers the model with transformers' Auto classes (``Au
     model = AutoModelForCausalLM.from_pretrained(exported_dir)
 
 Registration is not patching: it adds the "adamoe" model type and changes nothing else.
-The conversion code (``megatron_adamoe.hf.export``, ``megatron_adamoe.hf.import_``) is imported
-on use; it needs Megatron-Core, the model files here do not.
+The conversion code (``megatron_adamoe.hf.export``, ``megatron_adamoe.hf.import_hf``,
+``megatron_adamoe.hf.mixtral_to_adamoe``) and HF fine-tuning (``megatron_adamoe.hf.finetune``)
+are imported on use (conversion to Megatron needs Megatron-Core; the model files here do not).
 """
 
 from __future__ import annotations
@@ -18,8 +19,13 @@ from megatron_adamoe.hf.configuration_adamoe import AdaMoEHFConfig
 from megatron_adamoe.hf.modeling_adamoe import AdaMoEForCausalLM, AdaMoEModel
 from megatron_adamoe.hf.tokenization_adamoe import AdaMoETokenizer
 
-__all__ = ["AdaMoEForCausalLM", "AdaMoEHFConfig", "AdaMoEModel", "AdaMoETokenizer",
-           "register_auto_classes"]
+__all__ = [
+    "AdaMoEForCausalLM",
+    "AdaMoEHFConfig",
+    "AdaMoEModel",
+    "AdaMoETokenizer",
+    "register_auto_classes",
+]
 
 
 def register_auto_classes() -> None:

@@ -3,6 +3,8 @@
     adamoe-convert export-hf --load runs/cpu_adamoe_tiny/checkpoints --out hf/adamoe_tiny
     adamoe-convert import-hf --hf path/to/mixtral --out ckpt/adamoe_mixtral \
         --num-null-experts 8 --topk 3 --tp 1 --ep 8 --pp 4
+    adamoe-convert mixtral-to-adamoe --hf path/to/mixtral --out hf/adamoe_mixtral \
+        --num-null-experts 8 --topk 3          # HF -> HF, no Megatron (for HF/DeepSpeed tuning)
 
 A bad input ends with one line, ``error: ...``, and exit status 2.
 """
@@ -21,52 +23,110 @@ logger = logging.getLogger("megatron_adamoe.convert")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="convert_checkpoint.py",
-                                     description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="convert_checkpoint.py", description=__doc__.split("\n")[0]
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     export = commands.add_parser("export-hf", help="Megatron dist checkpoint -> HF model dir")
-    export.add_argument("--load", required=True,
-                        help="save directory (its latest checkpoint) or an iter_N directory")
+    export.add_argument(
+        "--load",
+        required=True,
+        help="save directory (its latest checkpoint) or an iter_N directory",
+    )
     export.add_argument("--out", required=True, help="HF model directory to create")
-    export.add_argument("--tokenizer-model", default=None,
-                        help="sentencepiece model (default: the run's tokenizer_model)")
+    export.add_argument(
+        "--tokenizer-model",
+        default=None,
+        help="sentencepiece model (default: the run's tokenizer_model)",
+    )
     export.add_argument("--max-shard-size", default="5GB", help="safetensors shard size")
     imp = commands.add_parser("import-hf", help="HF Mixtral / AdaMoE -> Megatron dist checkpoint")
     imp.add_argument("--hf", required=True, help="local HF model directory (safetensors)")
     imp.add_argument("--out", required=True, help="checkpoint directory to create")
-    imp.add_argument("--num-null-experts", type=int, default=None,
-                     help="m null experts (Mixtral: default 0; AdaMoE: its own m)")
-    imp.add_argument("--topk", type=int, default=None,
-                     help="k over n + m (default: the model's num_experts_per_tok)")
+    imp.add_argument(
+        "--num-null-experts",
+        type=int,
+        default=None,
+        help="m null experts (Mixtral: default 0; AdaMoE: its own m)",
+    )
+    imp.add_argument(
+        "--topk",
+        type=int,
+        default=None,
+        help="k over n + m (default: the model's num_experts_per_tok)",
+    )
     imp.add_argument("--tp", type=int, default=1, help="tensor-parallel size to fine-tune at")
     imp.add_argument("--ep", type=int, default=1, help="expert-parallel size to fine-tune at")
     imp.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to fine-tune at")
-    imp.add_argument("--null-router-init", default="tile", choices=("tile", "random"),
-                     help="null router rows: tile the true rows (paper) or random")
+    imp.add_argument(
+        "--null-router-init",
+        default="tile",
+        choices=("tile", "random"),
+        help="null router rows: tile the true rows (paper) or random",
+    )
     imp.add_argument("--seed", type=int, default=0, help="seed of --null-router-init random")
+    hf = commands.add_parser("mixtral-to-adamoe", help="HF Mixtral -> HF AdaMoE model dir")
+    hf.add_argument("--hf", required=True, help="local HF Mixtral directory (safetensors)")
+    hf.add_argument("--out", required=True, help="HF model directory to create")
+    hf.add_argument("--num-null-experts", type=int, required=True, help="m null experts")
+    hf.add_argument(
+        "--topk",
+        type=int,
+        default=None,
+        help="k over n + m (default: Mixtral's num_experts_per_tok)",
+    )
+    hf.add_argument(
+        "--null-router-init",
+        default="tile",
+        choices=("tile", "random"),
+        help="null router rows: tile the true rows (paper) or random",
+    )
+    hf.add_argument("--seed", type=int, default=0, help="seed of --null-router-init random")
+    hf.add_argument("--max-shard-size", default="5GB", help="safetensors shard size")
     return parser
 
 
 def run(options: argparse.Namespace) -> str:
+    if options.command == "mixtral-to-adamoe":
+        from megatron_adamoe.hf.mixtral_to_adamoe import mixtral_to_adamoe
+
+        return mixtral_to_adamoe(
+            options.hf,
+            options.out,
+            options.num_null_experts,
+            options.topk,
+            options.null_router_init,
+            options.seed,
+            options.max_shard_size,
+        )
     if options.command == "export-hf":
         from megatron_adamoe.hf.export import export_hf
 
-        return export_hf(options.load, options.out, options.tokenizer_model,
-                         options.max_shard_size)
+        return export_hf(options.load, options.out, options.tokenizer_model, options.max_shard_size)
     for name in ("tp", "ep", "pp"):
         if getattr(options, name) < 1:
-            raise OptionError(f"{name} ({getattr(options, name)}) must be >= 1; pass a positive "
-                             f"--{name}")
+            raise OptionError(
+                f"{name} ({getattr(options, name)}) must be >= 1; pass a positive --{name}"
+            )
     from megatron_adamoe.hf.import_hf import import_hf
 
-    return import_hf(options.hf, options.out, options.num_null_experts, options.topk,
-                     options.tp, options.ep, options.pp, options.null_router_init, options.seed)
+    return import_hf(
+        options.hf,
+        options.out,
+        options.num_null_experts,
+        options.topk,
+        options.tp,
+        options.ep,
+        options.pp,
+        options.null_router_init,
+        options.seed,
+    )
 
 
 def main(argv: Optional[list] = None) -> int:
     options = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from megatron_adamoe.training.pretrain import quiet_known_upstream_noise
+    from megatron_adamoe.console import quiet_known_upstream_noise
 
     quiet_known_upstream_noise()
     warnings.filterwarnings("ignore", message=r"torch.distributed is disabled")

@@ -11,6 +11,7 @@ from transformers import PretrainedConfig
 NULL_EXPERT_TYPES = ("zero", "identity")
 ROUTER_WEIGHT_NORMS = ("true_experts", "all_selected", "none")
 ROUTER_DTYPES = (None, "float32", "float64")
+ROUTER_MODES = ("topk", "topp")
 
 
 class AdaMoEHFConfig(PretrainedConfig):
@@ -21,7 +22,18 @@ class AdaMoEHFConfig(PretrainedConfig):
     SwiGLU MLP of ``intermediate_size``. ``null_expert_type``: ``zero`` nulls add nothing,
     ``identity`` nulls add ``s * x``. ``router_weight_norm``: how the selected weights are
     normalised (see ``modeling_adamoe.route_tokens``). ``router_dtype``: the dtype the router
-    logits and weights are computed in (Megatron's ``moe_router_dtype``).
+    logits and weights are computed in (Megatron's ``moe_router_dtype``). ``router_mode``
+    ``topk`` or ``topp`` (with ``router_topp_threshold``). ``router_expert_bias`` /
+    ``router_null_bias``: the routers hold the selection biases of aux-loss-free balancing / the
+    target-load controller (added to the logits to choose experts, never to weights);
+    ``router_target_load``: the controller's target (a number or one per MoE layer), which the
+    load-balancing loss's null share follows.
+
+    Training: with ``output_router_logits`` the forward adds ``router_aux_loss_coef`` x the sum
+    over MoE layers of each layer's null-aware load-balancing loss (paper Eq. 6) to the loss, the
+    semantics of Megatron's per-layer ``moe_aux_loss_coeff``. (transformers' Mixtral applies its
+    coefficient to one loss over all layers' routing together, about the per-layer mean: a Mixtral
+    coefficient c is about c / (number of MoE layers) here.)
     """
 
     model_type = "adamoe"
@@ -48,6 +60,13 @@ class AdaMoEHFConfig(PretrainedConfig):
         router_topk_scaling_factor=None,
         router_dtype="float32",
         moe_layers=None,
+        router_mode: str = "topk",
+        router_topp_threshold=None,
+        router_expert_bias: bool = False,
+        router_null_bias: bool = False,
+        router_target_load=None,
+        output_router_logits: bool = False,
+        router_aux_loss_coef: float = 0.01,
         hidden_act: str = "silu",
         initializer_range: float = 0.02,
         use_cache: bool = True,
@@ -76,6 +95,13 @@ class AdaMoEHFConfig(PretrainedConfig):
         self.router_topk_scaling_factor = router_topk_scaling_factor
         self.router_dtype = router_dtype
         self.moe_layers = list(range(num_hidden_layers)) if moe_layers is None else list(moe_layers)
+        self.router_mode = router_mode
+        self.router_topp_threshold = router_topp_threshold
+        self.router_expert_bias = router_expert_bias
+        self.router_null_bias = router_null_bias
+        self.router_target_load = router_target_load
+        self.output_router_logits = output_router_logits
+        self.router_aux_loss_coef = router_aux_loss_coef
         self.hidden_act = hidden_act
         self.initializer_range = initializer_range
         self.use_cache = use_cache
@@ -92,18 +118,31 @@ class AdaMoEHFConfig(PretrainedConfig):
         def fail(name: str, rule: str, fix: str) -> None:
             raise ValueError(f"{name} ({getattr(self, name)!r}) must {rule}; {fix}")
 
-        for name in ("num_hidden_layers", "hidden_size", "num_attention_heads",
-                     "num_local_experts", "num_experts_per_tok", "vocab_size"):
+        for name in (
+            "num_hidden_layers",
+            "hidden_size",
+            "num_attention_heads",
+            "num_local_experts",
+            "num_experts_per_tok",
+            "vocab_size",
+        ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 fail(name, "be a positive integer", "fix config.json")
         if not isinstance(self.num_null_experts, int) or self.num_null_experts < 0:
             fail("num_null_experts", "be an integer >= 0", "fix config.json")
         if self.num_experts_per_tok > self.num_local_experts + self.num_null_experts:
-            fail("num_experts_per_tok", "be <= num_local_experts + num_null_experts "
-                 f"({self.num_local_experts + self.num_null_experts})", "lower it")
+            fail(
+                "num_experts_per_tok",
+                "be <= num_local_experts + num_null_experts "
+                f"({self.num_local_experts + self.num_null_experts})",
+                "lower it",
+            )
         if self.num_attention_heads % self.num_key_value_heads:
-            fail("num_key_value_heads", f"divide num_attention_heads ({self.num_attention_heads})",
-                 "fix config.json")
+            fail(
+                "num_key_value_heads",
+                f"divide num_attention_heads ({self.num_attention_heads})",
+                "fix config.json",
+            )
         if self.null_expert_type not in NULL_EXPERT_TYPES:
             fail("null_expert_type", f"be one of {NULL_EXPERT_TYPES}", "fix config.json")
         if self.router_weight_norm not in ROUTER_WEIGHT_NORMS:
@@ -113,5 +152,36 @@ class AdaMoEHFConfig(PretrainedConfig):
         if self.hidden_act != "silu":
             fail("hidden_act", "be 'silu' (SwiGLU experts)", "fix config.json")
         if any(not 0 <= i < self.num_hidden_layers for i in self.moe_layers):
-            fail("moe_layers", f"list layer indices in [0, {self.num_hidden_layers})",
-                 "fix config.json")
+            fail(
+                "moe_layers",
+                f"list layer indices in [0, {self.num_hidden_layers})",
+                "fix config.json",
+            )
+        if self.router_mode not in ROUTER_MODES:
+            fail("router_mode", f"be one of {ROUTER_MODES}", "fix config.json")
+        if (self.router_mode == "topp") != (self.router_topp_threshold is not None) or (
+            self.router_topp_threshold is not None and not 0 < self.router_topp_threshold <= 1
+        ):
+            fail(
+                "router_topp_threshold",
+                "be in (0, 1] exactly when router_mode is 'topp'",
+                "fix config.json",
+            )
+        if self.router_null_bias and not self.num_null_experts:
+            fail("router_null_bias", "be false without null experts", "fix config.json")
+        target = self.router_target_load
+        if target is not None:
+            values = target if isinstance(target, list) else [target]
+            limit = min(self.num_experts_per_tok, self.num_local_experts)
+            if (
+                not self.num_null_experts
+                or any(not 0 < v < limit for v in values)
+                or (isinstance(target, list) and len(target) != len(self.moe_layers))
+            ):
+                fail(
+                    "router_target_load",
+                    f"be in (0, {limit}) (one number, or one per MoE layer) with null experts",
+                    "fix config.json",
+                )
+        if not isinstance(self.router_aux_loss_coef, (int, float)) or self.router_aux_loss_coef < 0:
+            fail("router_aux_loss_coef", "be a number >= 0", "fix config.json")

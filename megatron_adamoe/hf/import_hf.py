@@ -37,12 +37,8 @@ from megatron_adamoe.hf.mapping import (
     hf_to_local,
 )
 from megatron_adamoe.hf.strict import listing, load_strictly
-from megatron_adamoe.training.arguments import (
-    PretrainArguments,
-    padded_vocab_size,
-    validate,
-)
-from megatron_adamoe.training.metrics import moe_layer_indices
+from megatron_adamoe.options import PretrainArguments, validate
+from megatron_adamoe.storage import check_writable, storage_problem
 
 logger = logging.getLogger(__name__)
 
@@ -52,15 +48,24 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
 
-REQUIRED_KEYS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
-                 "num_local_experts", "num_experts_per_tok", "vocab_size")
+REQUIRED_KEYS = (
+    "hidden_size",
+    "num_attention_heads",
+    "num_hidden_layers",
+    "intermediate_size",
+    "num_local_experts",
+    "num_experts_per_tok",
+    "vocab_size",
+)
 
 
 def read_hf_config(hf_dir: str) -> dict:
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
-        raise OptionError(f"hf ({hf_dir!r}) must be a Hugging Face model directory with "
-                         "config.json; check the path")
+        raise OptionError(
+            f"hf ({hf_dir!r}) must be a Hugging Face model directory with "
+            "config.json; check the path"
+        )
     try:
         with open(path) as handle:
             config = json.load(handle)
@@ -68,12 +73,16 @@ def read_hf_config(hf_dir: str) -> dict:
         raise OptionError(f"{path} must be readable JSON; restore it ({error})") from None
     architectures = config.get("architectures") or []
     if len(architectures) != 1 or architectures[0] not in ARCHITECTURES:
-        raise OptionError(f"architectures ({architectures!r}) must be one of {ARCHITECTURES}; "
-                         f"{path} describes a model this converter does not know")
+        raise OptionError(
+            f"architectures ({architectures!r}) must be one of {ARCHITECTURES}; "
+            f"{path} describes a model this converter does not know"
+        )
     missing = [key for key in REQUIRED_KEYS if not isinstance(config.get(key), int)]
     if missing:
-        raise OptionError(f"config.json keys ({', '.join(missing)}) must be present as integers; "
-                         f"{path} is incomplete")
+        raise OptionError(
+            f"config.json keys ({', '.join(missing)}) must be present as integers; "
+            f"{path} is incomplete"
+        )
     _reject_unsupported(config, path)
     return config
 
@@ -93,8 +102,10 @@ def _reject_unsupported(config: dict, path: str) -> None:
     unsupported["head_dim"] = (config.get("head_dim") or hidden // heads, hidden // heads)
     for name, (value, supported) in unsupported.items():
         if value != supported:
-            raise OptionError(f"{name} ({value!r}) must be {supported!r} to import; {path} "
-                             "describes a model Megatron's AdaMoE GPT does not reproduce")
+            raise OptionError(
+                f"{name} ({value!r}) must be {supported!r} to import; {path} "
+                "describes a model Megatron's AdaMoE GPT does not reproduce"
+            )
     if config["architectures"][0] == "AdaMoEForCausalLM":
         from megatron_adamoe.hf.configuration_adamoe import AdaMoEHFConfig
 
@@ -109,17 +120,22 @@ def read_hf_tensors(hf_dir: str) -> dict:
             with open(index_path) as handle:
                 files = sorted(set(json.load(handle)["weight_map"].values()))
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            raise OptionError(f"{index_path} must be a safetensors index with a weight_map; "
-                             "restore it") from None
+            raise OptionError(
+                f"{index_path} must be a safetensors index with a weight_map; restore it"
+            ) from None
     elif os.path.isfile(os.path.join(hf_dir, SINGLE_FILE)):
         files = [SINGLE_FILE]
     else:
-        raise OptionError(f"hf ({hf_dir!r}) must contain {INDEX_FILE} or {SINGLE_FILE}; only "
-                         "safetensors checkpoints are read")
+        raise OptionError(
+            f"hf ({hf_dir!r}) must contain {INDEX_FILE} or {SINGLE_FILE}; only "
+            "safetensors checkpoints are read"
+        )
     missing = [name for name in files if not os.path.isfile(os.path.join(hf_dir, name))]
     if missing:
-        raise OptionError(f"hf ({hf_dir!r}) must contain every shard its index names; missing: "
-                         f"{', '.join(missing)}")
+        raise OptionError(
+            f"hf ({hf_dir!r}) must contain every shard its index names; missing: "
+            f"{', '.join(missing)}"
+        )
     tensors = {}
     for name in files:
         try:
@@ -127,13 +143,16 @@ def read_hf_tensors(hf_dir: str) -> dict:
                 for key in handle.keys():
                     tensors[key] = handle.get_tensor(key)
         except Exception as error:  # noqa: BLE001 - a corrupt shard is one user error
-            raise OptionError(f"hf shard ({name!r}) must be a readable safetensors file; copy it "
-                             f"again ({type(error).__name__}: {error})") from None
+            raise OptionError(
+                f"hf shard ({name!r}) must be a readable safetensors file; copy it "
+                f"again ({type(error).__name__}: {error})"
+            ) from None
     return tensors
 
 
-def pretrain_arguments(config: dict, num_null_experts: int, topk: int, tp: int, ep: int,
-                       pp: int) -> PretrainArguments:
+def pretrain_arguments(
+    config: dict, num_null_experts: int, topk: int, tp: int, ep: int, pp: int
+) -> PretrainArguments:
     """The pretraining options of the converted model, validated for the requested layout."""
     heads = config["num_attention_heads"]
     rope = config.get("rope_parameters") or {}
@@ -157,7 +176,14 @@ def pretrain_arguments(config: dict, num_null_experts: int, topk: int, tp: int, 
         adamoe_num_null_experts=num_null_experts,
         adamoe_null_expert_type=config.get("null_expert_type", "zero"),
         adamoe_weight_norm=config.get("router_weight_norm", "true_experts"),
-        moe_router_dtype=ROUTER_DTYPE_FROM_HF[config.get("router_dtype", "float32")] if is_adamoe
+        moe_router_enable_expert_bias=bool(config.get("router_expert_bias", False)),
+        adamoe_target_load=config.get("router_target_load")
+        if config.get("router_null_bias")
+        else None,
+        adamoe_router_mode=config.get("router_mode", "topk"),
+        adamoe_topp_threshold=config.get("router_topp_threshold"),
+        moe_router_dtype=ROUTER_DTYPE_FROM_HF[config.get("router_dtype", "float32")]
+        if is_adamoe
         else "fp32",
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
@@ -188,38 +214,64 @@ def null_router_rows(gate_EH: torch.Tensor, num_null: int, how: str, seed: int) 
     return (rows * gate_EH.float().std()).to(gate_EH.dtype)
 
 
-def import_hf(hf_dir: str, out: str, num_null_experts=None, topk=None, tp: int = 1,
-              ep: int = 1, pp: int = 1, null_router_init: str = "tile", seed: int = 0) -> str:
+def import_hf(
+    hf_dir: str,
+    out: str,
+    num_null_experts=None,
+    topk=None,
+    tp: int = 1,
+    ep: int = 1,
+    pp: int = 1,
+    null_router_init: str = "tile",
+    seed: int = 0,
+) -> str:
     """Write the AdaMoE Megatron checkpoint ``out`` from ``hf_dir``; returns ``out``."""
     if os.path.exists(out):
         raise OptionError(f"out ({out!r}) must not exist yet; remove it or pick another path")
+    check_writable(
+        "out",
+        os.path.dirname(os.path.abspath(out)),
+        "the checkpoint is written next to it first; pick a writable place",
+    )
     if null_router_init not in NULL_ROUTER_INITS:
-        raise OptionError(f"null_router_init ({null_router_init!r}) must be one of "
-                         f"{NULL_ROUTER_INITS}; see megatron_adamoe/hf/import_hf.py")
+        raise OptionError(
+            f"null_router_init ({null_router_init!r}) must be one of "
+            f"{NULL_ROUTER_INITS}; see megatron_adamoe/hf/import_hf.py"
+        )
     config = read_hf_config(hf_dir)
     is_adamoe = config["architectures"][0] == "AdaMoEForCausalLM"
     saved_nulls = config.get("num_null_experts", 0)
     if num_null_experts is None:
         num_null_experts = saved_nulls if is_adamoe else 0
     if is_adamoe and num_null_experts != saved_nulls:
-        raise OptionError(f"num_null_experts ({num_null_experts}) must equal the AdaMoE model's "
-                         f"m ({saved_nulls}); drop --num-null-experts")
+        raise OptionError(
+            f"num_null_experts ({num_null_experts}) must equal the AdaMoE model's "
+            f"m ({saved_nulls}); drop --num-null-experts"
+        )
     if num_null_experts < 0:
-        raise OptionError(f"num_null_experts ({num_null_experts}) must be >= 0; pass a "
-                         "non-negative --num-null-experts")
+        raise OptionError(
+            f"num_null_experts ({num_null_experts}) must be >= 0; pass a "
+            "non-negative --num-null-experts"
+        )
     topk = config["num_experts_per_tok"] if topk is None else topk
     args = pretrain_arguments(config, num_null_experts, topk, tp, ep, pp)
     tensors = read_hf_tensors(hf_dir)
     if not is_adamoe and num_null_experts:
         tensors = _add_null_router_rows(tensors, num_null_experts, null_router_init, seed)
-    vocab_size = padded_vocab_size(config["vocab_size"], args)
+    vocab_size = args.padded_vocab_size(config["vocab_size"])
     tensors = _pad_vocabulary(tensors, vocab_size)
     shape = ModelShape(
-        num_layers=args.num_layers, moe_layers=tuple(moe_layer_indices(args)),
+        num_layers=args.num_layers,
+        moe_layers=tuple(args.moe_layer_indices()),
         hidden_size=args.hidden_size,
-        num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
-        head_dim=args.hidden_size // args.num_attention_heads, num_experts=args.num_experts,
-        tied_embeddings=not args.untie_embeddings_and_output_weights)
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups,
+        head_dim=args.hidden_size // args.num_attention_heads,
+        num_experts=args.num_experts,
+        tied_embeddings=not args.untie_embeddings_and_output_weights,
+        expert_bias=bool(config.get("router_expert_bias", False)),
+        null_bias=bool(config.get("router_null_bias", False)),
+    )
     _check_hf_names(tensors, shape, hf_dir)
     local = hf_to_local(tensors, shape)
 
@@ -233,17 +285,28 @@ def import_hf(hf_dir: str, out: str, num_null_experts=None, topk=None, tp: int =
             args.tokenizer_model = os.path.join(args.load, "tokenizer.model")
         _save_megatron(args, local, temporary, vocab_size)
         os.replace(temporary, out)
+    except Exception as error:
+        storage = storage_problem(error, os.path.dirname(os.path.abspath(out)))
+        if storage is None:
+            raise
+        raise OptionError(
+            f"out ({out!r}) {storage} while importing; nothing was left behind; "
+            "free space or pick another path"
+        ) from None
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
-    logger.info("imported %s -> %s (m = %d null experts, top-%d)", hf_dir, out,
-                num_null_experts, topk)
+    logger.info(
+        "imported %s -> %s (m = %d null experts, top-%d)", hf_dir, out, num_null_experts, topk
+    )
     return out
 
 
 def _add_null_router_rows(tensors: dict, num_null: int, how: str, seed: int) -> dict:
     out = dict(tensors)
-    gates = sorted((name for name in tensors if name.endswith("block_sparse_moe.gate.weight")),
-                   key=lambda name: int(name.split(".")[2]))
+    gates = sorted(
+        (name for name in tensors if name.endswith("block_sparse_moe.gate.weight")),
+        key=lambda name: int(name.split(".")[2]),
+    )
     for layer_seed, name in enumerate(gates, start=seed):  # random rows differ per layer
         gate = tensors[name]
         out[name] = torch.cat([gate, null_router_rows(gate, num_null, how, layer_seed)])
@@ -271,8 +334,9 @@ def _check_hf_names(tensors: dict, shape: ModelShape, hf_dir: str) -> None:
     if set(tensors) - expected:
         problems.append(f"unexpected: {listing(set(tensors) - expected)}")
     if problems:
-        raise OptionError(f"hf ({hf_dir!r}) must hold exactly the tensors of its config; "
-                         + "; ".join(problems))
+        raise OptionError(
+            f"hf ({hf_dir!r}) must hold exactly the tensors of its config; " + "; ".join(problems)
+        )
 
 
 def _save_megatron(args: PretrainArguments, local: dict, directory: str, vocab_size: int):
@@ -284,6 +348,10 @@ def _save_megatron(args: PretrainArguments, local: dict, directory: str, vocab_s
 
     with single_process_megatron():
         model = build_single_process_model(args, vocab_size, meta=True)
-        load_strictly(model, local, what="converted tensors",
-                      ignore=lambda name: name.endswith("_extra_state"))
+        load_strictly(
+            model,
+            local,
+            what="converted tensors",
+            ignore=lambda name: name.endswith("_extra_state"),
+        )
         save_weights(args, model, directory)

@@ -9,24 +9,27 @@ Pure torch. Three namings of the same weights:
   (``decoder.layers.3.mlp.experts.local_experts.5.linear_fc1.weight``).
 - *hf*: ``AdaMoEForCausalLM`` (Mixtral's names: ``model.layers.3.block_sparse_moe.experts.5.w1``).
 
-Layouts that are not a rename: Megatron's ``linear_qkv`` interleaves [q heads of group g; k_g;
-v_g] per query group; ``linear_fc1`` is [gate; up] for SwiGLU (HF ``w1``, ``w3``); the router
-has n + m rows either way.
+Local <-> HF is one declarative table (``TABLE``): each entry names a local template and its HF
+template(s), ``{i}`` the layer and ``{e}`` the expert, and the entries that are not a rename carry
+their split/merge: Megatron's ``linear_qkv`` interleaves [q heads of group g; k_g; v_g] per query
+group, ``linear_fc1`` is [gate; up] for SwiGLU (HF ``w1``, ``w3``). Both directions and the HF
+name set are read off the table. The router has n + m rows either way; its selection biases
+(aux-loss-free ``expert_bias`` [n], the load controller's ``null_bias`` [1]) map 1:1 when the
+model has them.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
 from megatron_adamoe.errors import OptionError
+from megatron_adamoe.options.vocab import ROUTER_DTYPE_FROM_HF, ROUTER_DTYPE_TO_HF  # noqa: F401
 
-
-# Megatron's moe_router_dtype -> the HF config's router_dtype, and back.
-ROUTER_DTYPE_TO_HF = {None: None, "fp32": "float32", "fp64": "float64"}
-ROUTER_DTYPE_FROM_HF = {hf: megatron for megatron, hf in ROUTER_DTYPE_TO_HF.items()}
+# (re-exported: export and import read them from here)
 
 
 @dataclass(frozen=True)
@@ -39,15 +42,146 @@ class ModelShape:
     head_dim: int
     num_experts: int
     tied_embeddings: bool
+    expert_bias: bool = False  # routers carry an aux-loss-free expert bias
+    null_bias: bool = False  # routers carry the load controller's null bias
 
 
-# (local name, hf name) per layer, 1:1.
-_LAYER_RENAMES = (
-    ("input_layernorm.weight", "input_layernorm.weight"),
-    ("pre_mlp_layernorm.weight", "post_attention_layernorm.weight"),
-    ("self_attention.linear_proj.weight", "self_attn.o_proj.weight"),
+@dataclass(frozen=True)
+class Entry:
+    """``local`` <-> ``hf`` (one name, or several with ``split``/``merge``). ``scope``: "model"
+    (once), "layer" (every layer), "dense" / "moe" (layers of that kind), "expert" (every expert
+    of an MoE layer). ``when``: a ModelShape flag that must be set for the entry to exist."""
+
+    scope: str
+    local: str
+    hf: tuple
+    split: Optional[Callable] = None  # (local tensor, shape) -> tuple of hf tensors
+    merge: Optional[Callable] = None  # (hf tensors, shape) -> local tensor
+    when: Optional[str] = None
+
+
+def split_qkv(qkv: torch.Tensor, shape: ModelShape):
+    """Megatron's per-group [q_g; k_g; v_g] rows -> (q, k, v) with heads in order."""
+    groups, head_dim = shape.num_query_groups, shape.head_dim
+    q_per_group = shape.num_attention_heads // groups
+    grouped = qkv.view(groups, q_per_group + 2, head_dim, qkv.size(-1))
+    q = grouped[:, :q_per_group].reshape(-1, qkv.size(-1))
+    k = grouped[:, q_per_group].reshape(-1, qkv.size(-1))
+    v = grouped[:, q_per_group + 1].reshape(-1, qkv.size(-1))
+    return q.clone(), k.clone(), v.clone()
+
+
+def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: ModelShape):
+    groups, head_dim = shape.num_query_groups, shape.head_dim
+    hidden = q.size(-1)
+    q_grouped = q.view(groups, -1, head_dim, hidden)
+    k_grouped, v_grouped = k.view(groups, 1, head_dim, hidden), v.view(groups, 1, head_dim, hidden)
+    return torch.cat([q_grouped, k_grouped, v_grouped], dim=1).reshape(-1, hidden)
+
+
+def _split_fc1(fc1: torch.Tensor, shape: ModelShape):
+    return tuple(fc1.chunk(2, dim=0))  # [gate; up] -> w1, w3
+
+
+def _merge_fc1(w1: torch.Tensor, w3: torch.Tensor, shape: ModelShape):
+    return torch.cat([w1, w3])
+
+
+_L, _H = "decoder.layers.{i}.", "model.layers.{i}."
+_EXPERT = _L + "mlp.experts.local_experts.{e}."
+_HF_EXPERT = _H + "block_sparse_moe.experts.{e}."
+TABLE = (
+    Entry("model", "embedding.word_embeddings.weight", ("model.embed_tokens.weight",)),
+    Entry("model", "decoder.final_layernorm.weight", ("model.norm.weight",)),
+    Entry("model", "output_layer.weight", ("lm_head.weight",), when="untied_embeddings"),
+    Entry("layer", _L + "input_layernorm.weight", (_H + "input_layernorm.weight",)),
+    Entry("layer", _L + "pre_mlp_layernorm.weight", (_H + "post_attention_layernorm.weight",)),
+    Entry("layer", _L + "self_attention.linear_proj.weight", (_H + "self_attn.o_proj.weight",)),
+    Entry(
+        "layer",
+        _L + "self_attention.linear_qkv.weight",
+        tuple(_H + f"self_attn.{p}_proj.weight" for p in "qkv"),
+        split_qkv,
+        merge_qkv,
+    ),
+    Entry(
+        "dense",
+        _L + "mlp.linear_fc1.weight",
+        (_H + "mlp.w1.weight", _H + "mlp.w3.weight"),
+        _split_fc1,
+        _merge_fc1,
+    ),
+    Entry("dense", _L + "mlp.linear_fc2.weight", (_H + "mlp.w2.weight",)),
+    Entry("moe", _L + "mlp.router.weight", (_H + "block_sparse_moe.gate.weight",)),
+    Entry(
+        "moe",
+        _L + "mlp.router.expert_bias",
+        (_H + "block_sparse_moe.expert_bias",),
+        when="expert_bias",
+    ),
+    Entry(
+        "moe", _L + "mlp.router.null_bias", (_H + "block_sparse_moe.null_bias",), when="null_bias"
+    ),
+    Entry(
+        "expert",
+        _EXPERT + "linear_fc1.weight",
+        (_HF_EXPERT + "w1.weight", _HF_EXPERT + "w3.weight"),
+        _split_fc1,
+        _merge_fc1,
+    ),
+    Entry("expert", _EXPERT + "linear_fc2.weight", (_HF_EXPERT + "w2.weight",)),
 )
-_MOE_RENAMES = (("mlp.router.weight", "block_sparse_moe.gate.weight"),)
+
+
+def _instances(shape: ModelShape):
+    """(entry, filled local name, filled hf names) for every tensor of this shape."""
+    flags = {
+        "untied_embeddings": not shape.tied_embeddings,
+        "expert_bias": shape.expert_bias,
+        "null_bias": shape.null_bias,
+    }
+    for entry in TABLE:
+        if entry.when and not flags[entry.when]:
+            continue
+        if entry.scope == "model":
+            places = [{}]
+        else:
+            layers = {
+                "layer": range(shape.num_layers),
+                "dense": [i for i in range(shape.num_layers) if i not in shape.moe_layers],
+                "moe": shape.moe_layers,
+                "expert": shape.moe_layers,
+            }[entry.scope]
+            places = [{"i": i} for i in layers]
+            if entry.scope == "expert":
+                places = [{"i": p["i"], "e": e} for p in places for e in range(shape.num_experts)]
+        for place in places:
+            yield entry, entry.local.format(**place), tuple(h.format(**place) for h in entry.hf)
+
+
+def local_to_hf(local: dict, shape: ModelShape) -> dict:
+    hf = {}
+    for entry, local_name, hf_names_ in _instances(shape):
+        tensor = local[local_name]
+        values = entry.split(tensor, shape) if entry.split else (tensor,)
+        hf.update(zip(hf_names_, values))
+    return hf
+
+
+def hf_to_local(hf: dict, shape: ModelShape) -> dict:
+    local = {}
+    for entry, local_name, hf_names_ in _instances(shape):
+        values = [hf[name] for name in hf_names_]
+        local[local_name] = entry.merge(*values, shape) if entry.merge else values[0]
+    return local
+
+
+def hf_names(shape: ModelShape) -> set:
+    """Every tensor name of the HF model of this shape."""
+    return {name for _, _, names in _instances(shape) for name in names}
+
+
+# --- dist checkpoint keys -> local names -------------------------------------------------------
 # Per-layer part of a dist key -> local per-layer name. A homogeneous stack stores each under
 # ``decoder.layers.<part>`` with the layers on axis 0; a mixed dense/MoE stack stores
 # ``decoder.layers.<i>.<part>`` per layer.
@@ -59,6 +193,8 @@ _DIST_LAYER_PARTS = {
     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
     "pre_mlp_layernorm.weight": "pre_mlp_layernorm.weight",
     "mlp.router.weight": "mlp.router.weight",
+    "mlp.router.expert_bias": "mlp.router.expert_bias",
+    "mlp.router.null_bias": "mlp.router.null_bias",
     "mlp.linear_fc1.weight": "mlp.linear_fc1.weight",
     "mlp.linear_fc2.weight": "mlp.linear_fc2.weight",
 }
@@ -93,16 +229,19 @@ def is_dist_model_key(key: str) -> bool:
     if key in _DIST_GLOBAL_KEYS:
         return True
     parsed = _parse_dist_key(key)
-    return parsed is not None and (parsed[1] in _DIST_LAYER_PARTS
-                                   or parsed[1] in _DIST_EXPERT_PARTS)
+    return parsed is not None and (
+        parsed[1] in _DIST_LAYER_PARTS or parsed[1] in _DIST_EXPERT_PARTS
+    )
 
 
 def dist_to_local(tensors: dict, shape: ModelShape) -> dict:
     """Dist-checkpoint tensors -> per-layer local names (unknown keys raise)."""
     unknown = sorted(key for key in tensors if not is_dist_model_key(key))
     if unknown:
-        raise OptionError(f"checkpoint tensors ({', '.join(unknown)}) must be model tensors this "
-                         "converter knows; the checkpoint has modules it does not support")
+        raise OptionError(
+            f"checkpoint tensors ({', '.join(unknown)}) must be model tensors this "
+            "converter knows; the checkpoint has modules it does not support"
+        )
     local = {}
     for key, tensor in tensors.items():
         if key in _DIST_GLOBAL_KEYS:
@@ -119,102 +258,3 @@ def dist_to_local(tensors: dict, shape: ModelShape) -> dict:
             else:
                 local[prefix + _DIST_LAYER_PARTS[part]] = layer_tensor
     return local
-
-
-def local_to_hf(local: dict, shape: ModelShape) -> dict:
-    hf = {
-        "model.embed_tokens.weight": local["embedding.word_embeddings.weight"],
-        "model.norm.weight": local["decoder.final_layernorm.weight"],
-    }
-    if not shape.tied_embeddings:
-        hf["lm_head.weight"] = local["output_layer.weight"]
-    for layer in range(shape.num_layers):
-        src, dst = f"decoder.layers.{layer}.", f"model.layers.{layer}."
-        for local_name, hf_name in _LAYER_RENAMES:
-            hf[dst + hf_name] = local[src + local_name]
-        q, k, v = split_qkv(local[src + "self_attention.linear_qkv.weight"], shape)
-        hf[dst + "self_attn.q_proj.weight"] = q
-        hf[dst + "self_attn.k_proj.weight"] = k
-        hf[dst + "self_attn.v_proj.weight"] = v
-        if layer in shape.moe_layers:
-            for local_name, hf_name in _MOE_RENAMES:
-                hf[dst + hf_name] = local[src + local_name]
-            for expert in range(shape.num_experts):
-                _fc_to_hf(local, f"{src}mlp.experts.local_experts.{expert}.",
-                          hf, f"{dst}block_sparse_moe.experts.{expert}.")
-        else:
-            _fc_to_hf(local, src + "mlp.", hf, dst + "mlp.")
-    return hf
-
-
-def hf_to_local(hf: dict, shape: ModelShape) -> dict:
-    local = {
-        "embedding.word_embeddings.weight": hf["model.embed_tokens.weight"],
-        "decoder.final_layernorm.weight": hf["model.norm.weight"],
-    }
-    if not shape.tied_embeddings:
-        local["output_layer.weight"] = hf["lm_head.weight"]
-    for layer in range(shape.num_layers):
-        src, dst = f"model.layers.{layer}.", f"decoder.layers.{layer}."
-        for local_name, hf_name in _LAYER_RENAMES:
-            local[dst + local_name] = hf[src + hf_name]
-        local[dst + "self_attention.linear_qkv.weight"] = merge_qkv(
-            hf[src + "self_attn.q_proj.weight"], hf[src + "self_attn.k_proj.weight"],
-            hf[src + "self_attn.v_proj.weight"], shape)
-        if layer in shape.moe_layers:
-            for local_name, hf_name in _MOE_RENAMES:
-                local[dst + local_name] = hf[src + hf_name]
-            for expert in range(shape.num_experts):
-                _fc_to_local(hf, f"{src}block_sparse_moe.experts.{expert}.",
-                             local, f"{dst}mlp.experts.local_experts.{expert}.")
-        else:
-            _fc_to_local(hf, src + "mlp.", local, dst + "mlp.")
-    return local
-
-
-def hf_names(shape: ModelShape) -> set:
-    """Every tensor name of the HF model of this shape."""
-    names = {"model.embed_tokens.weight", "model.norm.weight"}
-    if not shape.tied_embeddings:
-        names.add("lm_head.weight")
-    for layer in range(shape.num_layers):
-        prefix = f"model.layers.{layer}."
-        names.update(prefix + hf_name for _, hf_name in _LAYER_RENAMES)
-        names.update(f"{prefix}self_attn.{p}_proj.weight" for p in "qkv")
-        if layer in shape.moe_layers:
-            names.update(prefix + hf_name for _, hf_name in _MOE_RENAMES)
-            ffns = [f"{prefix}block_sparse_moe.experts.{e}." for e in range(shape.num_experts)]
-        else:
-            ffns = [prefix + "mlp."]
-        names.update(f"{ffn}{w}.weight" for ffn in ffns for w in ("w1", "w2", "w3"))
-    return names
-
-
-def _fc_to_hf(local: dict, src: str, hf: dict, dst: str) -> None:
-    gate, up = local[src + "linear_fc1.weight"].chunk(2, dim=0)
-    hf[dst + "w1.weight"], hf[dst + "w3.weight"] = gate, up
-    hf[dst + "w2.weight"] = local[src + "linear_fc2.weight"]
-
-
-def _fc_to_local(hf: dict, src: str, local: dict, dst: str) -> None:
-    local[dst + "linear_fc1.weight"] = torch.cat([hf[src + "w1.weight"], hf[src + "w3.weight"]])
-    local[dst + "linear_fc2.weight"] = hf[src + "w2.weight"]
-
-
-def split_qkv(qkv: torch.Tensor, shape: ModelShape):
-    """Megatron's per-group [q_g; k_g; v_g] rows -> (q, k, v) with heads in order."""
-    groups, head_dim = shape.num_query_groups, shape.head_dim
-    q_per_group = shape.num_attention_heads // groups
-    grouped = qkv.view(groups, q_per_group + 2, head_dim, qkv.size(-1))
-    q = grouped[:, :q_per_group].reshape(-1, qkv.size(-1))
-    k = grouped[:, q_per_group].reshape(-1, qkv.size(-1))
-    v = grouped[:, q_per_group + 1].reshape(-1, qkv.size(-1))
-    return q.clone(), k.clone(), v.clone()
-
-
-def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: ModelShape):
-    groups, head_dim = shape.num_query_groups, shape.head_dim
-    hidden = q.size(-1)
-    q_grouped = q.view(groups, -1, head_dim, hidden)
-    k_grouped, v_grouped = k.view(groups, 1, head_dim, hidden), v.view(groups, 1, head_dim, hidden)
-    return torch.cat([q_grouped, k_grouped, v_grouped], dim=1).reshape(-1, hidden)

@@ -18,7 +18,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from megatron_adamoe.mcore.cpu import enable_cpu_mode
-from megatron_adamoe.training.arguments import PretrainArguments, validate
+from megatron_adamoe.options import PretrainArguments, validate
 from megatron_adamoe.training.model import build_model, transformer_config
 
 
@@ -48,11 +48,20 @@ def single_process_megatron(seed: int = 1234):
 def single_process_args(args: PretrainArguments) -> PretrainArguments:
     """The same model at TP = EP = PP = CP = 1 (dist checkpoints load across layouts)."""
     local = dataclasses.replace(
-        args, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-        expert_model_parallel_size=1, expert_tensor_parallel_size=None, context_parallel_size=1,
-        sequence_parallel=False, use_distributed_optimizer=False, moe_grouped_gemm=False,
-        moe_permute_fusion=False, global_batch_size=None,
-        moe_token_dispatcher_type="alltoall", world_size=1)
+        args,
+        tensor_model_parallel_size=1,
+        pipeline_model_parallel_size=1,
+        expert_model_parallel_size=1,
+        expert_tensor_parallel_size=None,
+        context_parallel_size=1,
+        sequence_parallel=False,
+        use_distributed_optimizer=False,
+        moe_grouped_gemm=False,
+        moe_permute_fusion=False,
+        global_batch_size=None,
+        moe_token_dispatcher_type="alltoall",
+        world_size=1,
+    )
     validate(local, check_io=False)
     return local
 

@@ -21,12 +21,24 @@ class AdaMoETokenizer(PreTrainedTokenizer):
     vocab_files_names = VOCAB_FILES_NAMES
     model_input_names = ["input_ids", "attention_mask"]
 
-    def __init__(self, vocab_file: str, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                 pad_token="<pad>", **kwargs):
+    def __init__(
+        self,
+        vocab_file: str,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        **kwargs,
+    ):
         self.vocab_file = vocab_file
         self.sp_model = spm.SentencePieceProcessor(model_file=vocab_file)
-        super().__init__(unk_token=unk_token, bos_token=bos_token, eos_token=eos_token,
-                         pad_token=pad_token, **kwargs)
+        super().__init__(
+            unk_token=unk_token,
+            bos_token=bos_token,
+            eos_token=eos_token,
+            pad_token=pad_token,
+            **kwargs,
+        )
 
     @property
     def vocab_size(self) -> int:

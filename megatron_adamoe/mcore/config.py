@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
+
+from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_adamoe.errors import OptionError
 from megatron_adamoe.mcore import _compat  # noqa: F401  (fails early on an unsupported version)
-from megatron.core.transformer.transformer_config import TransformerConfig
-
-from megatron_adamoe.ops.routing import WEIGHT_NORMS
-from megatron_adamoe.ops.schedule import AuxLossCoeffSchedule
-
-NULL_EXPERT_TYPES = ("zero", "identity")
-LOAD_BALANCING_TYPES = ("aux_loss", "none")
+from megatron_adamoe.ops.routing import expected_load
+from megatron_adamoe.ops.schedule import StepSchedule
+from megatron_adamoe.options.vocab import (
+    LOAD_BALANCING_TYPES,
+    NULL_EXPERT_TYPES,
+    ROUTER_MODES,
+    WEIGHT_NORMS,
+    check_expert_counts,
+    moe_layer_indices,
+)
 
 
 @dataclass
@@ -40,21 +45,83 @@ class AdaMoEConfig(TransformerConfig):
     "piecewise:0.1,1000:0.01" (see megatron_adamoe.ops.schedule). None: a constant
     ``moe_aux_loss_coeff``."""
 
+    adamoe_target_load: Optional[Union[float, list]] = None
+    """Target load (true experts per token): a number, or one per MoE layer. A per-layer null
+    logit bias, added for expert selection only, is moved after every global batch by
+    ``adamoe_load_controller_rate`` x (measured load - target); the load-balancing loss takes the
+    target's null share (megatron_adamoe.ops.losses). None: no controller (unless expert bias is
+    on, which then holds the balanced load k n / (n + m))."""
+
+    adamoe_target_load_schedule: Optional[str] = None
+    """The target load over training steps (the schedule grammar of
+    ``adamoe_aux_loss_coeff_schedule``), e.g. "linear:1.5,1.0,500"; instead of a constant."""
+
+    adamoe_load_controller_rate: float = 0.01
+    """Null-bias change per global batch per unit of load error (logit units)."""
+
+    adamoe_router_mode: str = "topk"
+    """"topk": every token takes k experts over n + m. "topp": the smallest set whose probability
+    mass reaches ``adamoe_topp_threshold``, at most k (paper appendix C)."""
+
+    adamoe_topp_threshold: Optional[float] = None
+    """p of top-p routing, in (0, 1]."""
+
     def __post_init__(self) -> None:
         self._validate_adamoe()
-        super().__post_init__()
+        # Upstream allows expert bias with sigmoid scores only; AdaMoE adds it to the softmax
+        # logits (selection only), so step around that one check and restore the field.
+        softmax_expert_bias = (
+            self.moe_router_enable_expert_bias and self.moe_router_score_function == "softmax"
+        )
+        if softmax_expert_bias:
+            self.moe_router_enable_expert_bias = False
+        try:
+            super().__post_init__()
+        finally:
+            if softmax_expert_bias:
+                self.moe_router_enable_expert_bias = True
 
     @property
     def adamoe_num_experts_with_nulls(self) -> int:
         return self.num_moe_experts + self.adamoe_num_null_experts
 
-    def aux_loss_coeff_schedule(self) -> AuxLossCoeffSchedule:
+    @property
+    def adamoe_load_controlled(self) -> bool:
+        """Whether a null bias steers the load (a target, or expert bias with null experts)."""
+        return self.adamoe_num_null_experts > 0 and (
+            self.adamoe_target_load is not None
+            or self.adamoe_target_load_schedule is not None
+            or self.moe_router_enable_expert_bias
+        )
+
+    def adamoe_moe_layer_numbers(self) -> list[int]:
+        """1-based numbers of the MoE layers under ``moe_layer_freq`` (Megatron's rule)."""
+        return [i + 1 for i in moe_layer_indices(self.num_layers, self.moe_layer_freq)]
+
+    def target_load_schedule(self, layer_number: int) -> Optional[StepSchedule]:
+        """The target load of MoE layer ``layer_number`` over steps; None without a controller."""
+        if not self.adamoe_load_controlled:
+            return None
+        if self.adamoe_target_load_schedule is not None:
+            return StepSchedule.parse(
+                self.adamoe_target_load_schedule, "adamoe_target_load_schedule"
+            )
+        target = self.adamoe_target_load
+        if target is None:  # expert bias alone: hold the balanced load
+            target = expected_load(
+                self.moe_router_topk, self.num_moe_experts, self.adamoe_num_null_experts
+            )
+        if isinstance(target, list):
+            target = target[self.adamoe_moe_layer_numbers().index(layer_number)]
+        return StepSchedule.constant(float(target))
+
+    def aux_loss_coeff_schedule(self) -> StepSchedule:
         """The coefficient schedule of the null-aware load-balancing loss (zero when disabled)."""
         if self.moe_router_load_balancing_type == "none":
-            return AuxLossCoeffSchedule.constant(0.0)
+            return StepSchedule.constant(0.0)
         if self.adamoe_aux_loss_coeff_schedule is not None:
-            return AuxLossCoeffSchedule.parse(self.adamoe_aux_loss_coeff_schedule)
-        return AuxLossCoeffSchedule.constant(self.moe_aux_loss_coeff)
+            return StepSchedule.parse(self.adamoe_aux_loss_coeff_schedule)
+        return StepSchedule.constant(self.moe_aux_loss_coeff)
 
     def _validate_adamoe(self) -> None:
         def fail(field: str, rule: str, fix: str) -> None:
@@ -62,7 +129,9 @@ class AdaMoEConfig(TransformerConfig):
 
         n, m, k = self.num_moe_experts, self.adamoe_num_null_experts, self.moe_router_topk
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            fail("num_moe_experts", "be a positive integer", "set --num-experts to the true experts")
+            fail(
+                "num_moe_experts", "be a positive integer", "set --num-experts to the true experts"
+            )
         if not isinstance(m, int) or isinstance(m, bool) or m < 0:
             fail("adamoe_num_null_experts", "be an integer >= 0", "use 0 for plain top-k routing")
         if self.adamoe_null_expert_type not in NULL_EXPERT_TYPES:
@@ -77,17 +146,13 @@ class AdaMoEConfig(TransformerConfig):
                 f"be one of {WEIGHT_NORMS}",
                 "use 'true_experts' (the paper's choice)",
             )
-        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= n + m:
-            fail(
-                "moe_router_topk",
-                f"be an integer in [1, num_moe_experts + adamoe_num_null_experts = {n + m}]",
-                "lower it or add null experts (k counts picks over true and null experts)",
-            )
+        check_expert_counts(n, m, k, self.expert_model_parallel_size, "num_moe_experts")
         if k == 1 and self.adamoe_weight_norm != "none":
             fail(
                 "adamoe_weight_norm",
                 "be 'none' when moe_router_topk is 1",
-                "set adamoe_weight_norm='none' (one renormalised pick has weight 1: no router gradient)",
+                "set adamoe_weight_norm='none' (one renormalised pick has weight 1: no router "
+                "gradient)",
             )
         if self.moe_router_pre_softmax and self.adamoe_weight_norm != "none":
             fail(
@@ -95,43 +160,129 @@ class AdaMoEConfig(TransformerConfig):
                 "be False unless adamoe_weight_norm is 'none'",
                 "adamoe_weight_norm chooses the normalisation; 'none' is the pre-softmax behaviour",
             )
-        if n % self.expert_model_parallel_size != 0:
-            fail(
-                "num_moe_experts",
-                f"be divisible by expert_model_parallel_size ({self.expert_model_parallel_size})",
-                "change the EP size (null experts live in the router; EP shards the true experts)",
-            )
         self._reject_unsupported_router_options()
         self._validate_aux_loss()
+        self._validate_load_control()
+
+    def _validate_load_control(self) -> None:
+        n, m, k = self.num_moe_experts, self.adamoe_num_null_experts, self.moe_router_topk
+        mode, threshold = self.adamoe_router_mode, self.adamoe_topp_threshold
+        if mode not in ROUTER_MODES:
+            raise OptionError(
+                f"adamoe_router_mode ({mode!r}) must be one of {ROUTER_MODES}; "
+                "use 'topk' (the paper's routing) or 'topp'"
+            )
+        if mode == "topp" and (
+            not isinstance(threshold, (int, float))
+            or isinstance(threshold, bool)
+            or not 0 < threshold <= 1
+        ):
+            raise OptionError(
+                f"adamoe_topp_threshold ({threshold!r}) must be in (0, 1] with "
+                "adamoe_router_mode 'topp'; e.g. 0.6"
+            )
+        if mode == "topk" and threshold is not None:
+            raise OptionError(
+                f"adamoe_topp_threshold ({threshold!r}) must be unset with "
+                "adamoe_router_mode 'topk'; set the mode to 'topp' or drop it"
+            )
+        target, schedule = self.adamoe_target_load, self.adamoe_target_load_schedule
+        if target is None and schedule is None:
+            return
+        if m == 0:
+            raise OptionError(
+                f"adamoe_target_load ({target!r}) must be unset without null "
+                "experts; with m = 0 every token uses exactly k experts"
+            )
+        if target is not None and schedule is not None:
+            raise OptionError(
+                f"adamoe_target_load_schedule ({schedule!r}) must not be combined "
+                f"with adamoe_target_load ({target!r}); keep only one of them"
+            )
+        limit = min(k, n)
+        why = (
+            f"a load of {limit} leaves nothing to the null experts"
+            if limit == k
+            else f"a token can use at most n = {n} true experts"
+        )
+        if schedule is not None:
+            values = StepSchedule.parse(schedule, "adamoe_target_load_schedule").values
+            bad = [v for v in values if not 0 < v < limit]
+            if bad:
+                raise OptionError(
+                    f"adamoe_target_load_schedule ({schedule!r}) must stay in (0, {limit}); {why}"
+                )
+        else:
+            layers = self.adamoe_moe_layer_numbers()
+            values = target if isinstance(target, list) else [target]
+            if isinstance(target, list) and len(target) != len(layers):
+                raise OptionError(
+                    f"adamoe_target_load ({target!r}) must list one load per MoE "
+                    f"layer ({len(layers)}); or give one number for all"
+                )
+            for value in values:
+                if (
+                    not isinstance(value, (int, float))
+                    or isinstance(value, bool)
+                    or not 0 < value < limit
+                ):
+                    raise OptionError(
+                        f"adamoe_target_load ({target!r}) must be in (0, {limit}) "
+                        f"(per layer); {why}"
+                    )
+        rate = self.adamoe_load_controller_rate
+        if not isinstance(rate, (int, float)) or isinstance(rate, bool) or rate <= 0:
+            raise OptionError(f"adamoe_load_controller_rate ({rate!r}) must be > 0; e.g. 0.01")
 
     def _reject_unsupported_router_options(self) -> None:
         pad_rows = (
             "it ships pad rows over the all-to-all; the FP8 grouped GEMM pads each expert's "
             "chunk locally instead"
         )
-        no_graphs = "per-token expert counts vary, so dispatch sizes cannot be captured in a CUDA graph"
+        no_graphs = (
+            "per-token expert counts vary, so dispatch sizes cannot be captured in a CUDA graph"
+        )
         no_groups = "group-limited routing is not defined over null experts"
         # Checked before upstream's __post_init__, which rewrites the deprecated aliases
         # (enable_cuda_graph, moe_router_topk_limited_devices, ...) into other fields.
         unsupported = [
             # (field, value that is fine, rule, why / fix)
-            ("moe_expert_capacity_factor", None, "be None", "AdaMoE is dropless: capacity padding "
-             "would ship pad rows over the all-to-all; leave it unset"),
-            ("moe_pad_expert_input_to_capacity", False, "be False", "AdaMoE is dropless: padding to "
-             "capacity ships pad rows over the all-to-all; leave it False"),
+            (
+                "moe_expert_capacity_factor",
+                None,
+                "be None",
+                "AdaMoE is dropless: capacity padding "
+                "would ship pad rows over the all-to-all; leave it unset",
+            ),
+            (
+                "moe_pad_expert_input_to_capacity",
+                False,
+                "be False",
+                "AdaMoE is dropless: padding to "
+                "capacity ships pad rows over the all-to-all; leave it False",
+            ),
             ("moe_router_padding_for_quantization", False, "be False", pad_rows),
             ("moe_router_padding_for_fp8", False, "be False", pad_rows),
-            ("moe_router_score_function", "softmax", "be 'softmax'", "AdaMoE's null experts are "
-             "defined on a softmax over true + null experts"),
-            ("moe_router_enable_expert_bias", False, "be False", "the bias update pulls null "
-             "experts toward the mean load and fights the null-aware loss; use the aux loss"),
             ("moe_router_num_groups", None, "be None", no_groups),
             ("moe_router_group_topk", None, "be None", no_groups),
-            ("moe_router_topk_limited_devices", None, "be None", "device-limited (group) routing "
-             "is not defined over null experts"),
-            ("moe_router_fusion", False, "be False", "the fused top-k kernel knows no null experts"),
-            ("moe_enable_routing_replay", False, "be False", "routing replay records stock top-k "
-             "indices, not null-expert picks"),
+            (
+                "moe_router_topk_limited_devices",
+                None,
+                "be None",
+                "device-limited (group) routing is not defined over null experts",
+            ),
+            (
+                "moe_router_fusion",
+                False,
+                "be False",
+                "the fused top-k kernel knows no null experts",
+            ),
+            (
+                "moe_enable_routing_replay",
+                False,
+                "be False",
+                "routing replay records stock top-k indices, not null-expert picks",
+            ),
             ("cuda_graph_impl", "none", "be 'none'", no_graphs),
             ("enable_cuda_graph", False, "be False", no_graphs),
             ("external_cuda_graph", False, "be False", no_graphs),
@@ -139,6 +290,14 @@ class AdaMoEConfig(TransformerConfig):
         for field, fine, rule, fix in unsupported:
             if getattr(self, field) != fine:
                 raise OptionError(f"{field} ({getattr(self, field)!r}) must {rule}; {fix}")
+        if self.moe_router_score_function != "softmax" and (
+            self.adamoe_num_null_experts or self.adamoe_router_mode != "topk"
+        ):
+            raise OptionError(
+                f"moe_router_score_function ({self.moe_router_score_function!r}) must be "
+                "'softmax' with null experts or top-p; null experts are defined on a softmax "
+                "over true + null experts (sigmoid is stock top-k: m = 0)"
+            )
         if self.adamoe_null_expert_type == "identity" and self.overlap_moe_expert_parallel_comm:
             raise OptionError(
                 "overlap_moe_expert_parallel_comm (True) must be False with identity null experts; "
@@ -168,7 +327,7 @@ class AdaMoEConfig(TransformerConfig):
         schedule = self.adamoe_aux_loss_coeff_schedule
         if schedule is None:
             return
-        AuxLossCoeffSchedule.parse(schedule)  # raises a ValueError naming the field
+        StepSchedule.parse(schedule)  # raises a ValueError naming the field
         if balancing == "none":
             raise OptionError(
                 f"adamoe_aux_loss_coeff_schedule ({schedule!r}) must be unset when "

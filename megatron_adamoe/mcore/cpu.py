@@ -251,8 +251,21 @@ def enable_cpu_mode() -> None:
                 return preload(write_buckets, non_blocking=False)
 
             preload_tensors_blocking.__wrapped_for_cpu__ = True
-            _patch("preload_tensors", FileSystemWriterAsync, "preload_tensors",
-                   staticmethod(preload_tensors_blocking))
+            _patch(
+                "preload_tensors",
+                FileSystemWriterAsync,
+                "preload_tensors",
+                staticmethod(preload_tensors_blocking),
+            )
+    # 9. TopKRouter._apply_expert_bias (the expert-bias token count) is decorated with Megatron's
+    #    jit_fuser, torch.compile: its first call on CPU starts an Inductor C++ build (g++,
+    #    minutes). Run the undecorated function, the same arithmetic.
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    count = TopKRouter.__dict__["_apply_expert_bias"]
+    eager = getattr(count, "_torchdynamo_orig_callable", None)
+    if eager is not None:
+        _patch("expert_bias_eager", TopKRouter, "_apply_expert_bias", eager)
     logger.debug("megatron_adamoe CPU mode enabled: %s", sorted(_originals))
 
 

@@ -45,10 +45,14 @@ def to_adamoe_layer_spec(layer_spec: ModuleSpec) -> ModuleSpec:
             submodules = dataclasses.replace(submodules, **{name: SequenceParallelTorchNorm})
     mlp = getattr(submodules, "mlp", None)
     if isinstance(mlp, ModuleSpec) and mlp.module is MoELayer:
-        keys_map = {old: new for old, new in submodules.sharded_state_dict_keys_map.items()
-                    if old != "pre_mlp_layernorm."}
-        submodules = dataclasses.replace(submodules, mlp=to_adamoe_moe_spec(mlp),
-                                         sharded_state_dict_keys_map=keys_map)
+        keys_map = {
+            old: new
+            for old, new in submodules.sharded_state_dict_keys_map.items()
+            if old != "pre_mlp_layernorm."
+        }
+        submodules = dataclasses.replace(
+            submodules, mlp=to_adamoe_moe_spec(mlp), sharded_state_dict_keys_map=keys_map
+        )
     return dataclasses.replace(layer_spec, submodules=submodules)
 
 

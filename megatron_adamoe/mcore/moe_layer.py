@@ -82,4 +82,3 @@ class AdaMoELayer(MoELayer):
 
 def _router_class(router_builder) -> type:
     return router_builder if isinstance(router_builder, type) else type(router_builder)
-

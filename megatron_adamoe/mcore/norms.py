@@ -20,21 +20,35 @@ class SequenceParallelTorchNorm:
     way. Without sequence parallelism it is ``WrappedTorchNorm`` itself.
     """
 
-    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5,
-                persist_layer_norm: bool = False, zero_centered_gamma: bool = False,
-                normalization: str = "LayerNorm"):
+    def __new__(
+        cls,
+        config: TransformerConfig,
+        hidden_size: int,
+        eps: float = 1e-5,
+        persist_layer_norm: bool = False,
+        zero_centered_gamma: bool = False,
+        normalization: str = "LayerNorm",
+    ):
         if not config.sequence_parallel:
-            return WrappedTorchNorm(config, hidden_size, eps, persist_layer_norm,
-                                    zero_centered_gamma, normalization)
-        if config.layernorm_zero_centered_gamma or config.persist_layer_norm or (
-                config.memory_efficient_layer_norm):
-            raise OptionError("normalization options zero-centered gamma, persist_layer_norm and "
-                             "memory_efficient_layer_norm must be off for PyTorch norms; they "
-                             "need Apex or Transformer Engine")
+            return WrappedTorchNorm(
+                config, hidden_size, eps, persist_layer_norm, zero_centered_gamma, normalization
+            )
+        if (
+            config.layernorm_zero_centered_gamma
+            or config.persist_layer_norm
+            or (config.memory_efficient_layer_norm)
+        ):
+            raise OptionError(
+                "normalization options zero-centered gamma, persist_layer_norm and "
+                "memory_efficient_layer_norm must be off for PyTorch norms; they "
+                "need Apex or Transformer Engine"
+            )
         norm_classes = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}
         if config.normalization not in norm_classes:
-            raise OptionError(f"normalization ({config.normalization!r}) must be 'LayerNorm' or "
-                             "'RMSNorm' under sequence parallelism")
+            raise OptionError(
+                f"normalization ({config.normalization!r}) must be 'LayerNorm' or "
+                "'RMSNorm' under sequence parallelism"
+            )
         norm = norm_classes[config.normalization](normalized_shape=hidden_size, eps=eps)
         for param in norm.parameters():
             setattr(param, "sequence_parallel", True)

@@ -19,6 +19,7 @@ from megatron_adamoe.ops.losses import null_aware_load_balancing_loss
 from megatron_adamoe.ops.routing import NullExpertRouting, null_expert_topk_routing, routing_stats
 
 LOAD_METRICS = ("adamoe/load", "adamoe/bypass_fraction", "adamoe/null_fraction")
+NULL_BIAS_METRIC = "adamoe/null_bias"
 
 
 def k_eff_metric_names(topk: int) -> tuple[str, ...]:
@@ -30,6 +31,8 @@ def adamoe_metric_names(config: AdaMoEConfig) -> tuple[str, ...]:
     """The names AdaMoE routers write to Megatron's MoE tracker at every training step under this
     config (``track_moe_metrics(track_names=...)`` reduces and logs only the names it is given)."""
     names = [*LOAD_METRICS, *k_eff_metric_names(config.moe_router_topk)]
+    if config.adamoe_load_controlled:
+        names.append(NULL_BIAS_METRIC)
     if config.moe_router_load_balancing_type == "aux_loss":
         names.insert(0, "load_balancing_loss")
     if config.moe_z_loss_coeff is not None:
@@ -42,7 +45,8 @@ class AdaMoERouter(TopKRouter):
 
     The gate weight is [n + m, hidden]. ``forward`` returns ``probs`` and ``routing_map`` of shape
     [tokens, n] (a row has 0..k entries), as the Megatron dispatcher contract requires.
-    ``forward(..., return_routing=True)`` also returns the identity-null weights. With m = 0 every output equals TopKRouter's
+    ``forward(..., return_routing=True)`` also returns the identity-null weights. With m = 0 every
+    output equals TopKRouter's
     bit for bit.
 
     Attributes set by each forward, for logging: ``last_routing_stats`` (ops.RoutingStats).
@@ -70,9 +74,51 @@ class AdaMoERouter(TopKRouter):
         self.aux_loss_schedule = config.aux_loss_coeff_schedule()
         self.training_step = 0
         self.last_routing_stats = None
+        self.load_controlled = config.adamoe_load_controlled
+        if self.load_controlled:
+            # The null experts' selection bias (model state: saved, exported) and this rank's
+            # [true assignments, tokens] since the last update (megatron_adamoe.mcore.load_control).
+            self.register_buffer(
+                "null_bias", torch.zeros(1, dtype=torch.float32, device=self.weight.device)
+            )
+            self.register_buffer(
+                "local_load_counts",
+                torch.zeros(2, dtype=torch.float32, device=self.weight.device),
+                persistent=False,
+            )
 
     def current_aux_loss_coeff(self) -> float:
         return self.aux_loss_schedule(self.training_step)
+
+    def current_target_load(self) -> Optional[float]:
+        """The load controller's target at ``training_step`` (None without a controller)."""
+        if not self.load_controlled:
+            return None
+        return self.config.target_load_schedule(self.layer_number or 1)(self.training_step)
+
+    def selection_bias(self) -> Optional[torch.Tensor]:
+        """[n + m] bias added to the logits to choose experts (never to their weights): the
+        aux-loss-free expert bias on the true experts, the controller's null bias on the nulls."""
+        if not self.load_controlled and self.expert_bias is None:
+            return None
+        true_E = (
+            self.expert_bias
+            if self.expert_bias is not None
+            else torch.zeros(self.config.num_moe_experts, device=self.weight.device)
+        )
+        if not self.num_null_experts:
+            return true_E
+        null_Z = (
+            self.null_bias if self.load_controlled else torch.zeros(1, device=self.weight.device)
+        ).expand(self.num_null_experts)
+        return torch.cat([true_E.float(), null_Z.float()])
+
+    def _maintain_float32_expert_bias(self):
+        """Mirrors TopKRouter._maintain_float32_expert_bias for the null bias too (Float16Module
+        would otherwise keep it in bf16)."""
+        super()._maintain_float32_expert_bias()
+        if self.load_controlled and self.null_bias.dtype != torch.float32:
+            self.null_bias.data = self.null_bias.data.to(torch.float32)
 
     def is_aux_loss_tracked(self) -> bool:
         """The loss is logged at every training step under "aux_loss", also while the schedule's
@@ -91,6 +137,7 @@ class AdaMoERouter(TopKRouter):
         weights too); AdaMoELayer asks for it through ``nn.Module.__call__``, so forward hooks on
         the router (DDP's parameter all-gather under ``overlap_param_gather``) still fire.
         """
+        self._maintain_float32_expert_bias()
         input = self.apply_input_jitter(input)
         logits = self.gating(input)
         if self.config.moe_router_force_load_balancing:
@@ -106,11 +153,14 @@ class AdaMoERouter(TopKRouter):
         return routing.probs_TE, routing.routing_map_TE
 
     def _route_logits(self, logits, padding_mask) -> NullExpertRouting:
-        """TopKRouter.routing with null experts: z-loss, top-k over n + m, null-aware aux loss.
+        """TopKRouter.routing with null experts: z-loss, top-k (or top-p) over n + m with the
+        selection bias, the null-aware aux loss, expert-bias and load counts.
 
-        Upstream's token dropping, sinkhorn, seq/global aux losses and expert bias are rejected
-        by AdaMoEConfig, so they have no branch here.
+        Upstream's token dropping, sinkhorn and seq/global aux losses are rejected by AdaMoEConfig,
+        so they have no branch here. Sigmoid scores (m = 0 only) take upstream's path as it is.
         """
+        if self.score_function == "sigmoid":
+            return self._stock_routing(logits, padding_mask)
         logits = logits.view(-1, self.num_experts_with_nulls)
         if padding_mask is not None:
             padding_mask = padding_mask.reshape(-1)
@@ -122,12 +172,45 @@ class AdaMoERouter(TopKRouter):
             self.config.num_moe_experts,
             weight_norm=self.config.adamoe_weight_norm,
             scaling_factor=self.config.moe_router_topk_scaling_factor,
+            selection_bias_X=self.selection_bias(),
+            topp_threshold=self.config.adamoe_topp_threshold,
         )
         probs = routing.probs_TE
         if self.training and torch.is_grad_enabled() and self.is_aux_loss_tracked():
             probs = self._apply_null_aware_aux_loss(probs, logits, routing, padding_mask)
+        self._apply_expert_bias(routing.routing_map_TE, padding_mask=padding_mask)
+        self._count_load(routing.routing_map_TE, padding_mask)
         self._record_routing_stats(routing, padding_mask)
         return dataclasses.replace(routing, probs_TE=probs)
+
+    def _stock_routing(self, logits, padding_mask) -> NullExpertRouting:
+        """TopKRouter.routing unchanged (sigmoid scores, no null experts), as a routing result."""
+        probs_TE, routing_map_TE = super().routing(logits, padding_mask)
+        routing = NullExpertRouting(
+            probs_TE,
+            routing_map_TE,
+            routing_map_TE,
+            torch.zeros(probs_TE.size(0), device=probs_TE.device),
+        )
+        self._record_routing_stats(
+            routing, None if padding_mask is None else padding_mask.reshape(-1)
+        )
+        return routing
+
+    def _count_load(self, routing_map_TE: torch.Tensor, padding_mask) -> None:
+        """Accumulate this rank's [true assignments, tokens] for the controller (training only,
+        as upstream counts tokens per expert for the expert bias)."""
+        if not self.load_controlled or not torch.is_grad_enabled():
+            return
+        with torch.no_grad():
+            if padding_mask is not None:
+                routing_map_TE = routing_map_TE[~padding_mask]
+            self.local_load_counts += torch.stack(
+                [
+                    routing_map_TE.sum().float(),
+                    torch.tensor(float(routing_map_TE.size(0)), device=routing_map_TE.device),
+                ]
+            )
 
     def _apply_null_aware_aux_loss(self, probs, logits, routing, padding_mask):
         """Mirrors TopKRouter._apply_aux_loss with paper Eq. 6 in place of the Switch loss.
@@ -135,6 +218,7 @@ class AdaMoERouter(TopKRouter):
         The coefficient is the schedule's at ``training_step``; the logged value is unscaled.
         """
         coeff = self.current_aux_loss_coeff()
+        target_load = self.current_target_load()  # the loss takes the controller's null share
         scores_TX = torch.softmax(logits, dim=-1, dtype=torch.float32)
         routing_map_TX = routing.routing_map_TX
         if padding_mask is not None:
@@ -149,7 +233,13 @@ class AdaMoERouter(TopKRouter):
         if coeff == 0:  # measure for the log only: nothing to attach
             with torch.no_grad():
                 unit_loss = null_aware_load_balancing_loss(
-                    scores_TX, assignments_X, total_num_tokens, self.topk, self.num_null_experts, 1.0
+                    scores_TX,
+                    assignments_X,
+                    total_num_tokens,
+                    self.topk,
+                    self.num_null_experts,
+                    1.0,
+                    target_load,
                 )
             save_to_aux_losses_tracker(
                 "load_balancing_loss",
@@ -166,6 +256,7 @@ class AdaMoERouter(TopKRouter):
             self.topk,
             self.num_null_experts,
             coeff,
+            target_load,
         )
         return self.attach_and_log_load_balancing_loss(
             probs,
@@ -200,13 +291,13 @@ class AdaMoERouter(TopKRouter):
             values = {
                 "adamoe/load": stats.num_true_assignments / group_tokens,
                 "adamoe/bypass_fraction": stats.k_eff_histogram_K1[0] / group_tokens,
-                "adamoe/null_fraction": (
-                    stats.num_tokens * self.topk - stats.num_true_assignments
-                )
+                "adamoe/null_fraction": (stats.num_tokens * self.topk - stats.num_true_assignments)
                 / (group_tokens * self.topk),
             }
             for name, count in zip(k_eff_metric_names(self.topk), stats.k_eff_histogram_K1):
                 values[name] = count / group_tokens
+            if self.load_controlled:  # the same on every rank: its share of the group's sum
+                values[NULL_BIAS_METRIC] = self.null_bias[0] / self.tp_cp_group.size()
             for name, value in values.items():
                 save_to_aux_losses_tracker(
                     name,
@@ -217,5 +308,6 @@ class AdaMoERouter(TopKRouter):
                 )
 
     def _num_tracked_layers(self) -> int:
-        """Layers in Megatron's tracker arrays (as in TopKRouter.attach_and_log_load_balancing_loss)."""
+        """Layers in Megatron's tracker arrays (as in
+        TopKRouter.attach_and_log_load_balancing_loss)."""
         return self.config.num_layers + (self.config.mtp_num_layers or 0)

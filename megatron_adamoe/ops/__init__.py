@@ -13,11 +13,11 @@ from megatron_adamoe.ops.routing import (
     routing_stats,
     topk_slots_from_routing_map,
 )
-from megatron_adamoe.ops.schedule import AuxLossCoeffSchedule
+from megatron_adamoe.ops.schedule import StepSchedule
 
 __all__ = [
     "WEIGHT_NORMS",
-    "AuxLossCoeffSchedule",
+    "StepSchedule",
     "NullExpertRouting",
     "RoutingStats",
     "expected_load",

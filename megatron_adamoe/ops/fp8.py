@@ -15,8 +15,7 @@ from __future__ import annotations
 import torch
 
 from megatron_adamoe.errors import OptionError
-
-FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
+from megatron_adamoe.options.vocab import FP8_RECIPES
 
 
 def fp8_align_size(recipe: str) -> int:

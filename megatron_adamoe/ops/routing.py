@@ -37,7 +37,7 @@ from typing import Optional
 
 import torch
 
-WEIGHT_NORMS = ("true_experts", "all_selected", "none")
+from megatron_adamoe.options.vocab import WEIGHT_NORMS  # re-exported by ops
 
 
 @dataclass(frozen=True)
@@ -62,26 +62,52 @@ def null_expert_topk_routing(
     num_true_experts: int,
     weight_norm: str = "true_experts",
     scaling_factor: Optional[float] = None,
+    selection_bias_X: Optional[torch.Tensor] = None,
+    topp_threshold: Optional[float] = None,
 ) -> NullExpertRouting:
-    """Top-k routing over true and null experts.
+    """Top-k (or top-p) routing over true and null experts.
 
-    With no null experts (X == E) and weight_norm "true_experts" or "all_selected" this performs the
-    same operations, in the same order, as Megatron-Core's ``topk_routing_with_score_function``
-    with a softmax score function and ``use_pre_softmax=False``; with "none" it matches
-    ``use_pre_softmax=True``. The outputs are then bit-identical.
+    ``selection_bias_X`` (the aux-loss-free expert bias and the target-load controller's null
+    bias) is added to the logits to choose the experts only: the weights, the identity weight and
+    everything downstream use the unbiased probabilities p = softmax(logits).
+
+    ``topp_threshold`` p: each token takes the smallest set of experts, in order of the selection
+    distribution q = softmax(logits + bias), whose q-mass reaches p, at most ``topk`` of them
+    (paper appendix C); null picks are dropped as in top-k, and the weights are normalised over
+    the chosen experts only.
+
+    With no null experts, no bias and top-k, and weight_norm "true_experts" or "all_selected",
+    this performs the same operations, in the same order, as Megatron-Core's
+    ``topk_routing_with_score_function`` with a softmax score function and
+    ``use_pre_softmax=False``; with "none" it matches ``use_pre_softmax=True``. The outputs are
+    then bit-identical.
     """
     assert logits_TX.dim() == 2, f"expected [T, X] logits, got shape {tuple(logits_TX.shape)}"
     num_tokens, num_experts = logits_TX.shape
     assert 0 < num_true_experts <= num_experts and 0 < topk <= num_experts
     assert weight_norm in WEIGHT_NORMS, weight_norm
+    stock = selection_bias_X is None and topp_threshold is None
+    used_TK = None  # top-p leaves slots unused; None = all K used
 
     if weight_norm == "none":
         scores_TX = torch.softmax(logits_TX, dim=-1, dtype=torch.float32).type_as(logits_TX)
-        weights_TK, top_indices_TK = torch.topk(scores_TX, k=topk, dim=1)
+        if stock:
+            weights_TK, top_indices_TK = torch.topk(scores_TX, k=topk, dim=1)
+        else:
+            top_indices_TK, used_TK = _select(logits_TX, topk, selection_bias_X, topp_threshold)
+            weights_TK = scores_TX.gather(1, top_indices_TK)
+            if used_TK is not None:
+                weights_TK = weights_TK * used_TK
         is_null_TK = top_indices_TK >= num_true_experts
         identity_weight_T = (weights_TK * is_null_TK).sum(dim=-1)
     else:
-        top_logits_TK, top_indices_TK = torch.topk(logits_TX, k=topk, dim=1)
+        if stock:
+            top_logits_TK, top_indices_TK = torch.topk(logits_TX, k=topk, dim=1)
+        else:
+            top_indices_TK, used_TK = _select(logits_TX, topk, selection_bias_X, topp_threshold)
+            top_logits_TK = logits_TX.gather(1, top_indices_TK)
+            if used_TK is not None:  # unused slots out of every normalisation
+                top_logits_TK = top_logits_TK.masked_fill(~used_TK, float("-inf"))
         is_null_TK = top_indices_TK >= num_true_experts
         # Softmax over the K picks = p_i / sum_{j in S} p_j (the partition function cancels).
         selected_TK = torch.softmax(top_logits_TK, dim=-1, dtype=torch.float32).type_as(logits_TX)
@@ -92,24 +118,49 @@ def null_expert_topk_routing(
             # Softmax over the selected true experts only: nulls masked out of the denominator.
             # A token with only null picks would give softmax(all -inf) = NaN (in the forward and
             # in the gradient): give it finite dummy logits, then zero its weights below.
-            all_null_T = is_null_TK.all(dim=-1, keepdim=True)
-            masked_TK = top_logits_TK.masked_fill(is_null_TK, float("-inf"))
+            dropped_TK = is_null_TK if used_TK is None else is_null_TK | ~used_TK
+            all_null_T = dropped_TK.all(dim=-1, keepdim=True)
+            masked_TK = top_logits_TK.masked_fill(dropped_TK, float("-inf"))
             masked_TK = torch.where(all_null_T, torch.zeros_like(masked_TK), masked_TK)
             weights_TK = torch.softmax(masked_TK, dim=-1, dtype=torch.float32).type_as(logits_TX)
     weights_TK = weights_TK.masked_fill(is_null_TK, 0.0)
+    if used_TK is not None:
+        weights_TK = weights_TK.masked_fill(~used_TK, 0.0)
 
     if scaling_factor:
         weights_TK = weights_TK * scaling_factor
         identity_weight_T = identity_weight_T * scaling_factor
 
     probs_TX = torch.zeros_like(logits_TX).scatter(1, top_indices_TK, weights_TK)
-    routing_map_TX = torch.zeros_like(logits_TX).int().scatter(1, top_indices_TK, 1).bool()
+    picked_TK = (
+        torch.ones_like(top_indices_TK, dtype=torch.int) if used_TK is None else used_TK.int()
+    )
+    routing_map_TX = torch.zeros_like(logits_TX).int().scatter(1, top_indices_TK, picked_TK).bool()
     if num_experts == num_true_experts:
         probs_TE, routing_map_TE = probs_TX, routing_map_TX
     else:
         probs_TE = probs_TX[:, :num_true_experts].contiguous()
         routing_map_TE = routing_map_TX[:, :num_true_experts].contiguous()
     return NullExpertRouting(probs_TE, routing_map_TE, routing_map_TX, identity_weight_T)
+
+
+def _select(
+    logits_TX: torch.Tensor,
+    topk: int,
+    selection_bias_X: Optional[torch.Tensor],
+    topp_threshold: Optional[float],
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(indices_TK of the K best experts by biased logits, used_TK: the top-p prefix or None)."""
+    selection_TX = logits_TX.float()
+    if selection_bias_X is not None:
+        selection_TX = selection_TX + selection_bias_X.float()
+    top_TK, indices_TK = torch.topk(selection_TX, k=topk, dim=1)
+    if topp_threshold is None:
+        return indices_TK, None
+    # q-mass of the picks in descending order: a slot is used while the mass before it < p.
+    q_TK = torch.exp(top_TK - torch.logsumexp(selection_TX, dim=-1, keepdim=True))
+    mass_before_TK = q_TK.cumsum(dim=-1) - q_TK
+    return indices_TK, mass_before_TK < topp_threshold
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,15 @@
-"""Aux-loss coefficient schedules over training steps ("tight to loose", paper section 3.4).
+"""Values that follow a schedule over training steps: the aux-loss coefficient ("tight to
+loose", paper section 3.4, ``adamoe_aux_loss_coeff_schedule``) and the target load
+(``adamoe_target_load_schedule``).
 
-Specification strings (the value of ``AdaMoEConfig.adamoe_aux_loss_coeff_schedule``):
+Specification strings:
 
     constant:0.01                    0.01 at every step
     piecewise:0.1,1000:0.01          0.1 from step 0, 0.01 from step 1000 (any number of pieces)
     linear:0.1,0.01,2000             0.1 at step 0 decaying linearly to 0.01 at step 2000, then flat
     linear:0.1,0.01,2000,500         the same, holding 0.1 until step 500 and decaying from there
 
-Pure Python; parsing errors raise ``OptionError`` (a ``ValueError``) with the offending spec.
+Pure Python; parsing errors raise ``OptionError`` (a ``ValueError``) naming the field and spec.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ SCHEDULE_KINDS = ("constant", "piecewise", "linear")
 
 
 @dataclass(frozen=True)
-class AuxLossCoeffSchedule:
-    """A coefficient as a function of the training step (0-based)."""
+class StepSchedule:
+    """A value as a function of the training step (0-based)."""
 
     kind: str
     values: tuple[float, ...]
@@ -50,19 +52,21 @@ class AuxLossCoeffSchedule:
         return max(self.values)
 
     @classmethod
-    def constant(cls, value: float) -> "AuxLossCoeffSchedule":
+    def constant(cls, value: float) -> "StepSchedule":
         return cls("constant", (float(value),), (0,))
 
     @classmethod
-    def parse(cls, spec: str) -> "AuxLossCoeffSchedule":
-        """Parse a specification string (see the module docstring)."""
+    def parse(cls, spec: str, field: str = "adamoe_aux_loss_coeff_schedule") -> "StepSchedule":
+        """Parse a specification string (see the module docstring); ``field`` names the option
+        in error messages."""
         hint = (
-            "use 'constant:C', 'piecewise:C0,STEP1:C1,...' or 'linear:START,END,END_STEP[,START_STEP]'"
+            "use 'constant:C', 'piecewise:C0,STEP1:C1,...' or "
+            "'linear:START,END,END_STEP[,START_STEP]'"
         )
         kind, sep, body = str(spec).partition(":")
         kind = kind.strip()
         if not sep or kind not in SCHEDULE_KINDS or not body.strip():
-            raise OptionError(f"adamoe_aux_loss_coeff_schedule ({spec!r}) is not a schedule; {hint}")
+            raise OptionError(f"{field} ({spec!r}) is not a schedule; {hint}")
         try:
             parts = [part.strip() for part in body.split(",")]
             if kind == "constant" and len(parts) == 1:
@@ -81,18 +85,11 @@ class AuxLossCoeffSchedule:
                 end_step = int(parts[2])
                 if end_step <= start_step:
                     raise ValueError("END_STEP must exceed START_STEP")
-                schedule = cls(
-                    "linear", (float(parts[0]), float(parts[1])), (start_step, end_step)
-                )
+                schedule = cls("linear", (float(parts[0]), float(parts[1])), (start_step, end_step))
             else:
                 raise ValueError("wrong number of fields")
         except ValueError as error:
-            raise OptionError(
-                f"adamoe_aux_loss_coeff_schedule ({spec!r}) is malformed ({error}); {hint}"
-            ) from None
+            raise OptionError(f"{field} ({spec!r}) is malformed ({error}); {hint}") from None
         if any(value < 0 for value in schedule.values):
-            raise OptionError(
-                f"adamoe_aux_loss_coeff_schedule ({spec!r}) has a negative coefficient; "
-                "coefficients must be >= 0"
-            )
+            raise OptionError(f"{field} ({spec!r}) has a negative value; values must be >= 0")
         return schedule

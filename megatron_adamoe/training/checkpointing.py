@@ -17,26 +17,22 @@ aux-coefficient schedules are restored under any layout.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import random
 import shutil
 import signal
-import tempfile
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import torch
-import yaml
 import torch.distributed as dist
+import yaml
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from megatron_adamoe.errors import OptionError
-from megatron_adamoe.training.arguments import PretrainArguments, resolved_yaml
-from megatron_adamoe.training.checkpoint_paths import (
+from megatron_adamoe.checkpoint_files import (
     PARTIAL,
     TRACKER,
     checkpoint_dir,
@@ -45,6 +41,9 @@ from megatron_adamoe.training.checkpoint_paths import (
     latest_checkpoint,
     write_atomically,
 )
+from megatron_adamoe.errors import OptionError
+from megatron_adamoe.options import PretrainArguments, resolved_yaml
+from megatron_adamoe.storage import storage_problem
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +55,10 @@ KILL_DURING_SAVE_ENV = "ADAMOE_TEST_KILL_DURING_SAVE"
 
 # As Megatron-LM's training writes them: the distributed optimizer's state per data-parallel
 # rank (its default format), the chained optimizers' keys without per-layout prefixes.
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable",
-                      "chained_optim_avoid_prefix": True}
+OPTIMIZER_METADATA = {
+    "distrib_optim_sharding_type": "dp_reshardable",
+    "chained_optim_avoid_prefix": True,
+}
 
 
 @dataclass
@@ -108,16 +109,28 @@ def _sharded_state_dict(model, optimizer, is_loading: bool, with_optimizer: bool
     state = {"model": model_sd}
     if with_optimizer:
         state["optimizer"] = optimizer.sharded_state_dict(
-            model_sd, is_loading=is_loading, metadata=OPTIMIZER_METADATA)
+            model_sd, is_loading=is_loading, metadata=OPTIMIZER_METADATA
+        )
     return state
 
 
 # Options that set tensor shapes: resuming with another value cannot load the checkpoint.
-SHAPE_OPTIONS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                 "num_query_groups", "num_experts", "moe_ffn_hidden_size",
-                 "adamoe_num_null_experts", "moe_layer_freq", "swiglu", "normalization",
-                 "position_embedding_type", "untie_embeddings_and_output_weights",
-                 "make_vocab_size_divisible_by")
+SHAPE_OPTIONS = (
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "num_experts",
+    "moe_ffn_hidden_size",
+    "adamoe_num_null_experts",
+    "moe_layer_freq",
+    "swiglu",
+    "normalization",
+    "position_embedding_type",
+    "untie_embeddings_and_output_weights",
+    "make_vocab_size_divisible_by",
+)
 
 
 def check_resumable(directory: str, args: PretrainArguments) -> None:
@@ -128,21 +141,30 @@ def check_resumable(directory: str, args: PretrainArguments) -> None:
     if problem:
         root = os.path.dirname(os.path.normpath(directory))
         current = os.path.basename(os.path.normpath(directory))
-        older = [i for i in iterations(root) if os.path.basename(checkpoint_dir(root, i)) < current
-                 and damaged_files(checkpoint_dir(root, i)) is None]
-        hint = (f"the previous checkpoint {os.path.basename(checkpoint_dir(root, older[-1]))} is "
-                f"intact: resume from it with `echo {older[-1]} > {os.path.join(root, TRACKER)}`"
-                if older else "no older intact checkpoint is there; restore the files or start "
-                "afresh with another save directory")
-        raise OptionError(f"checkpoint ({directory!r}) must be complete to load ({problem}); "
-                          f"{hint}")
+        older = [
+            i
+            for i in iterations(root)
+            if os.path.basename(checkpoint_dir(root, i)) < current
+            and damaged_files(checkpoint_dir(root, i)) is None
+        ]
+        hint = (
+            f"the previous checkpoint {os.path.basename(checkpoint_dir(root, older[-1]))} is "
+            f"intact: resume from it with `echo {older[-1]} > {os.path.join(root, TRACKER)}`"
+            if older
+            else "no older intact checkpoint is there; restore the files or start "
+            "afresh with another save directory"
+        )
+        raise OptionError(
+            f"checkpoint ({directory!r}) must be complete to load ({problem}); {hint}"
+        )
     saved = _saved_options(directory)
     for name in SHAPE_OPTIONS:
         if name in saved and saved[name] != getattr(args, name):
             raise OptionError(
                 f"{name} ({getattr(args, name)!r}) must equal the checkpoint's "
                 f"({saved[name]!r}) to load {directory}; set it back, or start a new run with "
-                "another save directory")
+                "another save directory"
+            )
 
 
 def _saved_options(directory: str) -> dict:
@@ -153,8 +175,9 @@ def _saved_options(directory: str) -> dict:
         return yaml.safe_load(handle) or {}
 
 
-def save_checkpoint(args: PretrainArguments, position: TrainingPosition, model, optimizer,
-                    scheduler) -> str:
+def save_checkpoint(
+    args: PretrainArguments, position: TrainingPosition, model, optimizer, scheduler
+) -> str:
     """Write ``iter_N`` under ``args.save`` and publish it; returns its directory."""
     final = checkpoint_dir(args.save, position.iteration)
     partial = final + PARTIAL
@@ -168,8 +191,10 @@ def save_checkpoint(args: PretrainArguments, position: TrainingPosition, model, 
     state = _sharded_state_dict(model, optimizer, is_loading=False)
     state["rng_state"] = _rng_sharded_object(_rng_state())
     state["scheduler"] = scheduler.state_dict()
-    state["position"] = {"iteration": position.iteration,
-                         "consumed_samples": position.consumed_samples}
+    state["position"] = {
+        "iteration": position.iteration,
+        "consumed_samples": position.consumed_samples,
+    }
     state["layout"] = _layout(args)
     try:
         dist_checkpointing.save(state, partial)
@@ -187,40 +212,18 @@ def save_checkpoint(args: PretrainArguments, position: TrainingPosition, model, 
             raise
         shutil.rmtree(partial, ignore_errors=True)
         previous = latest_checkpoint(args.save)
-        kept = (f"{os.path.basename(previous)} is still the latest checkpoint" if previous
-                else "no earlier checkpoint exists")
-        raise OptionError(f"save ({args.save!r}) {storage} while writing "
-                          f"{os.path.basename(final)}; {kept} and the partial save was removed; "
-                          "free space or point save elsewhere") from None
+        kept = (
+            f"{os.path.basename(previous)} is still the latest checkpoint"
+            if previous
+            else "no earlier checkpoint exists"
+        )
+        raise OptionError(
+            f"save ({args.save!r}) {storage} while writing "
+            f"{os.path.basename(final)}; {kept} and the partial save was removed; "
+            "free space or point save elsewhere"
+        ) from None
     dist.barrier()
     return final
-
-
-def storage_problem(error: BaseException, directory: str) -> Optional[str]:
-    """'ran out of disk space' or 'is not writable (...)' when ``error`` came from the storage
-    under ``directory`` (an errno anywhere in its chain, else a probe write there); else None.
-    Writers deep in torch report a full disk as, e.g., "unexpected pos 704 vs 598"."""
-    seen = error
-    while seen is not None:
-        if isinstance(seen, OSError) and _describe(seen):
-            return _describe(seen)
-        seen = seen.__cause__ or seen.__context__
-    try:
-        with tempfile.NamedTemporaryFile(dir=directory) as probe:
-            probe.write(b"\0" * (1 << 20))
-            probe.flush()
-            os.fsync(probe.fileno())
-    except OSError as probe_error:
-        return _describe(probe_error)
-    return None
-
-
-def _describe(error: OSError) -> Optional[str]:
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return "ran out of disk space"
-    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"is not writable ({error.strerror})"
-    return None
 
 
 def save_weights(args: PretrainArguments, model, root: str) -> str:
@@ -228,8 +231,11 @@ def save_weights(args: PretrainArguments, model, root: str) -> str:
     ``convert_checkpoint.py import-hf`` writes); it loads with ``finetune: true``."""
     final = checkpoint_dir(root, 0)
     os.makedirs(final)
-    state = {"model": model.sharded_state_dict(),
-             "position": {"iteration": 0, "consumed_samples": 0}, "layout": _layout(args)}
+    state = {
+        "model": model.sharded_state_dict(),
+        "position": {"iteration": 0, "consumed_samples": 0},
+        "layout": _layout(args),
+    }
     dist_checkpointing.save(state, final)
     write_atomically(os.path.join(final, "config.yaml"), resolved_yaml(args))
     write_atomically(os.path.join(root, TRACKER), "0\n")
@@ -243,8 +249,9 @@ def _maybe_kill_during_save(iteration: int) -> None:
     target, _, marker = spec.partition(":")
     if int(target) == iteration and not os.path.exists(marker):
         open(marker, "w").close()
-        logger.warning("%s: killing rank 0 during the save of iteration %d",
-                       KILL_DURING_SAVE_ENV, iteration)
+        logger.warning(
+            "%s: killing rank 0 during the save of iteration %d", KILL_DURING_SAVE_ENV, iteration
+        )
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -257,8 +264,10 @@ def load_checkpoint(args: PretrainArguments, model, optimizer, scheduler) -> Tra
     finetune = args.finetune and own is None
     if directory is None:
         if args.load is not None:
-            raise OptionError(f"load ({args.load!r}) must contain a checkpoint ({TRACKER} or a "
-                             "dist_checkpointing directory); check the path")
+            raise OptionError(
+                f"load ({args.load!r}) must contain a checkpoint ({TRACKER} or a "
+                "dist_checkpointing directory); check the path"
+            )
         return TrainingPosition()
     check_resumable(directory, args)
     common = dist_checkpointing.load_common_state_dict(directory)
@@ -281,7 +290,10 @@ def load_checkpoint(args: PretrainArguments, model, optimizer, scheduler) -> Tra
         logger.warning(
             "checkpoint layout %s differs from this run's %s: model weights resharded; the "
             "optimizer moments and RNG states start afresh (Megatron's optimizer groups its "
-            "state per layout)", common.get("layout"), _layout(args))
+            "state per layout)",
+            common.get("layout"),
+            _layout(args),
+        )
     saved_position = TrainingPosition(**common.get("position", {}))
     logger.info("loaded %s (iteration %d)", directory, saved_position.iteration)
     return TrainingPosition() if finetune else saved_position

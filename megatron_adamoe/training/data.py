@@ -17,7 +17,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.utils import get_blend_from_list
 
-from megatron_adamoe.training.arguments import PretrainArguments
+from megatron_adamoe.options import PretrainArguments
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "attention_mask", "position_ids")
 
@@ -61,8 +61,9 @@ def _collate(samples: list[dict]) -> dict[str, torch.Tensor]:
     return batch
 
 
-def microbatch_iterator(dataset, args: PretrainArguments, first_sample: int, num_batches: int,
-                        device):
+def microbatch_iterator(
+    dataset, args: PretrainArguments, first_sample: int, num_batches: int, device
+):
     """Yield this data-parallel rank's micro-batches (on ``device``) of ``num_batches`` batches.
 
     Global batch ``b`` covers samples ``first_sample + b * global_batch_size`` onwards; within it,

@@ -13,7 +13,7 @@ import logging
 import re
 from typing import Optional
 
-from megatron_adamoe.training.arguments import PretrainArguments
+from megatron_adamoe.options import PretrainArguments
 
 logger = logging.getLogger(__name__)
 
@@ -59,16 +59,9 @@ def open_tensorboard(directory: Optional[str]):
     return SummaryWriter(log_dir=directory, max_queue=100)
 
 
-def moe_layer_indices(args: PretrainArguments) -> list[int]:
-    """0-based indices of the MoE layers under ``moe_layer_freq`` (Megatron's rule)."""
-    freq = args.moe_layer_freq
-    if isinstance(freq, int):
-        return [i for i in range(args.num_layers) if i % freq == 0]
-    return [i for i, is_moe in enumerate(freq) if is_moe]
-
-
-def forward_flops_per_token(args: PretrainArguments, vocab_size: int,
-                            loads: list[float], num_router_outputs: int) -> float:
+def forward_flops_per_token(
+    args: PretrainArguments, vocab_size: int, loads: list[float], num_router_outputs: int
+) -> float:
     """Forward FLOPs per token (2 per multiply-add) with the given true experts per token in each
     MoE layer. Attention counts the full (non-causal) score matrix, as Megatron's estimate does."""
     hidden = args.hidden_size
@@ -80,7 +73,7 @@ def forward_flops_per_token(args: PretrainArguments, vocab_size: int,
     moe_ffn = args.moe_ffn_hidden_size or ffn
     attention = 2 * hidden * (hidden + 2 * kv_dim) + 2 * hidden * hidden
     attention += 2 * 2 * args.seq_length * hidden
-    moe_layers = set(moe_layer_indices(args))
+    moe_layers = set(args.moe_layer_indices())
     loads_by_layer = dict(zip(sorted(moe_layers), loads))
     total = 2 * hidden * vocab_size
     for layer in range(args.num_layers):
@@ -97,9 +90,10 @@ def flops_ratio_vs_topk(args: PretrainArguments, vocab_size: int, loads: list[fl
     """Model FLOPs at the measured per-layer loads over those of a top-k baseline (same experts,
     router over the true experts only, k = ``adamoe_flops_baseline_topk``)."""
     baseline_k = args.adamoe_flops_baseline_topk or args.moe_router_topk
-    num_moe = len(moe_layer_indices(args))
+    num_moe = len(args.moe_layer_indices())
     measured = forward_flops_per_token(
-        args, vocab_size, loads, args.num_experts + args.adamoe_num_null_experts)
+        args, vocab_size, loads, args.num_experts + args.adamoe_num_null_experts
+    )
     baseline = forward_flops_per_token(args, vocab_size, [baseline_k] * num_moe, args.num_experts)
     return measured / baseline
 
@@ -108,10 +102,18 @@ def format_duration(seconds: float) -> str:
     return str(datetime.timedelta(seconds=int(max(seconds, 0))))
 
 
-def iteration_line(args: PretrainArguments, iteration: int, consumed_samples: int,
-                   seconds_per_iteration: float, lr: float, losses: dict[str, float],
-                   grad_norm: Optional[float], elapsed: float, loads: dict[int, float],
-                   flops_ratio: Optional[float]) -> str:
+def iteration_line(
+    args: PretrainArguments,
+    iteration: int,
+    consumed_samples: int,
+    seconds_per_iteration: float,
+    lr: float,
+    losses: dict[str, float],
+    grad_norm: Optional[float],
+    elapsed: float,
+    loads: dict[int, float],
+    flops_ratio: Optional[float],
+) -> str:
     """One Megatron-style log line (plus AdaMoE's load and FLOPs)."""
     tokens_per_second = args.global_batch_size * args.seq_length / max(seconds_per_iteration, 1e-9)
     remaining = (args.train_iters - iteration) * seconds_per_iteration

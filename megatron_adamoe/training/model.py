@@ -17,11 +17,11 @@ from megatron.core.models.gpt import GPTModel
 
 from megatron_adamoe.errors import OptionError
 from megatron_adamoe.mcore import AdaMoEConfig, get_adamoe_gpt_decoder_block_spec
-from megatron_adamoe.training.arguments import PretrainArguments, padded_vocab_size
+from megatron_adamoe.options import PretrainArguments
 
 
 def layer_spec_backend(args: PretrainArguments, on_gpu: bool, has_te: bool) -> str:
-    """"transformer_engine" (TE attention, norms and linears; ``TEGroupedMLP`` experts under
+    """ "transformer_engine" (TE attention, norms and linears; ``TEGroupedMLP`` experts under
     ``moe_grouped_gemm``) or "local" (Megatron's own modules; ``SequentialMLP`` experts).
 
     TE whenever it can run (a GPU with TE installed), as Megatron-LM picks it; FP8 and grouped
@@ -31,14 +31,17 @@ def layer_spec_backend(args: PretrainArguments, on_gpu: bool, has_te: bool) -> s
     if on_gpu:
         for name in ("fp8_format", "moe_grouped_gemm"):
             if getattr(args, name):
-                raise OptionError(f"{name} ({getattr(args, name)!r}) must be off without "
-                                 "Transformer Engine; install it (pip install "
-                                 "megatron-adamoe[gpu]) or drop the option")
+                raise OptionError(
+                    f"{name} ({getattr(args, name)!r}) must be off without "
+                    "Transformer Engine; install it (pip install "
+                    "megatron-adamoe[gpu]) or drop the option"
+                )
     return "local"
 
 
-def check_device_support(args: PretrainArguments, on_gpu: bool,
-                         capability: Optional[tuple] = None) -> None:
+def check_device_support(
+    args: PretrainArguments, on_gpu: bool, capability: Optional[tuple] = None
+) -> None:
     """Options that need a GPU stack, rejected up front on CPU; on GPU, FP8 recipes the device
     cannot run (``capability``: the CUDA compute capability, read from the device if None)."""
     if on_gpu:
@@ -49,29 +52,40 @@ def check_device_support(args: PretrainArguments, on_gpu: bool,
                 raise OptionError(
                     f"fp8_recipe ({args.fp8_recipe!r}) must run on compute capability "
                     f"{needed[0]}.{needed[1]}+ (this GPU: {capability[0]}.{capability[1]}); use "
-                    "'delayed' or 'tensorwise'")
+                    "'delayed' or 'tensorwise'"
+                )
         return
     if args.fp8_format:
-        raise OptionError(f"fp8_format ({args.fp8_format!r}) must be null on CPU; FP8 GEMMs are "
-                         "Transformer Engine's (GPU only)")
+        raise OptionError(
+            f"fp8_format ({args.fp8_format!r}) must be null on CPU; FP8 GEMMs are "
+            "Transformer Engine's (GPU only)"
+        )
     if args.use_distributed_optimizer:
         raise OptionError(
             "use_distributed_optimizer (True) must be false on CPU; Megatron's distributed "
-            "optimizer checkpoints its state through Apex or Transformer Engine (GPU only)")
+            "optimizer checkpoints its state through Apex or Transformer Engine (GPU only)"
+        )
     if args.context_parallel_size > 1:
         raise OptionError(
             f"context_parallel_size ({args.context_parallel_size}) must be 1 on CPU; context "
-            "parallel attention is Transformer Engine's (GPU only)")
+            "parallel attention is Transformer Engine's (GPU only)"
+        )
     if args.moe_token_dispatcher_type == "flex":
-        raise OptionError("moe_token_dispatcher_type ('flex') must be 'alltoall' or 'allgather' on "
-                         "CPU; the flex dispatcher runs on DeepEP (GPU only)")
+        raise OptionError(
+            "moe_token_dispatcher_type ('flex') must be 'alltoall' or 'allgather' on "
+            "CPU; the flex dispatcher runs on DeepEP (GPU only)"
+        )
     if args.pipeline_model_parallel_size > 1 and not args.untie_embeddings_and_output_weights:
-        raise OptionError("untie_embeddings_and_output_weights (False) must be true on CPU with "
-                         "pipeline stages; Megatron syncs tied embeddings across stages on CUDA")
+        raise OptionError(
+            "untie_embeddings_and_output_weights (False) must be true on CPU with "
+            "pipeline stages; Megatron syncs tied embeddings across stages on CUDA"
+        )
     for name in ("moe_grouped_gemm", "moe_permute_fusion"):
         if getattr(args, name):
-            raise OptionError(f"{name} (True) must be false on CPU; it needs Transformer Engine "
-                             "or grouped_gemm kernels (GPU only)")
+            raise OptionError(
+                f"{name} (True) must be false on CPU; it needs Transformer Engine "
+                "or grouped_gemm kernels (GPU only)"
+            )
 
 
 def transformer_config(args: PretrainArguments, on_gpu: bool) -> AdaMoEConfig:
@@ -109,7 +123,8 @@ def _transformer_config(args: PretrainArguments, on_gpu: bool) -> AdaMoEConfig:
         gradient_accumulation_fusion=False,
         num_moe_experts=args.num_experts,
         moe_ffn_hidden_size=(
-            args.moe_ffn_hidden_size or args.ffn_hidden_size or 4 * args.hidden_size),
+            args.moe_ffn_hidden_size or args.ffn_hidden_size or 4 * args.hidden_size
+        ),
         moe_router_topk=args.moe_router_topk,
         # Megatron's name for adamoe_weight_norm "none" (it requires it with top-1)
         moe_router_pre_softmax=args.adamoe_weight_norm == "none",
@@ -117,7 +132,10 @@ def _transformer_config(args: PretrainArguments, on_gpu: bool) -> AdaMoEConfig:
         moe_aux_loss_coeff=args.moe_aux_loss_coeff,
         moe_z_loss_coeff=args.moe_z_loss_coeff,
         moe_router_dtype=args.moe_router_dtype,
-        moe_router_load_balancing_type="aux_loss",
+        moe_router_load_balancing_type=args.moe_router_load_balancing_type,
+        moe_router_score_function=args.moe_router_score_function,
+        moe_router_enable_expert_bias=args.moe_router_enable_expert_bias,
+        moe_router_bias_update_rate=args.moe_router_bias_update_rate,
         moe_token_dispatcher_type=args.moe_token_dispatcher_type,
         moe_grouped_gemm=args.moe_grouped_gemm,
         moe_permute_fusion=args.moe_permute_fusion,
@@ -127,6 +145,11 @@ def _transformer_config(args: PretrainArguments, on_gpu: bool) -> AdaMoEConfig:
         adamoe_null_expert_type=args.adamoe_null_expert_type,
         adamoe_weight_norm=args.adamoe_weight_norm,
         adamoe_aux_loss_coeff_schedule=args.adamoe_aux_loss_coeff_schedule,
+        adamoe_target_load=args.adamoe_target_load,
+        adamoe_target_load_schedule=args.adamoe_target_load_schedule,
+        adamoe_load_controller_rate=args.adamoe_load_controller_rate,
+        adamoe_router_mode=args.adamoe_router_mode,
+        adamoe_topp_threshold=args.adamoe_topp_threshold,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         expert_model_parallel_size=args.expert_model_parallel_size,
@@ -141,20 +164,22 @@ def _transformer_config(args: PretrainArguments, on_gpu: bool) -> AdaMoEConfig:
     )
 
 
-def build_model(args: PretrainArguments, config: AdaMoEConfig, vocab_size: int,
-                on_gpu: Optional[bool] = None) -> GPTModel:
+def build_model(
+    args: PretrainArguments, config: AdaMoEConfig, vocab_size: int, on_gpu: Optional[bool] = None
+) -> GPTModel:
     """The GPTModel chunk of this pipeline stage (no virtual pipeline stages); on GPU (default:
     when CUDA is available) with Transformer Engine's spec when it is installed."""
     on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
     backend = layer_spec_backend(args, on_gpu, on_gpu and _has_transformer_engine())
     block_spec = get_adamoe_gpt_decoder_block_spec(
-        config, use_transformer_engine=backend == "transformer_engine",
+        config,
+        use_transformer_engine=backend == "transformer_engine",
         normalization=args.normalization,
     )
     model = GPTModel(
         config=config,
         transformer_layer_spec=block_spec,
-        vocab_size=padded_vocab_size(vocab_size, args),
+        vocab_size=args.padded_vocab_size(vocab_size),
         max_sequence_length=args.max_position_embeddings or args.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),

@@ -7,7 +7,8 @@ Built from Megatron-Core's primitives: ``parallel_state`` (TP/PP/EP/ETP/CP/DP), 
 the AdaMoE layer spec, ``DistributedDataParallel``, ``get_megatron_optimizer`` (the distributed
 optimizer when asked), ``OptimizerParamScheduler``, ``get_forward_backward_func``,
 ``dist_checkpointing`` and ``GPTDataset``. Without CUDA it runs over gloo after
-``megatron_adamoe.enable_cpu_mode()``. ``--validate-only`` checks the options and exits.
+``megatron_adamoe.enable_cpu_mode()``. ``--validate-only`` checks the options and exits;
+``--help`` lists every option (megatron_adamoe/options/schema.py, docs/options.md).
 """
 
 from __future__ import annotations
@@ -15,33 +16,19 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import warnings
 from typing import Optional
 
-from megatron_adamoe.errors import OptionError, report
-from megatron_adamoe.training.arguments import load_arguments, parse_overrides
+from megatron_adamoe.console import quiet_known_upstream_noise
+from megatron_adamoe.errors import OptionError, TrainingHalted, report
+from megatron_adamoe.options import load_arguments, parse_overrides
 
 logger = logging.getLogger("megatron_adamoe.pretrain")
 
-_KNOWN_NOISE = (
-    r"Transformer Engine and Apex are not installed",
-    r"Apex is not installed",
-    r"full scope is deprecated",
-    r"`torch.distributed.all_gather_into_tensor` is deprecated",
-    r"`torch.distributed.reduce_scatter_tensor` is deprecated",
-)
+USAGE = """usage: torchrun [torchrun options] launch/pretrain_adamoe.sh [--config FILE.yaml]
+                [--validate-only] [--<option> VALUE ...] [--<bool option> | --no-<bool option>]
 
-
-def quiet_known_upstream_noise() -> None:
-    """Drop upstream warnings that say nothing about this run (missing Apex/TE on CPU, torch
-    deprecations inside Megatron) and Megatron's INFO chatter."""
-    logging.getLogger("megatron").setLevel(logging.WARNING)
-    for message in _KNOWN_NOISE:
-        warnings.filterwarnings("ignore", message=message)
-    # TransformerLayer warns that it passes no process groups to an MLP that is not exactly
-    # MoELayer; AdaMoELayer then takes them from parallel_state, as documented in the README.
-    logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(
-        lambda record: not record.getMessage().startswith("Unknown MLP type"))
+A YAML file of options, then overrides in Megatron's flag spelling. The options:
+"""
 
 
 def _split_argv(argv: list[str]) -> tuple[Optional[str], bool, list[str]]:
@@ -72,15 +59,20 @@ def main(argv: Optional[list[str]] = None) -> int:
         stream=sys.stdout,
     )
     quiet_known_upstream_noise()
+    if "--help" in argv or "-h" in argv:
+        from megatron_adamoe.options import describe
+
+        print(USAGE + describe(markdown=False))
+        return 0
     config_path, validate_only, rest = _split_argv(argv)
     try:
         args = load_arguments(config_path, parse_overrides(rest), world_size)
         if validate_only:
             return _validate_only(args, world_size)
-        from megatron_adamoe.training.loop import setup
+        from megatron_adamoe.training.trainer import Trainer
 
-        setup(args)()
-    except OptionError as error:  # a mistake the user can fix: one line, from any rank
+        Trainer(args).train()
+    except (OptionError, TrainingHalted) as error:  # one line, from any rank that meets it
         return report(error, None if validate_only else rank, world_size)
     return 0
 
@@ -93,8 +85,12 @@ def _validate_only(args, world_size: int) -> int:
     on_gpu = torch.cuda.is_available()
     check_device_support(args, on_gpu)
     transformer_config(args, on_gpu)  # AdaMoEConfig's own checks
-    logger.info("config ok: %d processes, data-parallel size %d, %d micro-batches/step",
-                world_size, args.data_parallel_size, args.num_microbatches)
+    logger.info(
+        "config ok: %d processes, data-parallel size %d, %d micro-batches/step",
+        world_size,
+        args.data_parallel_size,
+        args.num_microbatches,
+    )
     return 0
 
 

@@ -8,12 +8,17 @@ import os
 import pytest
 import torch
 
-from tests.convert.conftest import convert, remote_code_run, train_checkpoint
+from tests.conversion import convert, remote_code_run, train_checkpoint
 
 VOCAB = 256  # the synthetic corpus' tokenizer (233 pieces), padded by Megatron
 EP2 = ("--expert-model-parallel-size", "2", "--num-query-groups", "2")  # and GQA
-TP2 = ("--tensor-model-parallel-size", "2", "--sequence-parallel",
-       "--expert-model-parallel-size", "1")
+TP2 = (
+    "--tensor-model-parallel-size",
+    "2",
+    "--sequence-parallel",
+    "--expert-model-parallel-size",
+    "1",
+)
 PP2 = ("--pipeline-model-parallel-size", "2", "--expert-model-parallel-size", "1")
 LAYOUTS = {"EP2": EP2, "TP2": TP2, "PP2": PP2}
 CASES = [  # (layout, null type, weight norm, extra options)
@@ -30,19 +35,73 @@ CASES = [  # (layout, null type, weight norm, extra options)
 ] + [
     ("PP2", "identity", "true_experts", ()),  # each stage saves its own layer
     ("EP2", "zero", "true_experts", ("--no-untie-embeddings-and-output-weights",)),  # tied
+    # Compute as a setting: the controller's null bias, expert bias, top-p routing.
+    (
+        "EP2",
+        "zero",
+        "true_experts",
+        ("--adamoe-target-load", "1.0", "--adamoe-load-controller-rate", "0.5"),
+    ),
+    (
+        "TP2",
+        "zero",
+        "true_experts",
+        (
+            "--moe-router-enable-expert-bias",
+            "--moe-router-bias-update-rate",
+            "0.05",
+            "--adamoe-load-controller-rate",
+            "0.5",
+        ),
+    ),
+    (
+        "EP2",
+        "identity",
+        "all_selected",
+        (
+            "--adamoe-router-mode",
+            "topp",
+            "--adamoe-topp-threshold",
+            "0.7",
+            "--adamoe-target-load",
+            "1.2",
+            "--adamoe-load-controller-rate",
+            "0.5",
+        ),
+    ),
 ]
 
 
-@pytest.mark.parametrize("layout,null_type,weight_norm,extra", CASES,
-                         ids=[f"{lay}-{n}-{w}{'-tied' if e and 'untie' in e[0] else ''}"
-                              for lay, n, w, e in CASES])
-def test_export_matches_megatron_logits_and_greedy(synthetic_corpus, tmp_path, megatron,
-                                                   layout, null_type, weight_norm, extra):
+def _case_id(layout, null_type, weight_norm, extra):
+    tags = {
+        "--no-untie-embeddings-and-output-weights": "-tied",
+        "--adamoe-target-load": "-target",
+        "--moe-router-enable-expert-bias": "-expertbias",
+        "--adamoe-router-mode": "-topp",
+    }
+    return f"{layout}-{null_type}-{weight_norm}" + "".join(
+        tag for flag, tag in tags.items() if flag in extra
+    )
+
+
+@pytest.mark.parametrize(
+    "layout,null_type,weight_norm,extra", CASES, ids=[_case_id(*case) for case in CASES]
+)
+def test_export_matches_megatron_logits_and_greedy(
+    synthetic_corpus, tmp_path, megatron, layout, null_type, weight_norm, extra
+):
     """A checkpoint trained a few steps at EP = 2, TP = 2 or PP = 2 -> export-hf ->
     transformers."""
     checkpoint = train_checkpoint(
-        synthetic_corpus, tmp_path / "ckpt", *LAYOUTS[layout],
-        "--adamoe-null-expert-type", null_type, "--adamoe-weight-norm", weight_norm, *extra)
+        synthetic_corpus,
+        tmp_path / "ckpt",
+        *LAYOUTS[layout],
+        "--adamoe-null-expert-type",
+        null_type,
+        "--adamoe-weight-norm",
+        weight_norm,
+        *extra,
+    )
     out = tmp_path / "hf"
     convert("export-hf", "--load", checkpoint, "--out", out, "--max-shard-size", "200KB")
 
@@ -57,6 +116,16 @@ def test_export_matches_megatron_logits_and_greedy(synthetic_corpus, tmp_path, m
     with open(out / "generation_config.json") as handle:
         suppressed = json.load(handle).get("suppress_tokens") or []
     assert suppressed == list(range(233, VOCAB))  # the tokenizer's 233 pieces, padded to 256
+
+    if "--adamoe-target-load" in extra or "--moe-router-enable-expert-bias" in extra:
+        from safetensors import safe_open
+
+        biases = []
+        for name in shards:
+            with safe_open(str(out / name), framework="pt") as handle:
+                biases += [handle.get_tensor(k) for k in handle.keys() if k.endswith("_bias")]
+        assert biases and any(bias.abs().sum() > 0 for bias in biases)  # the controller moved
+        assert config["router_null_bias"] and config["router_target_load"] is not None
 
     tokens = torch.randint(0, VOCAB, (2, 48), generator=torch.Generator().manual_seed(0))
     prompt = tokens[:1, :8]

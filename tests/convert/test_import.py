@@ -7,31 +7,25 @@ import shutil
 import pytest
 import torch
 
-from tests.convert.conftest import convert, run_pretrain
-from tests.training.conftest import read_metrics
-
-N, K = 4, 2
-
-
-def tiny_mixtral(directory, seed: int = 0, vocab_size: int = 256):
-    """A random MixtralForCausalLM saved with transformers' own save_pretrained (GQA, untied)."""
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    config = MixtralConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, num_local_experts=N,
-        num_experts_per_tok=K, max_position_embeddings=128, tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    model = MixtralForCausalLM(config).eval()
-    model.save_pretrained(directory)
-    return model
+from tests.conversion import convert, run_pretrain
+from tests.hf_models import K, N, tiny_mixtral
+from tests.runs import read_metrics
 
 
 def test_mixtral_import_with_no_nulls_matches_mixtral_logits(tmp_path, megatron):
     """200 tokens, for TP = 2: Megatron's vocabulary is padded to 256 (128 x TP) with zero rows."""
     mixtral = tiny_mixtral(tmp_path / "mixtral", vocab_size=200)
-    convert("import-hf", "--hf", tmp_path / "mixtral", "--out", tmp_path / "ckpt",
-            "--num-null-experts", "0", "--tp", "2")
+    convert(
+        "import-hf",
+        "--hf",
+        tmp_path / "mixtral",
+        "--out",
+        tmp_path / "ckpt",
+        "--num-null-experts",
+        "0",
+        "--tp",
+        "2",
+    )
     tokens = torch.randint(0, 200, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = mixtral(tokens).logits
@@ -41,20 +35,45 @@ def test_mixtral_import_with_no_nulls_matches_mixtral_logits(tmp_path, megatron)
 
 
 @pytest.mark.distributed
-def test_mixtral_import_with_nulls_fine_tunes_from_the_expected_load(synthetic_corpus,
-                                                                     tmp_path):
+def test_mixtral_import_with_nulls_fine_tunes_from_the_expected_load(synthetic_corpus, tmp_path):
     """m = n tiled null rows; the pretraining entry point fine-tunes the checkpoint from its own
     config.yaml at the layout import-hf was given (EP = 2)."""
     tiny_mixtral(tmp_path / "mixtral")
     data_path, tokenizer = synthetic_corpus
     shutil.copyfile(tokenizer, tmp_path / "mixtral" / "tokenizer.model")  # carried by import
-    convert("import-hf", "--hf", tmp_path / "mixtral", "--out", tmp_path / "ckpt",
-            "--num-null-experts", str(N), "--topk", str(K), "--ep", "2")
+    convert(
+        "import-hf",
+        "--hf",
+        tmp_path / "mixtral",
+        "--out",
+        tmp_path / "ckpt",
+        "--num-null-experts",
+        str(N),
+        "--topk",
+        str(K),
+        "--ep",
+        "2",
+    )
     metrics = tmp_path / "metrics.jsonl"
-    result = run_pretrain((data_path, None), "--train-iters", "4", "--micro-batch-size", "4",
-                 "--seq-length", "64", "--log-interval", "1", "--lr", "1e-4",
-                 "--save", str(tmp_path / "finetuned"), "--adamoe-metrics-file", str(metrics),
-                 config=str(tmp_path / "ckpt" / "iter_0000000" / "config.yaml"), small=False)
+    result = run_pretrain(
+        (data_path, None),
+        "--train-iters",
+        "4",
+        "--micro-batch-size",
+        "4",
+        "--seq-length",
+        "64",
+        "--log-interval",
+        "1",
+        "--lr",
+        "1e-4",
+        "--save",
+        str(tmp_path / "finetuned"),
+        "--adamoe-metrics-file",
+        str(metrics),
+        config=str(tmp_path / "ckpt" / "iter_0000000" / "config.yaml"),
+        small=False,
+    )
     records = [r for r in read_metrics(metrics) if "adamoe/load" in r]
     assert [r["iteration"] for r in records] == [1, 2, 3, 4]
     assert f"loaded {tmp_path / 'ckpt' / 'iter_0000000'}" in result.stdout
@@ -68,8 +87,7 @@ def test_mixtral_import_with_nulls_fine_tunes_from_the_expected_load(synthetic_c
 def test_null_router_rows_tile_or_draw_per_layer():
     from megatron_adamoe.hf.import_hf import _add_null_router_rows
 
-    gates = {f"model.layers.{i}.block_sparse_moe.gate.weight": torch.randn(4, 8)
-             for i in range(2)}
+    gates = {f"model.layers.{i}.block_sparse_moe.gate.weight": torch.randn(4, 8) for i in range(2)}
     tiled = _add_null_router_rows(gates, 6, "tile", seed=0)
     for name, gate in gates.items():
         assert torch.equal(tiled[name], torch.cat([gate, gate, gate[:2]]))

@@ -15,9 +15,20 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.distributed
 def test_bench_moe_layer_prints_table():
     command = [
-        sys.executable, str(ROOT / "tools" / "bench_moe_layer.py"),
-        "--hidden", "32", "--ffn", "32", "--seq", "16", "--micro-batch", "2",
-        "--iters", "1", "--warmup", "0",
+        sys.executable,
+        str(ROOT / "tools" / "bench_moe_layer.py"),
+        "--hidden",
+        "32",
+        "--ffn",
+        "32",
+        "--seq",
+        "16",
+        "--micro-batch",
+        "2",
+        "--iters",
+        "1",
+        "--warmup",
+        "0",
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]

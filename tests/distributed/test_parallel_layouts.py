@@ -19,8 +19,18 @@ from tests.spawn import run_distributed
 pytestmark = pytest.mark.distributed
 
 CASE = dict(
-    seed=11, seq=8, batch=4, hidden=16, ffn=8, num_true=4, num_null=4, topk=3,
-    null_type="identity", weight_norm="true_experts", aux_coeff=0.05, glu=True,
+    seed=11,
+    seq=8,
+    batch=4,
+    hidden=16,
+    ffn=8,
+    num_true=4,
+    num_null=4,
+    topk=3,
+    null_type="identity",
+    weight_norm="true_experts",
+    aux_coeff=0.05,
+    glu=True,
 )
 # Experts 2 and 3 (EP rank 1 of 2) are never picked: that rank receives zero tokens.
 STARVED_CASE = dict(CASE, seed=5, null_type="zero", glu=False, starved_experts=[2, 3])

@@ -32,11 +32,22 @@ from megatron_adamoe import AdaMoEConfig, get_adamoe_gpt_layer_spec  # noqa: E40
 pytestmark = pytest.mark.gpu
 
 N, M, K, HIDDEN, FFN, TOKENS = 8, 8, 3, 256, 512, 1000  # 1000: counts not multiples of 16
-BASE = dict(num_layers=1, hidden_size=HIDDEN, num_attention_heads=4, num_moe_experts=N,
-            moe_ffn_hidden_size=FFN, moe_router_topk=K, moe_token_dispatcher_type="alltoall",
-            moe_aux_loss_coeff=0.0, add_bias_linear=False, gated_linear_unit=True,
-            activation_func=torch.nn.functional.silu, bf16=True, params_dtype=torch.bfloat16,
-            moe_router_dtype="fp32")
+BASE = dict(
+    num_layers=1,
+    hidden_size=HIDDEN,
+    num_attention_heads=4,
+    num_moe_experts=N,
+    moe_ffn_hidden_size=FFN,
+    moe_router_topk=K,
+    moe_token_dispatcher_type="alltoall",
+    moe_aux_loss_coeff=0.0,
+    add_bias_linear=False,
+    gated_linear_unit=True,
+    activation_func=torch.nn.functional.silu,
+    bf16=True,
+    params_dtype=torch.bfloat16,
+    moe_router_dtype="fp32",
+)
 
 
 def _capability() -> tuple:
@@ -46,10 +57,18 @@ def _capability() -> tuple:
 RECIPES = [
     pytest.param("delayed", id="delayed"),
     pytest.param("tensorwise", id="current-scaling"),
-    pytest.param("blockwise", id="blockwise", marks=pytest.mark.skipif(
-        _capability() < (9, 0), reason="blockwise FP8 needs Hopper or newer")),
-    pytest.param("mxfp8", id="mxfp8", marks=pytest.mark.skipif(
-        _capability() < (10, 0), reason="MXFP8 needs Blackwell")),
+    pytest.param(
+        "blockwise",
+        id="blockwise",
+        marks=pytest.mark.skipif(
+            _capability() < (9, 0), reason="blockwise FP8 needs Hopper or newer"
+        ),
+    ),
+    pytest.param(
+        "mxfp8",
+        id="mxfp8",
+        marks=pytest.mark.skipif(_capability() < (10, 0), reason="MXFP8 needs Blackwell"),
+    ),
 ]
 
 
@@ -94,11 +113,22 @@ def _expert_weight(experts, fc: str, i: int) -> torch.Tensor:
 
 def _pair(null_type="zero", fp8_recipe=None, permute_fusion=False, **overrides):
     fp8 = dict(fp8="hybrid", fp8_recipe=fp8_recipe) if fp8_recipe else {}
-    grouped = AdaMoEConfig(**BASE, adamoe_num_null_experts=M, adamoe_null_expert_type=null_type,
-                           moe_grouped_gemm=True, moe_permute_fusion=permute_fusion, **fp8,
-                           **overrides)
-    unfused = AdaMoEConfig(**BASE, adamoe_num_null_experts=M, adamoe_null_expert_type=null_type,
-                           moe_grouped_gemm=False, **overrides)
+    grouped = AdaMoEConfig(
+        **BASE,
+        adamoe_num_null_experts=M,
+        adamoe_null_expert_type=null_type,
+        moe_grouped_gemm=True,
+        moe_permute_fusion=permute_fusion,
+        **fp8,
+        **overrides,
+    )
+    unfused = AdaMoEConfig(
+        **BASE,
+        adamoe_num_null_experts=M,
+        adamoe_null_expert_type=null_type,
+        moe_grouped_gemm=False,
+        **overrides,
+    )
     torch.manual_seed(0)
     reference = _layer(unfused, grouped=False)
     layer = _layer(grouped, grouped=True)
@@ -120,8 +150,7 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _tokens(seed: int = 1) -> torch.Tensor:
     generator = torch.Generator(device="cuda").manual_seed(seed)
-    return torch.randn(TOKENS, 1, HIDDEN, device="cuda", dtype=torch.bfloat16,
-                       generator=generator)
+    return torch.randn(TOKENS, 1, HIDDEN, device="cuda", dtype=torch.bfloat16, generator=generator)
 
 
 @pytest.mark.parametrize("null_type", ["zero", "identity"])
@@ -173,7 +202,8 @@ def test_some_experts_receive_no_tokens(cuda_rank):
     x = _tokens().abs()
     counts = []
     layer.experts.register_forward_pre_hook(
-        lambda module, args: counts.append([int(c) for c in args[1]]))
+        lambda module, args: counts.append([int(c) for c in args[1]])
+    )
     out, _ = _run(layer, x, layer.config)
     expected, _ = _run(reference, x)
     assert counts and counts[0][:3] == [0, 0, 0] and sum(counts[0]) > 0
@@ -192,11 +222,12 @@ def test_no_nulls_equals_stock_topk_with_transformer_engine(cuda_rank):
 
 
 def test_entry_point_passes_fp8_options_to_the_config(tmp_path):
-    from megatron_adamoe.training.arguments import PretrainArguments, validate
+    from megatron_adamoe.options import PretrainArguments, validate
     from megatron_adamoe.training.model import layer_spec_backend, transformer_config
 
-    args = PretrainArguments(bf16=True, fp8_format="hybrid", fp8_recipe="tensorwise",
-                             moe_grouped_gemm=True)
+    args = PretrainArguments(
+        bf16=True, fp8_format="hybrid", fp8_recipe="tensorwise", moe_grouped_gemm=True
+    )
     validate(args, check_io=False)
     config = transformer_config(args, on_gpu=True)
     assert (config.fp8, config.fp8_recipe, config.bf16) == ("hybrid", "tensorwise", True)

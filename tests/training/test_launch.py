@@ -10,24 +10,56 @@ import sys
 
 import pytest
 
-from tests.training.conftest import REPO, free_port, read_metrics
+from tests.runs import REPO, free_port, read_metrics
 
 pytestmark = pytest.mark.distributed
 
 TIMEOUT_S = 300
 SCRIPT = "launch/pretrain_adamoe.sh"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]  # the `torchrun` of this venv
-TINY = ["--num-layers", "2", "--hidden-size", "64", "--seq-length", "64",
-        "--moe-ffn-hidden-size", "64", "--micro-batch-size", "4", "--global-batch-size", "8",
-        "--lr-warmup-iters", "1", "--log-interval", "1", "--eval-iters", "1",
-        "--tensorboard-dir", "null", "--save-interval", "null"]
+TINY = [
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "64",
+    "--seq-length",
+    "64",
+    "--moe-ffn-hidden-size",
+    "64",
+    "--micro-batch-size",
+    "4",
+    "--global-batch-size",
+    "8",
+    "--lr-warmup-iters",
+    "1",
+    "--log-interval",
+    "1",
+    "--eval-iters",
+    "1",
+    "--tensorboard-dir",
+    "null",
+    "--save-interval",
+    "null",
+]
 
 
 def _training_args(corpus, tmp_path, name):
     data_path, tokenizer = corpus
-    return ["--train-iters", "3", "--eval-interval", "3", *TINY, "--data-path", data_path,
-            "--tokenizer-model", tokenizer, "--save", str(tmp_path / name),
-            "--adamoe-metrics-file", str(tmp_path / f"{name}.jsonl")]
+    return [
+        "--train-iters",
+        "3",
+        "--eval-interval",
+        "3",
+        *TINY,
+        "--data-path",
+        data_path,
+        "--tokenizer-model",
+        tokenizer,
+        "--save",
+        str(tmp_path / name),
+        "--adamoe-metrics-file",
+        str(tmp_path / f"{name}.jsonl"),
+    ]
 
 
 def _env(**extra):
@@ -44,20 +76,41 @@ def _check_trained_and_saved(tmp_path, name, result):
 
 def test_torchrun_runs_the_launch_script_as_typed(synthetic_corpus, tmp_path):
     result = subprocess.run(
-        [*TORCHRUN, "--nproc-per-node", "2", "--master-port", str(free_port()), SCRIPT,
-         "--config", "configs/cpu_adamoe_tiny.yaml",
-         *_training_args(synthetic_corpus, tmp_path, "torchrun")],
-        cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S, env=_env())
+        [
+            *TORCHRUN,
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(free_port()),
+            SCRIPT,
+            "--config",
+            "configs/cpu_adamoe_tiny.yaml",
+            *_training_args(synthetic_corpus, tmp_path, "torchrun"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        env=_env(),
+    )
     _check_trained_and_saved(tmp_path, "torchrun", result)
     assert "EP=2 DP=2" in result.stdout
 
 
 def test_the_launch_script_run_directly_wraps_torchrun(synthetic_corpus, tmp_path):
     result = subprocess.run(
-        [SCRIPT, *_training_args(synthetic_corpus, tmp_path, "wrapper")], cwd=REPO,
-        capture_output=True, text=True, timeout=TIMEOUT_S,
-        env=_env(CONFIG="configs/cpu_adamoe_tiny.yaml", GPUS_PER_NODE="2",
-                 MASTER_PORT=str(free_port()), PYTHON=sys.executable))
+        [SCRIPT, *_training_args(synthetic_corpus, tmp_path, "wrapper")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        env=_env(
+            CONFIG="configs/cpu_adamoe_tiny.yaml",
+            GPUS_PER_NODE="2",
+            MASTER_PORT=str(free_port()),
+            PYTHON=sys.executable,
+        ),
+    )
     _check_trained_and_saved(tmp_path, "wrapper", result)
 
 
@@ -67,16 +120,48 @@ def test_two_nodes_of_one_process_each(synthetic_corpus, tmp_path, rendezvous):
     per "node" on this machine (EP = 2 across the nodes)."""
     port = str(free_port())
     if rendezvous == "static":
-        node_args = [["--nnodes", "2", "--node-rank", str(rank), "--master-addr", "127.0.0.1",
-                      "--master-port", port] for rank in (0, 1)]
+        node_args = [
+            [
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(rank),
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                port,
+            ]
+            for rank in (0, 1)
+        ]
     else:
-        node_args = [["--nnodes", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint",
-                      f"127.0.0.1:{port}", "--rdzv-id", "adamoe-test"]] * 2
+        node_args = [
+            [
+                "--nnodes",
+                "2",
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                f"127.0.0.1:{port}",
+                "--rdzv-id",
+                "adamoe-test",
+            ]
+        ] * 2
     nodes = [
         subprocess.Popen(
-            [*TORCHRUN, "--nproc-per-node", "1", *args, SCRIPT,
-             *_training_args(synthetic_corpus, tmp_path, "nodes")],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+            [
+                *TORCHRUN,
+                "--nproc-per-node",
+                "1",
+                *args,
+                SCRIPT,
+                *_training_args(synthetic_corpus, tmp_path, "nodes"),
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(),
+        )
         for args in node_args
     ]
     try:
@@ -94,13 +179,28 @@ def test_a_user_error_met_on_rank_one_only_is_printed_as_one_line(synthetic_corp
     """Only rank 1 meets the error (tests/training/rank_one_error.py injects it): it prints the
     one line with its rank, and the run exits non-zero."""
     result = subprocess.run(
-        [*TORCHRUN, "--nproc-per-node", "2", "--master-port", str(free_port()),
-         "tests/training/rank_one_error.py", "--config", "configs/cpu_adamoe_tiny.yaml",
-         *_training_args(synthetic_corpus, tmp_path, "rank1")],
-        cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S, env=_env())
+        [
+            *TORCHRUN,
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(free_port()),
+            "tests/training/rank_one_error.py",
+            "--config",
+            "configs/cpu_adamoe_tiny.yaml",
+            *_training_args(synthetic_corpus, tmp_path, "rank1"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        env=_env(),
+    )
     assert result.returncode != 0
     lines = (result.stdout + result.stderr).splitlines()
-    assert "[rank 1] error: tokenizer_model ('rank-1-only.model') must be readable on every "\
-           "rank; copy it to this node" in lines
+    assert (
+        "[rank 1] error: tokenizer_model ('rank-1-only.model') must be readable on every "
+        "rank; copy it to this node" in lines
+    )
     assert lines.count(next(line for line in lines if "error: tokenizer_model" in line)) == 1
     assert "OptionError" not in result.stdout + result.stderr  # no worker traceback

@@ -14,7 +14,7 @@ import sys
 import pytest
 import yaml
 
-from tests.training.conftest import REPO
+from tests.runs import REPO
 
 pytestmark = pytest.mark.distributed
 
@@ -22,16 +22,34 @@ pytestmark = pytest.mark.distributed
 def _grid(tmp_path, corpus) -> str:
     data_path, tokenizer = corpus
     grid = {
-        "name": "tiny", "base_config": "configs/cpu_adamoe_tiny.yaml", "nproc": 2,
-        "seeds": [7], "data_seed": 3, "flops_baseline_topk": 2,
-        "common": {"data_path": [data_path], "tokenizer_model": tokenizer, "num_layers": 2,
-                   "hidden_size": 64, "seq_length": 64, "moe_ffn_hidden_size": 64,
-                   "micro_batch_size": 4, "global_batch_size": 8, "train_iters": 6,
-                   "lr_warmup_iters": 1, "eval_interval": 3, "eval_iters": 1,
-                   "save_interval": 3, "log_interval": 3, "moe_aux_loss_coeff": 0.01,
-                   "adamoe_aux_loss_coeff_schedule": None},
-        "arms": {"top2": {"moe_router_topk": 2, "adamoe_num_null_experts": 0},
-                 "ada": {"moe_router_topk": 3, "adamoe_num_null_experts": 4}},
+        "name": "tiny",
+        "base_config": "configs/cpu_adamoe_tiny.yaml",
+        "nproc": 2,
+        "seeds": [7],
+        "data_seed": 3,
+        "flops_baseline_topk": 2,
+        "common": {
+            "data_path": [data_path],
+            "tokenizer_model": tokenizer,
+            "num_layers": 2,
+            "hidden_size": 64,
+            "seq_length": 64,
+            "moe_ffn_hidden_size": 64,
+            "micro_batch_size": 4,
+            "global_batch_size": 8,
+            "train_iters": 6,
+            "lr_warmup_iters": 1,
+            "eval_interval": 3,
+            "eval_iters": 1,
+            "save_interval": 3,
+            "log_interval": 3,
+            "moe_aux_loss_coeff": 0.01,
+            "adamoe_aux_loss_coeff_schedule": None,
+        },
+        "arms": {
+            "top2": {"moe_router_topk": 2, "adamoe_num_null_experts": 0},
+            "ada": {"moe_router_topk": 3, "adamoe_num_null_experts": 4},
+        },
         "discussion": "Written by a person after reading the results.",
     }
     path = tmp_path / "grid.yaml"
@@ -40,8 +58,13 @@ def _grid(tmp_path, corpus) -> str:
 
 
 def _study(*args, check=True):
-    result = subprocess.run([sys.executable, "tools/study.py", *args, "--no-progress"],
-                            cwd=REPO, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, "tools/study.py", *args, "--no-progress"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
@@ -56,8 +79,10 @@ def test_study_harness_runs_a_grid_and_reports_it(synthetic_corpus, tmp_path):
         rows = {row["config"]: row for row in csv.DictReader(handle)}
     assert sorted(rows) == ["ada", "top2"]
     for name, row in rows.items():
-        metrics = [json.loads(line) for line in
-                   gzip.open(report / "runs" / f"{name}-seed7" / "metrics.jsonl.gz", "rt")]
+        metrics = [
+            json.loads(line)
+            for line in gzip.open(report / "runs" / f"{name}-seed7" / "metrics.jsonl.gz", "rt")
+        ]
         train = [r for r in metrics if "lm loss" in r]
         validation = [r["validation lm loss"] for r in metrics if "validation lm loss" in r]
         assert (row["seed"], row["steps"], row["tokens"]) == ("7", "6", str(6 * 8 * 64))
@@ -98,9 +123,18 @@ def test_study_harness_runs_a_grid_and_reports_it(synthetic_corpus, tmp_path):
 
 def test_study_rejects_a_bad_grid_with_one_line(tmp_path):
     path = tmp_path / "grid.yaml"
-    path.write_text(yaml.safe_dump({"name": "x", "base_config": "configs/cpu_adamoe_tiny.yaml",
-                                    "seeds": [1], "arms": {"a": {"moe_router_top_k": 2}}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "x",
+                "base_config": "configs/cpu_adamoe_tiny.yaml",
+                "seeds": [1],
+                "arms": {"a": {"moe_router_top_k": 2}},
+            }
+        )
+    )
     result = _study(str(path), "--report-only", check=False)
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        f"error: grid a options (moe_router_top_k) must be pretraining options; fix {path}")
+        f"error: grid a options (moe_router_top_k) must be pretraining options; fix {path}"
+    )

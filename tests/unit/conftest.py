@@ -12,8 +12,9 @@ import pytest
 @pytest.fixture(autouse=True)
 def no_child_processes(monkeypatch):
     def refuse(*args, **kwargs):
-        raise AssertionError("unit tests run in one process: move this test to "
-                             "tests/distributed/ or tests/training/")
+        raise AssertionError(
+            "unit tests run in one process: move this test to tests/distributed/ or tests/training/"
+        )
 
     monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
     monkeypatch.setattr(multiprocessing.Process, "start", refuse)

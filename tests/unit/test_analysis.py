@@ -22,8 +22,14 @@ from megatron_adamoe.errors import OptionError
 
 
 def _record(iteration, loss, loads, k_eff=None, step_time=0.5, flops=0.9):
-    return {"iteration": iteration, "lm loss": loss, "load": loads, "step time": step_time,
-            "flops vs topk": flops, "k_eff": k_eff or [[0.1, 0.4, 0.5]] * len(loads)}
+    return {
+        "iteration": iteration,
+        "lm loss": loss,
+        "load": loads,
+        "step time": step_time,
+        "flops vs topk": flops,
+        "k_eff": k_eff or [[0.1, 0.4, 0.5]] * len(loads),
+    }
 
 
 def _write_run(directory, losses, loads, validation, k_eff=None):
@@ -39,9 +45,14 @@ def _write_run(directory, losses, loads, validation, k_eff=None):
 def test_metrics_file_of_a_resumed_run_keeps_the_last_attempt(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    lines = [_record(1, 5.0, [1.0]), _record(2, 4.0, [1.2]), _record(3, 9.0, [1.1]),
-             {"iteration": 2, "validation lm loss": 4.5},
-             _record(3, 3.5, [1.3]), _record(4, 3.0, [1.4])]  # attempt 2 from iteration 2
+    lines = [
+        _record(1, 5.0, [1.0]),
+        _record(2, 4.0, [1.2]),
+        _record(3, 9.0, [1.1]),
+        {"iteration": 2, "validation lm loss": 4.5},
+        _record(3, 3.5, [1.3]),
+        _record(4, 3.0, [1.4]),
+    ]  # attempt 2 from iteration 2
     (run_dir / "metrics.jsonl").write_text("\n".join(map(json.dumps, lines)) + "\n")
     run = read_run(str(run_dir))
     assert [(s.iteration, s.loss) for s in run.train] == [(1, 5.0), (2, 4.0), (3, 3.5), (4, 3.0)]
@@ -78,9 +89,20 @@ def test_tensorboard_events_read_like_the_metrics_file(tmp_path):
 
 
 def test_plot_data_mean_over_seeds_and_final_k_eff(tmp_path):
-    runs = [read_run(str(_write_run(tmp_path / f"a-seed{seed}", [4.0, 3.0 + seed], [1.0 + seed],
-                                    [(2, 3.0 + seed)], [[0.2 * seed, 1 - 0.2 * seed]])))
-            for seed in (1, 2)]
+    runs = [
+        read_run(
+            str(
+                _write_run(
+                    tmp_path / f"a-seed{seed}",
+                    [4.0, 3.0 + seed],
+                    [1.0 + seed],
+                    [(2, 3.0 + seed)],
+                    [[0.2 * seed, 1 - 0.2 * seed]],
+                )
+            )
+        )
+        for seed in (1, 2)
+    ]
     runs.append(read_run(str(_write_run(tmp_path / "b-seed1", [5.0, 4.0], [2.0], [(2, 2.0)]))))
     groups = plots.group_runs(runs)
     assert sorted(groups) == ["a", "b"] and len(groups["a"]) == 2
@@ -95,13 +117,27 @@ def test_plot_data_mean_over_seeds_and_final_k_eff(tmp_path):
 def test_plot_all_writes_every_chart_as_a_readable_image(tmp_path):
     import matplotlib.image
 
-    runs = [read_run(str(_write_run(tmp_path / f"{name}-seed{seed}",
-                                    [5.0 - 0.01 * i for i in range(60)], [1.0, 1.5],
-                                    [(30, 4.0 + seed / 10), (60, 3.5 + seed / 10)])))
-            for name in ("top2", "adamoe") for seed in (1, 2)]
+    runs = [
+        read_run(
+            str(
+                _write_run(
+                    tmp_path / f"{name}-seed{seed}",
+                    [5.0 - 0.01 * i for i in range(60)],
+                    [1.0, 1.5],
+                    [(30, 4.0 + seed / 10), (60, 3.5 + seed / 10)],
+                )
+            )
+        )
+        for name in ("top2", "adamoe")
+        for seed in (1, 2)
+    ]
     written = plots.plot_all(runs, str(tmp_path / "out"), baseline_topk=2)
-    assert [p.rsplit("/", 1)[1] for p in written] == ["losses.png", "layer_load.png",
-                                                      "k_eff.png", "frontier.png"]
+    assert [p.rsplit("/", 1)[1] for p in written] == [
+        "losses.png",
+        "layer_load.png",
+        "k_eff.png",
+        "frontier.png",
+    ]
     for path in written:
         image = matplotlib.image.imread(path)
         assert image.shape[0] > 300 and image.shape[1] > 500
@@ -114,8 +150,11 @@ def _stats(loss, loss_std, flops, seeds=3):
 
 
 def test_frontier_comparisons_interpolate_the_top_k_points():
-    front = [("top1", _stats(4.0, 0.03, 0.5)), ("top2", _stats(3.6, 0.03, 1.0)),
-             ("top3", _stats(3.5, 0.03, 1.5))]
+    front = [
+        ("top1", _stats(4.0, 0.03, 0.5)),
+        ("top2", _stats(3.6, 0.03, 1.0)),
+        ("top3", _stats(3.5, 0.03, 1.5)),
+    ]
     at = report.compare_at_equal_flops(_stats(3.7, 0.0, 0.75), front)
     assert at["topk_loss"] == pytest.approx(3.8) and at["diff"] == pytest.approx(-0.1)
     assert at["stderr"] == pytest.approx(0.03 / math.sqrt(3)) and at["exceeds"]
@@ -129,7 +168,13 @@ def test_frontier_comparisons_interpolate_the_top_k_points():
 
 def test_token_classes_and_frequency_quartiles():
     assert [token_class(p) for p in ("\u2581the", "ing", ",", "\u2581.", "\u2581", "3")] == [
-        "word-initial", "continuation", "punctuation", "punctuation", None, "continuation"]
+        "word-initial",
+        "continuation",
+        "punctuation",
+        "punctuation",
+        None,
+        "continuation",
+    ]
     # ids 7 (x4), 5 (x2), 9 (x1), 8 (x1): mid-ranks 6/8, 3/8, 1/8 of the 8 occurrences
     assert frequency_quartiles([7, 5, 7, 9, 7, 5, 8, 7]) == [3, 1, 3, 0, 3, 1, 0, 3]
 
@@ -141,17 +186,33 @@ def tiny_model_and_tokenizer(tmp_path_factory):
     from megatron_adamoe.hf import AdaMoEForCausalLM, AdaMoEHFConfig, AdaMoETokenizer
 
     root = tmp_path_factory.mktemp("tok")
-    text = ("To be, or not to be, that is the question: whether 'tis nobler in the mind "
-            "to suffer the slings and arrows of outrageous fortune. ") * 20
+    text = (
+        "To be, or not to be, that is the question: whether 'tis nobler in the mind "
+        "to suffer the slings and arrows of outrageous fortune. "
+    ) * 20
     (root / "corpus.txt").write_text(text)
-    spm.SentencePieceTrainer.train(input=str(root / "corpus.txt"), model_prefix=str(root / "t"),
-                                   vocab_size=60, model_type="bpe", minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        input=str(root / "corpus.txt"),
+        model_prefix=str(root / "t"),
+        vocab_size=60,
+        model_type="bpe",
+        minloglevel=2,
+    )
     torch.manual_seed(0)
-    config = AdaMoEHFConfig(vocab_size=64, hidden_size=16, intermediate_size=24,
-                            moe_intermediate_size=8, num_hidden_layers=3, num_attention_heads=4,
-                            num_key_value_heads=2, num_local_experts=4, num_null_experts=4,
-                            num_experts_per_tok=3, max_position_embeddings=16,
-                            moe_layers=[0, 2])
+    config = AdaMoEHFConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=24,
+        moe_intermediate_size=8,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_null_experts=4,
+        num_experts_per_tok=3,
+        max_position_embeddings=16,
+        moe_layers=[0, 2],
+    )
     model = AdaMoEForCausalLM(config)
     for param in model.parameters():
         torch.nn.init.normal_(param, std=0.5)
@@ -165,12 +226,15 @@ def test_compute_map_counts_true_picks_like_a_per_token_loop(tiny_model_and_toke
     assert cmap.token_ids == ids and cmap.moe_layers == [0, 2] and len(ids) > 16  # 2+ windows
     # Reference: the MoE blocks' inputs, window by window, routed token by token.
     gate_inputs = {0: [], 2: []}
-    hooks = [model.model.layers[i].block_sparse_moe.register_forward_hook(
-        lambda module, args, out, i=i: gate_inputs[i].append(args[0].detach()))
-        for i in (0, 2)]
+    hooks = [
+        model.model.layers[i].block_sparse_moe.register_forward_hook(
+            lambda module, args, out, i=i: gate_inputs[i].append(args[0].detach())
+        )
+        for i in (0, 2)
+    ]
     with torch.no_grad():
         for start in range(0, len(ids), 16):
-            model(torch.tensor([ids[start:start + 16]]), use_cache=False)
+            model(torch.tensor([ids[start : start + 16]]), use_cache=False)
     for hook in hooks:
         hook.remove()
     for row, layer in enumerate((0, 2)):

@@ -18,11 +18,17 @@ def bench():
     return module
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--num-experts", "3"], "--num-experts (3) must be even for EP = 2; or --skip-ep"),
-    (["--te"], "--te (requested) must come with --device cuda; Transformer Engine is GPU only"),
-    (["--fp8-recipe", "delayed"], "--fp8-recipe (delayed) must come with --te; FP8 GEMMs are TE's"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--num-experts", "3"], "--num-experts (3) must be even for EP = 2; or --skip-ep"),
+        (["--te"], "--te (requested) must come with --device cuda; Transformer Engine is GPU only"),
+        (
+            ["--fp8-recipe", "delayed"],
+            "--fp8-recipe (delayed) must come with --te; FP8 GEMMs are TE's",
+        ),
+    ],
+)
 def test_bench_rejects_bad_options_with_one_line(bench, capsys, argv, message):
     with pytest.raises(SystemExit) as info:
         bench.parse_args(argv)

@@ -1,4 +1,5 @@
-"""Every user-settable AdaMoE value is validated with a one-line message; the messages are pinned."""
+"""Every user-settable AdaMoE value is validated with a one-line message; the messages are
+pinned."""
 
 from __future__ import annotations
 
@@ -44,8 +45,9 @@ PINNED = {
     ),
     "EP divides n": (
         dict(expert_model_parallel_size=3),
-        "num_moe_experts (4) must be divisible by expert_model_parallel_size (3); change the EP "
-        "size (null experts live in the router; EP shards the true experts)",
+        "num_moe_experts (4) must be divisible by expert_model_parallel_size (3); change the "
+        "expert count or the EP size (EP shards the true experts; null experts live in the "
+        "router)",
     ),
     "capacity": (
         dict(moe_expert_capacity_factor=1.0),
@@ -98,13 +100,61 @@ PINNED = {
     ),
     "sigmoid": (
         dict(moe_router_score_function="sigmoid"),
-        "moe_router_score_function ('sigmoid') must be 'softmax'; AdaMoE's null experts are "
-        "defined on a softmax over true + null experts",
+        "moe_router_score_function ('sigmoid') must be 'softmax' with null experts or top-p; "
+        "null experts are defined on a softmax over true + null experts (sigmoid is stock "
+        "top-k: m = 0)",
     ),
-    "expert bias": (
-        dict(moe_router_enable_expert_bias=True),
-        "moe_router_enable_expert_bias (True) must be False; the bias update pulls null experts "
-        "toward the mean load and fights the null-aware loss; use the aux loss",
+    "router mode": (
+        dict(adamoe_router_mode="greedy"),
+        "adamoe_router_mode ('greedy') must be one of ('topk', 'topp'); use 'topk' (the "
+        "paper's routing) or 'topp'",
+    ),
+    "top-p threshold": (
+        dict(adamoe_router_mode="topp", adamoe_topp_threshold=1.5),
+        "adamoe_topp_threshold (1.5) must be in (0, 1] with adamoe_router_mode 'topp'; e.g. 0.6",
+    ),
+    "threshold without top-p": (
+        dict(adamoe_topp_threshold=0.5),
+        "adamoe_topp_threshold (0.5) must be unset with adamoe_router_mode 'topk'; set the mode "
+        "to 'topp' or drop it",
+    ),
+    "target without nulls": (
+        dict(adamoe_num_null_experts=0, moe_router_topk=2, adamoe_target_load=1.0),
+        "adamoe_target_load (1.0) must be unset without null experts; with m = 0 every token "
+        "uses exactly k experts",
+    ),
+    "target range": (
+        dict(adamoe_target_load=3.0),
+        "adamoe_target_load (3.0) must be in (0, 3) (per layer); a load of 3 leaves nothing to "
+        "the null experts",
+    ),
+    "target over n": (
+        dict(num_moe_experts=2, adamoe_target_load=2.0),
+        "adamoe_target_load (2.0) must be in (0, 2) (per layer); a token can use at most n = 2 "
+        "true experts",
+    ),
+    "target per layer": (
+        dict(num_layers=2, adamoe_target_load=[1.0, 1.2, 1.4]),
+        "adamoe_target_load ([1.0, 1.2, 1.4]) must list one load per MoE layer (2); or give one "
+        "number for all",
+    ),
+    "target and schedule": (
+        dict(adamoe_target_load=1.0, adamoe_target_load_schedule="linear:1.5,1.0,100"),
+        "adamoe_target_load_schedule ('linear:1.5,1.0,100') must not be combined with "
+        "adamoe_target_load (1.0); keep only one of them",
+    ),
+    "target schedule range": (
+        dict(adamoe_target_load_schedule="linear:1.5,3.5,100"),
+        "adamoe_target_load_schedule ('linear:1.5,3.5,100') must stay in (0, 3); a load of 3 "
+        "leaves nothing to the null experts",
+    ),
+    "bad target schedule": (
+        dict(adamoe_target_load_schedule="down:1"),
+        "adamoe_target_load_schedule ('down:1') is not a schedule; use 'constant:C'",
+    ),
+    "controller rate": (
+        dict(adamoe_target_load=1.0, adamoe_load_controller_rate=0),
+        "adamoe_load_controller_rate (0) must be > 0; e.g. 0.01",
     ),
     "groups": (
         dict(moe_router_num_groups=2, moe_router_group_topk=1),
@@ -137,7 +187,8 @@ PINNED = {
     ),
     "negative coeff": (
         dict(moe_aux_loss_coeff=-0.1),
-        "moe_aux_loss_coeff (-0.1) must be one number >= 0; AdaMoE has a single load-balancing loss",
+        "moe_aux_loss_coeff (-0.1) must be one number >= 0; AdaMoE has a single "
+        "load-balancing loss",
     ),
     "schedule without loss": (
         dict(moe_router_load_balancing_type="none", adamoe_aux_loss_coeff_schedule="constant:0.1"),
@@ -181,6 +232,27 @@ def test_valid_config_and_schedule():
     assert no_loss.aux_loss_coeff_schedule()(0) == 0.0
     # k = 1 is fine with unnormalised weights (and needs upstream's pre-softmax flag).
     adamoe_config(moe_router_topk=1, adamoe_weight_norm="none", moe_router_pre_softmax=True)
+
+
+def test_load_control_settings():
+    config = adamoe_config(num_layers=3, moe_layer_freq=[1, 0, 1], adamoe_target_load=[0.5, 1.2])
+    assert config.adamoe_load_controlled and config.adamoe_moe_layer_numbers() == [1, 3]
+    assert config.target_load_schedule(3)(0) == 1.2
+    annealed = adamoe_config(adamoe_target_load_schedule="linear:1.5,1.0,100")
+    assert annealed.target_load_schedule(1)(50) == pytest.approx(1.25)
+    # Expert bias with null experts holds the balanced load k n / (n + m) = 3 * 4 / 8.
+    bias = adamoe_config(moe_router_enable_expert_bias=True)
+    assert bias.moe_router_enable_expert_bias and bias.target_load_schedule(1)(0) == 1.5
+    assert adamoe_config().target_load_schedule(1) is None
+    # m = 0: expert bias on softmax (AdaMoE's) or sigmoid (stock) scores, no null bias.
+    for score in ("softmax", "sigmoid"):
+        stock = adamoe_config(
+            adamoe_num_null_experts=0,
+            moe_router_topk=2,
+            moe_router_enable_expert_bias=True,
+            moe_router_score_function=score,
+        )
+        assert stock.moe_router_enable_expert_bias and not stock.adamoe_load_controlled
 
 
 def test_layer_spec_needs_experts_and_transformer_engine_for_te():

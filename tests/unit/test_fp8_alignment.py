@@ -22,8 +22,10 @@ def test_alignment_follows_megatron_for_every_recipe():
         assert fp8_align_size(recipe) == get_fp8_align_size(Fp8Recipe(recipe))
     with pytest.raises(ValueError) as info:
         fp8_align_size("nvfp4")
-    assert str(info.value) == ("fp8_recipe ('nvfp4') must be one of ('delayed', 'tensorwise', "
-                               "'blockwise', 'mxfp8'); pick one")
+    assert str(info.value) == (
+        "fp8_recipe ('nvfp4') must be one of ('delayed', 'tensorwise', "
+        "'blockwise', 'mxfp8'); pick one"
+    )
 
 
 def test_counts_round_up_per_expert_and_empty_experts_stay_empty():

@@ -11,26 +11,58 @@ from megatron_adamoe.hf.mapping import ModelShape, merge_qkv, split_qkv
 from megatron_adamoe.hf.modeling_adamoe import AdaMoESparseMoeBlock, route_tokens
 from megatron_adamoe.ops.routing import null_expert_topk_routing
 
-SMALL = dict(vocab_size=32, hidden_size=16, intermediate_size=24, moe_intermediate_size=8,
-             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             num_local_experts=4, num_null_experts=4, num_experts_per_tok=3)
+SMALL = dict(
+    vocab_size=32,
+    hidden_size=16,
+    intermediate_size=24,
+    moe_intermediate_size=8,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_local_experts=4,
+    num_null_experts=4,
+    num_experts_per_tok=3,
+)
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("null_expert_type", "one", "null_expert_type ('one') must be one of ('zero', 'identity'); "
-     "fix config.json"),
-    ("router_weight_norm", "sum", "router_weight_norm ('sum') must be one of ('true_experts', "
-     "'all_selected', 'none'); fix config.json"),
-    ("num_experts_per_tok", 9, "num_experts_per_tok (9) must be <= num_local_experts + "
-     "num_null_experts (8); lower it"),
-    ("num_null_experts", -1, "num_null_experts (-1) must be an integer >= 0; fix config.json"),
-    ("moe_layers", [0, 2], "moe_layers ([0, 2]) must list layer indices in [0, 2); "
-     "fix config.json"),
-    ("num_key_value_heads", 3, "num_key_value_heads (3) must divide num_attention_heads (4); "
-     "fix config.json"),
-    ("router_dtype", "bfloat16", "router_dtype ('bfloat16') must be one of (None, 'float32', "
-     "'float64'); fix config.json"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        (
+            "null_expert_type",
+            "one",
+            "null_expert_type ('one') must be one of ('zero', 'identity'); fix config.json",
+        ),
+        (
+            "router_weight_norm",
+            "sum",
+            "router_weight_norm ('sum') must be one of ('true_experts', "
+            "'all_selected', 'none'); fix config.json",
+        ),
+        (
+            "num_experts_per_tok",
+            9,
+            "num_experts_per_tok (9) must be <= num_local_experts + num_null_experts (8); lower it",
+        ),
+        ("num_null_experts", -1, "num_null_experts (-1) must be an integer >= 0; fix config.json"),
+        (
+            "moe_layers",
+            [0, 2],
+            "moe_layers ([0, 2]) must list layer indices in [0, 2); fix config.json",
+        ),
+        (
+            "num_key_value_heads",
+            3,
+            "num_key_value_heads (3) must divide num_attention_heads (4); fix config.json",
+        ),
+        (
+            "router_dtype",
+            "bfloat16",
+            "router_dtype ('bfloat16') must be one of (None, 'float32', "
+            "'float64'); fix config.json",
+        ),
+    ],
+)
 def test_config_rejects_bad_values_with_one_line(field, value, message):
     with pytest.raises(ValueError) as info:
         AdaMoEHFConfig(**{**SMALL, field: value})
@@ -39,16 +71,45 @@ def test_config_rejects_bad_values_with_one_line(field, value, message):
 
 @pytest.mark.parametrize("weight_norm", ["true_experts", "all_selected", "none"])
 @pytest.mark.parametrize("scaling", [None, 2.5])
-def test_route_tokens_equals_the_megatron_routing(weight_norm, scaling):
+@pytest.mark.parametrize("selection", ["topk", "biased", "topp"])
+def test_route_tokens_equals_the_megatron_routing(weight_norm, scaling, selection):
+    """The standalone HF copy of the routing performs the package's operations (ops.routing)."""
     logits_TX = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
     logits_TX[:5, 4:] += 10.0  # some tokens pick nulls only
-    indices_TK, weights_TK, identity_T = route_tokens(logits_TX, 3, 4, weight_norm, scaling)
-    expected = null_expert_topk_routing(logits_TX, 3, 4, weight_norm, scaling)
+    bias = torch.tensor([0.4, -0.3, 0.0, 0.2, 0.5, 0.5, 0.5, 0.5]) if selection != "topk" else None
+    topp = 0.6 if selection == "topp" else None
+    indices_TK, weights_TK, identity_T, used_TK = route_tokens(
+        logits_TX, 3, 4, weight_norm, scaling, bias, topp
+    )
+    expected = null_expert_topk_routing(logits_TX, 3, 4, weight_norm, scaling, bias, topp)
     probs_TE = torch.zeros(64, 4)
-    true_TK = indices_TK < 4
+    true_TK = (indices_TK < 4) & used_TK
     probs_TE.scatter_add_(1, indices_TK.clamp(max=3), weights_TK * true_TK)
     assert torch.equal(probs_TE, expected.probs_TE)
     assert torch.equal(identity_T, expected.identity_weight_T)
+    picked_TX = torch.zeros(64, 8, dtype=torch.bool).scatter(1, indices_TK, used_TK)
+    assert torch.equal(picked_TX, expected.routing_map_TX)
+
+
+@pytest.mark.parametrize("target", [None, 1.0])
+def test_load_balancing_loss_equals_the_megatron_loss(target):
+    """The standalone HF copy of the null-aware loss performs ops.losses' operations."""
+    from megatron_adamoe.hf.modeling_adamoe import load_balancing_loss
+    from megatron_adamoe.ops.losses import null_aware_load_balancing_loss
+
+    logits_TX = torch.randn(40, 8, generator=torch.Generator().manual_seed(1))
+    routing = null_expert_topk_routing(logits_TX, 3, 4)
+    expected = null_aware_load_balancing_loss(
+        torch.softmax(logits_TX, dim=-1, dtype=torch.float32),
+        routing.routing_map_TX.sum(0),
+        40,
+        3,
+        4,
+        1.0,
+        target,
+    )
+    got = load_balancing_loss(logits_TX, routing.routing_map_TX, 3, 4, target)
+    assert torch.equal(got, expected)
 
 
 @pytest.mark.parametrize("null_type", ["zero", "identity"])
@@ -59,21 +120,30 @@ def test_moe_block_equals_a_dense_per_token_loop(null_type):
     for param in block.parameters():
         torch.nn.init.normal_(param, std=0.5)
     x_BSH = torch.randn(2, 5, 16)
-    out, _ = block(x_BSH)
+    out, _, _ = block(x_BSH)
     for t, x in enumerate(x_BSH.reshape(-1, 16)):  # the paper's per-token formula
         p = torch.softmax(block.gate.weight @ x, dim=-1)
         picks = torch.topk(p, 3).indices.tolist()
         true = [i for i in picks if i < 4]
-        y = sum((p[i] / sum(p[j] for j in true) * block.experts[i](x) for i in true),
-                torch.zeros(16))
+        y = sum(
+            (p[i] / sum(p[j] for j in true) * block.experts[i](x) for i in true), torch.zeros(16)
+        )
         if null_type == "identity":
             y = y + sum(p[i] for i in picks if i >= 4) / sum(p[i] for i in picks) * x
         torch.testing.assert_close(out.reshape(-1, 16)[t], y, atol=1e-5, rtol=1e-5)
 
 
 def test_qkv_layout_interleaves_query_groups():
-    shape = ModelShape(num_layers=1, moe_layers=(0,), hidden_size=16, num_attention_heads=4,
-                       num_query_groups=2, head_dim=4, num_experts=4, tied_embeddings=False)
+    shape = ModelShape(
+        num_layers=1,
+        moe_layers=(0,),
+        hidden_size=16,
+        num_attention_heads=4,
+        num_query_groups=2,
+        head_dim=4,
+        num_experts=4,
+        tied_embeddings=False,
+    )
     q, k, v = (torch.randn(rows, 16) for rows in (16, 8, 8))
     qkv = merge_qkv(q, k, v, shape)
     # Megatron's rows: [q heads 0,1; k0; v0; q heads 2,3; k1; v1], each head 4 rows
@@ -107,9 +177,12 @@ def test_greedy_generate_with_cache_equals_without_cache(null_type):
     mask[1, :3], mask[2, :5] = 0, 0  # left padding
     batch = batch.masked_fill(mask == 0, 0)
     for inputs in ({"input_ids": prompt}, {"input_ids": batch, "attention_mask": mask}):
-        outputs = [model.generate(**inputs, max_new_tokens=32, do_sample=False, pad_token_id=0,
-                                  use_cache=use_cache)
-                   for use_cache in (True, False)]
+        outputs = [
+            model.generate(
+                **inputs, max_new_tokens=32, do_sample=False, pad_token_id=0, use_cache=use_cache
+            )
+            for use_cache in (True, False)
+        ]
         assert outputs[0].shape[1] == inputs["input_ids"].shape[1] + 32
         assert torch.equal(outputs[0], outputs[1])
         # Not a degenerate loop (which a broken cache could also repeat): varied new tokens.
@@ -141,14 +214,14 @@ def test_generate_with_kv_cache_and_left_padding_equals_each_prompt_alone():
     model = AdaMoEForCausalLM(AdaMoEHFConfig(**{**SMALL, "null_expert_type": "identity"}))
     model.eval().generation_config.eos_token_id = None
     prompts = [torch.randint(4, 32, (1, 7)), torch.randint(4, 32, (1, 4))]
-    alone = [model.generate(p, max_new_tokens=6, do_sample=False)[0, p.shape[1]:]
-             for p in prompts]
+    alone = [model.generate(p, max_new_tokens=6, do_sample=False)[0, p.shape[1] :] for p in prompts]
     batch = torch.zeros(2, 7, dtype=torch.long)
     mask = torch.zeros(2, 7, dtype=torch.long)
     for row, prompt in enumerate(prompts):  # left padding
-        batch[row, 7 - prompt.shape[1]:], mask[row, 7 - prompt.shape[1]:] = prompt[0], 1
-    together = model.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False,
-                              pad_token_id=0)[:, 7:]
+        batch[row, 7 - prompt.shape[1] :], mask[row, 7 - prompt.shape[1] :] = prompt[0], 1
+    together = model.generate(
+        batch, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0
+    )[:, 7:]
     assert torch.equal(together[0], alone[0]) and torch.equal(together[1], alone[1])
     with torch.no_grad():
         no_cache = model(torch.cat([prompts[0], alone[0][None, :-1]], 1), use_cache=False).logits

@@ -8,9 +8,9 @@ import os
 import numpy as np
 import pytest
 
+from megatron_adamoe.data import indexed as data_check
 from megatron_adamoe.errors import OptionError
-from megatron_adamoe.training import data_check
-from megatron_adamoe.training.arguments import load_arguments
+from megatron_adamoe.options import load_arguments
 from tests.indexed_data import write_indexed_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -19,8 +19,12 @@ CPU_CONFIG = os.path.join(REPO, "configs", "cpu_adamoe_tiny.yaml")
 
 def _options(tmp_path, prefix, **extra):
     (tmp_path / "tok.model").write_bytes(b"")
-    return {"data_path": [prefix], "tokenizer_model": str(tmp_path / "tok.model"),
-            "save": str(tmp_path / "ckpt"), **extra}
+    return {
+        "data_path": [prefix],
+        "tokenizer_model": str(tmp_path / "tok.model"),
+        "save": str(tmp_path / "ckpt"),
+        **extra,
+    }
 
 
 def _error(tmp_path, prefix, **extra) -> str:
@@ -49,11 +53,14 @@ def test_split_ranges_follow_megatrons_rounding():
     for split, documents in (([98, 2, 0], 960), ([96, 4, 0], 7), ([1, 1, 1], 10), ([98, 2, 0], 1)):
         shares = [s / sum(split) for s in split]
         matrix = convert_split_vector_to_split_matrix(shares)
-        expected = [(0, 0) if b is None else (int(round(b[0] * documents)),
-                                              int(round(b[1] * documents))) for b in matrix]
+        expected = [
+            (0, 0) if b is None else (int(round(b[0] * documents)), int(round(b[1] * documents)))
+            for b in matrix
+        ]
         got = data_check.split_ranges(split, documents)
         assert [g if g[0] != g[1] else (0, 0) for g in got] == [
-            e if e[0] != e[1] else (0, 0) for e in expected]
+            e if e[0] != e[1] else (0, 0) for e in expected
+        ]
 
 
 def test_corpus_too_small_for_its_validation_split(tmp_path):
@@ -63,14 +70,16 @@ def test_corpus_too_small_for_its_validation_split(tmp_path):
     assert _error(tmp_path, prefix) == (
         f"data_path ('{prefix}') must give the validation split a document and at least "
         "seq_length + 1 = 257 tokens; split '98,2,0' gives it 0 of 1 documents (0 tokens); add "
-        "text or change split")
+        "text or change split"
+    )
     # Without evaluation the validation split is not read.
     load_arguments(CPU_CONFIG, _options(tmp_path, prefix, eval_interval=None), 2)
     short = write_indexed_dataset(str(tmp_path / "short"), [50] * 3)
     assert _error(tmp_path, short, split="1,0,0", eval_interval=None) == (
         f"data_path ('{short}') must give the training split a document and at least "
         "seq_length + 1 = 257 tokens; split '1,0,0' gives it 3 of 3 documents (150 tokens); "
-        "add text or change split")
+        "add text or change split"
+    )
 
 
 @pytest.fixture
@@ -89,7 +98,8 @@ def test_damaged_data_files_are_named(tmp_path, corpus):
     _damage(corpus + ".bin", keep_bytes=size - 10)
     assert _error(tmp_path, corpus) == (
         f"{corpus}.bin is truncated ({size - 10} bytes; its index describes {size}); rebuild it "
-        "with tools/preprocess_data.py")
+        "with tools/preprocess_data.py"
+    )
     _damage(corpus + ".bin", garbage=b"")
     assert _error(tmp_path, corpus).startswith(f"{corpus}.bin is empty (0 bytes;")
     write_indexed_dataset(corpus, [400] * 60)
@@ -97,29 +107,34 @@ def test_damaged_data_files_are_named(tmp_path, corpus):
     _damage(corpus + ".idx", keep_bytes=index - 100)
     assert _error(tmp_path, corpus) == (
         f"{corpus}.idx is truncated ({index - 100} of {index} bytes for 60 sequences); rebuild it "
-        "with tools/preprocess_data.py")
+        "with tools/preprocess_data.py"
+    )
     _damage(corpus + ".idx", garbage=os.urandom(index))
     assert _error(tmp_path, corpus) == (
         f"{corpus}.idx must start with Megatron's index header; the file is damaged or not an "
-        "index: rebuild it with tools/preprocess_data.py")
+        "index: rebuild it with tools/preprocess_data.py"
+    )
     write_indexed_dataset(corpus, [400] * 60)
     raw = bytearray(open(corpus + ".idx", "rb").read())
-    raw[34 + 4 * 60 + 8 * 5: 34 + 4 * 60 + 8 * 6] = np.int64(12345).tobytes()  # a pointer
+    raw[34 + 4 * 60 + 8 * 5 : 34 + 4 * 60 + 8 * 6] = np.int64(12345).tobytes()  # a pointer
     open(corpus + ".idx", "wb").write(bytes(raw))
     assert _error(tmp_path, corpus) == (
         f"{corpus}.idx must hold consistent lengths, offsets and document boundaries; the file "
-        "is damaged: rebuild it with tools/preprocess_data.py")
+        "is damaged: rebuild it with tools/preprocess_data.py"
+    )
 
 
 def test_save_and_cache_directories_must_be_writable(tmp_path, corpus):
     (tmp_path / "a_file").write_text("")
     assert _error(tmp_path, corpus, save=str(tmp_path / "a_file" / "ckpt")) == (
         f"save ('{tmp_path}/a_file/ckpt') must be a writable directory (Not a directory); "
-        "checkpoints go there; fix its permissions or point save elsewhere")
+        "checkpoints go there; fix its permissions or point save elsewhere"
+    )
     assert _error(tmp_path, corpus, data_cache_path=str(tmp_path / "a_file" / "cache")) == (
         f"data_cache_path ('{tmp_path}/a_file/cache') must be a writable directory (Not a "
         "directory); the dataset index cache goes there; set data_cache_path to a writable "
-        "directory")
+        "directory"
+    )
     load_arguments(CPU_CONFIG, _options(tmp_path, corpus), 2)
     assert (tmp_path / "ckpt").is_dir() and not list((tmp_path / "ckpt").iterdir())
 
@@ -131,4 +146,5 @@ def test_yaml_syntax_error_is_one_line_with_its_place(tmp_path):
         load_arguments(str(path), {}, 1)
     assert str(info.value) == (
         f"config ('{path}') must be valid YAML: expected ',' or ']', but got ':' at line 3, "
-        "column 11; fix the file")
+        "column 11; fix the file"
+    )

@@ -93,7 +93,9 @@ def test_all_null_tokens_give_zero_routed_output(megatron_env):
     assert layer.router.last_routing_stats.bypass_fraction.item() == 1.0
     assert torch.isfinite(layer.router.weight.grad).all()
     for local_mlp in layer.experts.local_experts:
-        assert local_mlp.linear_fc1.weight.grad is None or not local_mlp.linear_fc1.weight.grad.any()
+        assert (
+            local_mlp.linear_fc1.weight.grad is None or not local_mlp.linear_fc1.weight.grad.any()
+        )
 
 
 def test_null_logits_get_gradient_only_from_aux_loss(megatron_env):
@@ -122,7 +124,11 @@ def test_moe_recompute_gives_the_same_outputs_and_grads(megatron_env, null_type)
             moe_ffn_hidden_size=FFN,
             adamoe_null_expert_type=null_type,
             moe_aux_loss_coeff=AUX_COEFF,
-            **(dict(recompute_granularity="selective", recompute_modules=["moe"]) if recompute else {}),
+            **(
+                dict(recompute_granularity="selective", recompute_modules=["moe"])
+                if recompute
+                else {}
+            ),
         )
         layer = build_adamoe_layer(config)
         assert layer.moe_layer_recompute == recompute
@@ -139,13 +145,14 @@ def test_moe_recompute_gives_the_same_outputs_and_grads(megatron_env, null_type)
 
 @pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("null_type", ["zero", "identity"])
-def test_router_is_called_through_module_call_so_its_hooks_fire(megatron_env, null_type,
-                                                                 recompute):
+def test_router_is_called_through_module_call_so_its_hooks_fire(megatron_env, null_type, recompute):
     """Megatron DDP (overlap_param_gather) waits for parameters in forward pre-hooks: the layer
     must call its router through nn.Module.__call__, once per forward, and the hook must see the
     weight before the router uses it."""
     config = adamoe_config(
-        hidden_size=HIDDEN, moe_ffn_hidden_size=FFN, adamoe_null_expert_type=null_type,
+        hidden_size=HIDDEN,
+        moe_ffn_hidden_size=FFN,
+        adamoe_null_expert_type=null_type,
         **(dict(recompute_granularity="selective", recompute_modules=["moe"]) if recompute else {}),
     )
     layer = build_adamoe_layer(config)

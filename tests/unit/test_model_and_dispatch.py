@@ -197,8 +197,12 @@ def test_moe_layers_save_the_pre_mlp_norm_under_transformer_engines_key(megatron
     from tests.builders import adamoe_config
 
     config = adamoe_config(num_layers=2, moe_layer_freq=[1, 0], ffn_hidden_size=16)
-    model = GPTModel(config=config, vocab_size=32, max_sequence_length=8,
-                     transformer_layer_spec=get_adamoe_gpt_decoder_block_spec(config))
+    model = GPTModel(
+        config=config,
+        vocab_size=32,
+        max_sequence_length=8,
+        transformer_layer_spec=get_adamoe_gpt_decoder_block_spec(config),
+    )
     keys = {item.key for item in model.sharded_state_dict().values()}  # checkpoint keys
     assert "decoder.layers.0.pre_mlp_layernorm.weight" in keys  # MoE layer: TE's name
     assert "decoder.layers.1.mlp.linear_fc1.layer_norm_weight" in keys  # dense: fused name

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megatron_adamoe.ops import (
-    AuxLossCoeffSchedule,
+    StepSchedule,
     expected_load,
     null_aware_load_balancing_loss,
     null_expert_topk_routing,
@@ -16,7 +16,12 @@ from megatron_adamoe.ops import (
 
 # 4 tokens, 2 true experts (columns 0, 1) + 2 null experts (columns 2, 3), k = 2.
 SCORES = torch.tensor(
-    [[0.40, 0.30, 0.20, 0.10], [0.10, 0.20, 0.30, 0.40], [0.50, 0.10, 0.30, 0.10], [0.25, 0.25, 0.40, 0.10]]
+    [
+        [0.40, 0.30, 0.20, 0.10],
+        [0.10, 0.20, 0.30, 0.40],
+        [0.50, 0.10, 0.30, 0.10],
+        [0.25, 0.25, 0.40, 0.10],
+    ]
 )
 PICKS = [(0, 1), (3, 2), (0, 2), (2, 0)]
 
@@ -104,7 +109,7 @@ def test_deepep_slots_are_masked_from_the_routing_map():
     ],
 )
 def test_schedules(spec, expected):
-    schedule = AuxLossCoeffSchedule.parse(spec)
+    schedule = StepSchedule.parse(spec)
     for step, value in expected.items():
         assert schedule(step) == pytest.approx(value)
 
@@ -118,11 +123,11 @@ def test_schedules(spec, expected):
         ("linear:0.1,0.01", "is malformed (wrong number of fields); use"),
         ("linear:0.1,0.01,10,10", "is malformed (END_STEP must exceed START_STEP)"),
         ("constant:x", "adamoe_aux_loss_coeff_schedule ('constant:x') is malformed"),
-        ("constant:-1", "has a negative coefficient; coefficients must be >= 0"),
+        ("constant:-1", "has a negative value; values must be >= 0"),
     ],
 )
 def test_schedule_errors(spec, message):
     with pytest.raises(ValueError) as error:
-        AuxLossCoeffSchedule.parse(spec)
+        StepSchedule.parse(spec)
     assert message in str(error.value)
     assert "\n" not in str(error.value)

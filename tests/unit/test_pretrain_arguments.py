@@ -8,13 +8,12 @@ import os
 import pytest
 import yaml
 
-from tests.indexed_data import write_indexed_dataset
-
-from megatron_adamoe.training.arguments import (
+from megatron_adamoe.options import (
     load_arguments,
     parse_overrides,
     resolved_yaml,
 )
+from tests.indexed_data import write_indexed_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CPU_CONFIG = os.path.join(REPO, "configs", "cpu_adamoe_tiny.yaml")
@@ -26,16 +25,34 @@ def data(tmp_path):
     them: 1000 documents of 2100 tokens, enough for every split the shipped configs read."""
     write_indexed_dataset(str(tmp_path / "corpus_text"), [2100] * 1000)
     (tmp_path / "tok.model").write_bytes(b"")
-    return {"data_path": [str(tmp_path / "corpus_text")],
-            "tokenizer_model": str(tmp_path / "tok.model")}
+    return {
+        "data_path": [str(tmp_path / "corpus_text")],
+        "tokenizer_model": str(tmp_path / "tok.model"),
+    }
 
 
 def test_overrides_use_megatron_flag_spelling():
     assert parse_overrides(
-        ["--moe-router-topk", "3", "--bf16", "--no-swiglu", "--data-path", "a", "b",
-         "--lr=3e-4", "--save", "null"]
-    ) == {"moe_router_topk": 3, "bf16": True, "swiglu": False, "data_path": ["a", "b"],
-          "lr": "3e-4", "save": None}  # YAML 1.1 keeps 3e-4 a string; loading makes it a float
+        [
+            "--moe-router-topk",
+            "3",
+            "--bf16",
+            "--no-swiglu",
+            "--data-path",
+            "a",
+            "b",
+            "--lr=3e-4",
+            "--save",
+            "null",
+        ]
+    ) == {
+        "moe_router_topk": 3,
+        "bf16": True,
+        "swiglu": False,
+        "data_path": ["a", "b"],
+        "lr": "3e-4",
+        "save": None,
+    }  # YAML 1.1 keeps 3e-4 a string; loading makes it a float
 
 
 def test_command_line_overrides_yaml(data):
@@ -46,11 +63,16 @@ def test_command_line_overrides_yaml(data):
     assert args.data_parallel_size == 2 and args.num_microbatches == 1
 
 
-@pytest.mark.parametrize(
-    "path, world_size",
-    [("cpu_adamoe_tiny.yaml", 2), ("cpu_top2_tiny.yaml", 2),
-     ("gpu_mixtral_8x7b_adamoe.yaml", 64), ("gpu_1b_adamoe.yaml", 8)],
-)
+SHIPPED = [
+    ("cpu_adamoe_tiny.yaml", 2),
+    ("cpu_top2_tiny.yaml", 2),
+    ("cpu_adamoe_target_load.yaml", 2),
+    ("gpu_mixtral_8x7b_adamoe.yaml", 64),
+    ("gpu_1b_adamoe.yaml", 8),
+]
+
+
+@pytest.mark.parametrize("path, world_size", SHIPPED)
 def test_every_shipped_config_validates_for_its_world_size(path, world_size, data):
     args = load_arguments(os.path.join(REPO, "configs", path), data, world_size)
     assert args.world_size == world_size
@@ -65,8 +87,7 @@ def test_every_shipped_config_validates_for_its_world_size(path, world_size, dat
 
 def test_no_config_is_left_out_of_the_validation_test():
     shipped = {os.path.basename(p) for p in glob.glob(os.path.join(REPO, "configs", "*.yaml"))}
-    assert shipped == {"cpu_adamoe_tiny.yaml", "cpu_top2_tiny.yaml",
-                       "gpu_mixtral_8x7b_adamoe.yaml", "gpu_1b_adamoe.yaml"}
+    assert shipped == {name for name, _ in SHIPPED}
 
 
 def test_mixtral_recipe_is_the_papers_setting(data):
@@ -121,8 +142,9 @@ def test_topology_that_does_not_divide_the_world(data):
 
 
 def test_expert_grid_that_does_not_divide_the_world(data):
-    assert _error(CPU_CONFIG, {**data, "expert_model_parallel_size": 4, "num_experts": 4},
-                  world_size=2) == (
+    assert _error(
+        CPU_CONFIG, {**data, "expert_model_parallel_size": 4, "num_experts": 4}, world_size=2
+    ) == (
         "world size (2) must be divisible by expert tensor x expert x pipeline parallel size (4); "
         "change expert_model_parallel_size or the number of processes"
     )
@@ -130,12 +152,12 @@ def test_expert_grid_that_does_not_divide_the_world(data):
 
 def test_m_k_ep_inconsistencies(data):
     assert _error(CPU_CONFIG, {**data, "moe_router_topk": 9}) == (
-        "moe_router_topk (9) must be <= num_experts + adamoe_num_null_experts (4 + 4); "
-        "lower k or add null experts"
+        "moe_router_topk (9) must be an integer in [1, num_experts + adamoe_num_null_experts = "
+        "8]; lower it or add null experts (k counts picks over true and null experts)"
     )
     assert _error(CPU_CONFIG, {**data, "num_experts": 3}) == (
-        "num_experts (3) must be divisible by expert_model_parallel_size (2); "
-        "change the expert count or EP size"
+        "num_experts (3) must be divisible by expert_model_parallel_size (2); change the expert "
+        "count or the EP size (EP shards the true experts; null experts live in the router)"
     )
     assert _error(CPU_CONFIG, {**data, "adamoe_num_null_experts": -1}) == (
         "adamoe_num_null_experts (-1) must be >= 0; set a non-negative value"
@@ -242,15 +264,28 @@ def test_layout_and_shape_rules(data):
     assert _error(CPU_CONFIG, {**data, "moe_layer_freq": [1, 0]}) == (
         "moe_layer_freq ([1, 0]) must list 0/1 for each of the 4 layers; fix the list"
     )
-    assert _error(CPU_CONFIG, {**data, "moe_layer_freq": [1, 1, 0, 0],
-                               "pipeline_model_parallel_size": 2,
-                               "expert_model_parallel_size": 1}) == (
+    assert _error(
+        CPU_CONFIG,
+        {
+            **data,
+            "moe_layer_freq": [1, 1, 0, 0],
+            "pipeline_model_parallel_size": 2,
+            "expert_model_parallel_size": 1,
+        },
+    ) == (
         "moe_layer_freq ([1, 1, 0, 0]) must put an MoE layer on every pipeline stage (stage 1 of "
         "2 has none); change moe_layer_freq or pipeline_model_parallel_size"
     )
-    assert _error(CPU_CONFIG, {**data, "tensor_model_parallel_size": 2,
-                               "expert_model_parallel_size": 1, "num_attention_heads": 4,
-                               "ffn_hidden_size": 255}) == (
+    assert _error(
+        CPU_CONFIG,
+        {
+            **data,
+            "tensor_model_parallel_size": 2,
+            "expert_model_parallel_size": 1,
+            "num_attention_heads": 4,
+            "ffn_hidden_size": 255,
+        },
+    ) == (
         "ffn_hidden_size (255) must be divisible by tensor_model_parallel_size (2); "
         "change either value"
     )
@@ -276,9 +311,16 @@ def test_cpu_rejects_flex_dispatcher_and_tied_embeddings_across_stages(data):
         "moe_token_dispatcher_type ('flex') must be 'alltoall' or 'allgather' on CPU; the flex "
         "dispatcher runs on DeepEP (GPU only)"
     )
-    args = load_arguments(CPU_CONFIG, {**data, "pipeline_model_parallel_size": 2,
-                                       "expert_model_parallel_size": 1,
-                                       "untie_embeddings_and_output_weights": False}, 2)
+    args = load_arguments(
+        CPU_CONFIG,
+        {
+            **data,
+            "pipeline_model_parallel_size": 2,
+            "expert_model_parallel_size": 1,
+            "untie_embeddings_and_output_weights": False,
+        },
+        2,
+    )
     with pytest.raises(ValueError) as info:
         check_device_support(args, on_gpu=False)
     assert str(info.value) == (
@@ -299,16 +341,28 @@ def test_fp8_and_transformer_engine_selection(data):
         "fp8_recipe ('nvfp4') must be one of 'delayed', 'tensorwise', 'blockwise', 'mxfp8'; "
         "pick one of them"
     )
-    args = load_arguments(CPU_CONFIG, {**data, "fp8_format": "hybrid", "bf16": True,
-                                       "fp8_recipe": "mxfp8", "moe_grouped_gemm": True}, 2)
+    args = load_arguments(
+        CPU_CONFIG,
+        {
+            **data,
+            "fp8_format": "hybrid",
+            "bf16": True,
+            "fp8_recipe": "mxfp8",
+            "moe_grouped_gemm": True,
+        },
+        2,
+    )
     with pytest.raises(ValueError) as info:
         check_device_support(args, on_gpu=False)
-    assert str(info.value) == ("fp8_format ('hybrid') must be null on CPU; FP8 GEMMs are "
-                               "Transformer Engine's (GPU only)")
+    assert str(info.value) == (
+        "fp8_format ('hybrid') must be null on CPU; FP8 GEMMs are Transformer Engine's (GPU only)"
+    )
     with pytest.raises(ValueError) as info:
         check_device_support(args, on_gpu=True, capability=(9, 0))
-    assert str(info.value) == ("fp8_recipe ('mxfp8') must run on compute capability 10.0+ (this "
-                               "GPU: 9.0); use 'delayed' or 'tensorwise'")
+    assert str(info.value) == (
+        "fp8_recipe ('mxfp8') must run on compute capability 10.0+ (this "
+        "GPU: 9.0); use 'delayed' or 'tensorwise'"
+    )
     check_device_support(args, on_gpu=True, capability=(10, 0))
     args.fp8_recipe = "blockwise"
     check_device_support(args, on_gpu=True, capability=(9, 0))
@@ -320,7 +374,8 @@ def test_fp8_and_transformer_engine_selection(data):
         layer_spec_backend(args, on_gpu=True, has_te=False)
     assert str(info.value) == (
         "fp8_format ('hybrid') must be off without Transformer Engine; install it (pip install "
-        "megatron-adamoe[gpu]) or drop the option")
+        "megatron-adamoe[gpu]) or drop the option"
+    )
     args.fp8_format = None
     with pytest.raises(ValueError, match=r"^moe_grouped_gemm \(True\) must be off without"):
         layer_spec_backend(args, on_gpu=True, has_te=False)
@@ -334,8 +389,9 @@ def test_fp8_options_stay_off_the_cpu_transformer_config(data):
     of this mapping runs in tests/gpu only.)"""
     from megatron_adamoe.training.model import transformer_config
 
-    args = load_arguments(CPU_CONFIG, {**data, "fp8_format": "hybrid", "bf16": True,
-                                       "fp8_recipe": "tensorwise"}, 2)
+    args = load_arguments(
+        CPU_CONFIG, {**data, "fp8_format": "hybrid", "bf16": True, "fp8_recipe": "tensorwise"}, 2
+    )
     config = transformer_config(args, on_gpu=False)
     assert (config.fp8, config.bf16) == (None, False)
 
@@ -344,9 +400,11 @@ def test_top1_routing_builds_megatrons_pre_softmax_config(data):
     """Megatron requires moe_router_pre_softmax with top-1: weight norm 'none' is that."""
     from megatron_adamoe.training.model import transformer_config
 
-    args = load_arguments(CPU_CONFIG, {**data, "moe_router_topk": 1,
-                                       "adamoe_num_null_experts": 0,
-                                       "adamoe_weight_norm": "none"}, 2)
+    args = load_arguments(
+        CPU_CONFIG,
+        {**data, "moe_router_topk": 1, "adamoe_num_null_experts": 0, "adamoe_weight_norm": "none"},
+        2,
+    )
     config = transformer_config(args, on_gpu=False)
     assert config.moe_router_pre_softmax and config.moe_router_topk == 1
 
@@ -361,5 +419,6 @@ def test_megatrons_own_config_errors_are_one_line_option_errors(data, monkeypatc
     monkeypatch.setattr(model, "_transformer_config", megatron_rejects)
     with pytest.raises(OptionError) as info:
         model.transformer_config(load_arguments(CPU_CONFIG, data, 2), on_gpu=False)
-    assert str(info.value) == ("Megatron-Core rejects these options: Please use "
-                               "--moe-router-pre-softmax when topk is 1.")
+    assert str(info.value) == (
+        "Megatron-Core rejects these options: Please use --moe-router-pre-softmax when topk is 1."
+    )

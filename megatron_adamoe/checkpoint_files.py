@@ -38,12 +38,16 @@ def latest_checkpoint(root: Optional[str]) -> Optional[str]:
     with open(tracker) as handle:
         text = handle.read().strip()
     if not text.isdigit():
-        raise OptionError(f"load ({root!r}) must hold a tracker with an iteration number; "
-                         f"{TRACKER} reads {text!r}")
+        raise OptionError(
+            f"load ({root!r}) must hold a tracker with an iteration number; "
+            f"{TRACKER} reads {text!r}"
+        )
     directory = checkpoint_dir(root, int(text))
     if not os.path.isdir(directory):
-        raise OptionError(f"load ({root!r}) must contain {os.path.basename(directory)}, which "
-                         f"its {TRACKER} names; restore it or point load elsewhere")
+        raise OptionError(
+            f"load ({root!r}) must contain {os.path.basename(directory)}, which "
+            f"its {TRACKER} names; restore it or point load elsewhere"
+        )
     return directory
 
 
@@ -66,14 +70,17 @@ def damaged_files(directory: str) -> Optional[str]:
         return f"unreadable metadata (.metadata: {type(error).__name__})"
     needed: dict = {}
     for info in (metadata.storage_data or {}).values():
-        needed[info.relative_path] = max(needed.get(info.relative_path, 0),
-                                         info.offset + info.length)
-    missing = sorted(name for name in needed
-                     if not os.path.isfile(os.path.join(directory, name)))
+        needed[info.relative_path] = max(
+            needed.get(info.relative_path, 0), info.offset + info.length
+        )
+    missing = sorted(name for name in needed if not os.path.isfile(os.path.join(directory, name)))
     if missing:
         return f"missing shard {', '.join(missing)}"
-    short = sorted(name for name, size in needed.items()
-                   if os.path.getsize(os.path.join(directory, name)) < size)
+    short = sorted(
+        name
+        for name, size in needed.items()
+        if os.path.getsize(os.path.join(directory, name)) < size
+    )
     if short:
         return f"truncated shard {', '.join(short)}"
     return None

@@ -1,0 +1,144 @@
+"""Hugging Face Mixtral -> Hugging Face AdaMoE, without Megatron (the paper's own starting point).
+
+The tensors keep Mixtral's names; each router gains m null rows (``null_router_init``: ``tile``,
+the AdaMoE authors' choice, or ``random``; the rules of ``import-hf``). The output directory holds
+``config.json`` (``AdaMoEForCausalLM`` with ``auto_map``), the model files, safetensors shards and
+Mixtral's tokenizer files as they were. With m = 0 the AdaMoE model computes Mixtral's logits.
+Written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+import torch
+
+from megatron_adamoe.errors import OptionError
+from megatron_adamoe.hf.configuration_adamoe import AdaMoEHFConfig
+from megatron_adamoe.hf.import_hf import (
+    NULL_ROUTER_INITS,
+    _add_null_router_rows,
+    read_hf_config,
+    read_hf_tensors,
+)
+from megatron_adamoe.hf.modeling_adamoe import AdaMoEForCausalLM
+from megatron_adamoe.hf.strict import load_strictly
+from megatron_adamoe.storage import check_writable, make_readable, storage_problem
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
+
+
+def adamoe_config(mixtral: dict, num_null_experts: int, topk: int) -> AdaMoEHFConfig:
+    heads = mixtral["num_attention_heads"]
+    rope = mixtral.get("rope_parameters") or {}
+    return AdaMoEHFConfig(
+        vocab_size=mixtral["vocab_size"],
+        hidden_size=mixtral["hidden_size"],
+        intermediate_size=mixtral["intermediate_size"],
+        moe_intermediate_size=mixtral["intermediate_size"],
+        num_hidden_layers=mixtral["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=mixtral.get("num_key_value_heads") or heads,
+        head_dim=mixtral["hidden_size"] // heads,
+        max_position_embeddings=mixtral.get("max_position_embeddings", 4096),
+        rms_norm_eps=float(mixtral.get("rms_norm_eps", 1e-5)),
+        rope_theta=float(mixtral.get("rope_theta") or rope.get("rope_theta") or 10000.0),
+        num_local_experts=mixtral["num_local_experts"],
+        num_null_experts=num_null_experts,
+        num_experts_per_tok=topk,
+        router_dtype="float32",
+        output_router_logits=bool(mixtral.get("output_router_logits", False)),
+        tie_word_embeddings=bool(mixtral.get("tie_word_embeddings", False)),
+        bos_token_id=mixtral.get("bos_token_id"),
+        eos_token_id=mixtral.get("eos_token_id"),
+        pad_token_id=mixtral.get("pad_token_id"),
+        architectures=["AdaMoEForCausalLM"],
+    )
+
+
+def mixtral_to_adamoe(
+    hf_dir: str,
+    out: str,
+    num_null_experts: int,
+    topk=None,
+    null_router_init: str = "tile",
+    seed: int = 0,
+    max_shard_size: str = "5GB",
+) -> str:
+    """Write the AdaMoE HF directory ``out`` from the Mixtral directory ``hf_dir``."""
+    if os.path.exists(out):
+        raise OptionError(f"out ({out!r}) must not exist yet; remove it or pick another path")
+    check_writable(
+        "out",
+        os.path.dirname(os.path.abspath(out)),
+        "the model is written next to it first; pick a writable place",
+    )
+    if null_router_init not in NULL_ROUTER_INITS:
+        raise OptionError(
+            f"null_router_init ({null_router_init!r}) must be one of "
+            f"{NULL_ROUTER_INITS}; see megatron_adamoe/hf/import_hf.py"
+        )
+    mixtral = read_hf_config(hf_dir)
+    if mixtral["architectures"][0] != "MixtralForCausalLM":
+        raise OptionError(
+            f"architectures ({mixtral['architectures']!r}) must be "
+            "['MixtralForCausalLM']; an AdaMoE model is converted already"
+        )
+    if num_null_experts is None or num_null_experts < 0:
+        raise OptionError(
+            f"num_null_experts ({num_null_experts}) must be >= 0; pass --num-null-experts"
+        )
+    config = adamoe_config(
+        mixtral, num_null_experts, mixtral["num_experts_per_tok"] if topk is None else topk
+    )
+    tensors = read_hf_tensors(hf_dir)
+    if num_null_experts:
+        tensors = _add_null_router_rows(tensors, num_null_experts, null_router_init, seed)
+    dtype = tensors["model.embed_tokens.weight"].dtype
+    setattr(config, "dtype" if hasattr(config, "dtype") else "torch_dtype", dtype)
+    with torch.device("meta"):
+        model = AdaMoEForCausalLM(config)
+    if config.tie_word_embeddings:
+        tensors.setdefault("lm_head.weight", tensors["model.embed_tokens.weight"])
+    load_strictly(model, tensors, what=f"Mixtral checkpoint {hf_dir}")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+
+    temporary = f"{out.rstrip(os.sep)}.tmp-{os.getpid()}"
+    try:
+        type(config).register_for_auto_class()
+        type(model).register_for_auto_class("AutoModelForCausalLM")
+        model.save_pretrained(temporary, max_shard_size=max_shard_size, safe_serialization=True)
+        for name in TOKENIZER_FILES:  # Mixtral's tokenizer, as it was
+            if os.path.isfile(os.path.join(hf_dir, name)):
+                shutil.copyfile(os.path.join(hf_dir, name), os.path.join(temporary, name))
+        make_readable(temporary)
+        os.replace(temporary, out)
+    except Exception as error:
+        storage = storage_problem(error, os.path.dirname(os.path.abspath(out)))
+        if storage is None:
+            raise
+        raise OptionError(
+            f"out ({out!r}) {storage} while converting; nothing was left behind; "
+            "free space or pick another path"
+        ) from None
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    logger.info(
+        "converted %s -> %s (m = %d null experts, top-%d)",
+        hf_dir,
+        out,
+        num_null_experts,
+        config.num_experts_per_tok,
+    )
+    return out

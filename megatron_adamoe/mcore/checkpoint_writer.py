@@ -1,0 +1,46 @@
+"""dist_checkpointing's torch_dist writer, with a results queue that dies with its rank.
+
+Upstream (``megatron.core.dist_checkpointing.strategies.filesystem_async``,
+``_get_write_results_queue``) starts, at the first save, a multiprocessing ``Manager`` server in a
+spawned process and keeps its queue in the module global ``_results_queue``. A rank killed while
+that server runs (a crash, a node failure, torchrun tearing a job down) leaves the server
+orphaned, idle for good. ``start_write_results_queue`` starts the same Manager ourselves, with an
+initializer that asks Linux to kill the server when its parent dies (``PR_SET_PDEATHSIG``), and
+hands its queue to that global, so upstream uses it unchanged. Elsewhere than Linux it does
+nothing (upstream's queue is used).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+import os
+import signal
+import sys
+from multiprocessing.managers import SyncManager
+
+PR_SET_PDEATHSIG = 1
+_managers: list = []  # the Manager objects must outlive this call
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Runs in the Manager's server process before it serves."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(0)
+
+
+def start_write_results_queue() -> None:
+    """Mirrors filesystem_async._get_write_results_queue (spawn context, a Manager queue); the
+    server process is killed with this one. Idempotent."""
+    if not sys.platform.startswith("linux"):
+        return
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is not None:
+        return
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    manager.start(initializer=_die_with_parent, initargs=(os.getpid(),))
+    _managers.append(manager)
+    filesystem_async._results_queue = manager.Queue()

@@ -1,0 +1,275 @@
+"""Every rule the pretraining options must satisfy, each failing with one line,
+``<field> (<value>) must <rule>; <fix>``. Torch-free; the data and directory checks read files."""
+
+from __future__ import annotations
+
+import os
+
+from megatron_adamoe.data import indexed
+from megatron_adamoe.errors import OptionError
+from megatron_adamoe.options import vocab
+from megatron_adamoe.options.schema import CHOICES, PretrainArguments
+from megatron_adamoe.storage import check_writable
+
+POSITIVE = (
+    "num_layers hidden_size num_attention_heads seq_length num_experts moe_router_topk "
+    "tensor_model_parallel_size pipeline_model_parallel_size expert_model_parallel_size "
+    "context_parallel_size micro_batch_size train_iters log_interval eval_iters "
+    "make_vocab_size_divisible_by adamoe_loss_spike_window"
+).split()
+OPTIONAL_POSITIVE = (
+    "ffn_hidden_size num_query_groups max_position_embeddings moe_ffn_hidden_size "
+    "expert_tensor_parallel_size global_batch_size save_interval eval_interval "
+    "lr_decay_iters adamoe_flops_baseline_topk exit_interval"
+).split()
+NON_NEGATIVE = (
+    "adamoe_num_null_experts moe_aux_loss_coeff lr min_lr lr_warmup_iters weight_decay clip_grad "
+    "adamoe_loss_spike_factor adamoe_min_load moe_router_bias_update_rate"
+).split()
+
+
+def validate(args: PretrainArguments, check_io: bool = True, check_topology: bool = True) -> None:
+    """Every rule. Converters skip ``check_io`` (data, tokenizer and checkpoint paths: a later
+    run supplies them) and, reading a saved config, ``check_topology`` (the world size)."""
+
+    def fail(name: str, rule: str, fix: str) -> None:
+        raise OptionError(f"{name} ({getattr(args, name)!r}) must {rule}; {fix}")
+
+    for name, choices in CHOICES.items():
+        if getattr(args, name) not in choices:
+            fail(name, f"be one of {', '.join(map(repr, choices))}", "pick one of them")
+    for name in POSITIVE:
+        if getattr(args, name) <= 0:
+            fail(name, "be > 0", "set a positive value")
+    for name in OPTIONAL_POSITIVE:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            fail(name, "be > 0 when set", "set a positive value or drop the key")
+    if args.moe_aux_loss_coeff is None:
+        args.moe_aux_loss_coeff = 0.0 if args.adamoe_aux_loss_coeff_schedule else 0.01
+    for name in NON_NEGATIVE:
+        if getattr(args, name) < 0:
+            fail(name, "be >= 0", "set a non-negative value")
+    for name in ("seed", "adamoe_data_seed"):
+        if getattr(args, name) is not None and not 0 <= getattr(args, name) < 2**32:
+            fail(name, "be in [0, 2**32)", "pick a non-negative 32-bit seed")
+    if 0 < args.adamoe_loss_spike_factor <= 1:
+        fail(
+            "adamoe_loss_spike_factor",
+            "be > 1 (or 0 to turn the guard off)",
+            "a loss at most its recent mean is no spike; e.g. 3",
+        )
+    if args.adamoe_min_load >= min(args.moe_router_topk, args.num_experts):
+        fail(
+            "adamoe_min_load",
+            f"be < the most true experts a token can use "
+            f"({min(args.moe_router_topk, args.num_experts)})",
+            "e.g. 0.01, or 0 to turn it off",
+        )
+    if args.norm_epsilon <= 0:
+        fail("norm_epsilon", "be > 0", "set a small positive value such as 1e-5")
+    if args.fp8_format and not args.bf16:
+        fail(
+            "fp8_format",
+            "come with bf16 (FP8 GEMMs keep bf16 weights and activations)",
+            "add --bf16",
+        )
+    _validate_moe(args, fail)
+    if check_topology:
+        _validate_topology(args, fail)
+    if check_io:
+        _validate_io(args, fail)
+
+
+def _validate_moe(args: PretrainArguments, fail) -> None:
+    vocab.check_expert_counts(
+        args.num_experts,
+        args.adamoe_num_null_experts,
+        args.moe_router_topk,
+        args.expert_model_parallel_size,
+    )
+    if args.hidden_size % args.num_attention_heads:
+        fail(
+            "hidden_size",
+            f"be divisible by num_attention_heads ({args.num_attention_heads})",
+            "change either value",
+        )
+    if args.min_lr > args.lr:
+        fail("min_lr", f"be <= lr ({args.lr})", "lower min_lr")
+    freq = args.moe_layer_freq
+    if isinstance(freq, int) and freq < 1:
+        fail(
+            "moe_layer_freq",
+            "be >= 1 (every freq-th layer is MoE) or a 0/1 list per layer",
+            "fix the value",
+        )
+    if isinstance(freq, list) and (
+        len(freq) != args.num_layers or any(v not in (0, 1) for v in freq)
+    ):
+        fail("moe_layer_freq", f"list 0/1 for each of the {args.num_layers} layers", "fix the list")
+    if args.max_position_embeddings is not None and args.max_position_embeddings < args.seq_length:
+        fail("max_position_embeddings", f"be >= seq_length ({args.seq_length})", "raise it")
+    groups = args.num_query_groups
+    if groups is not None and args.num_attention_heads % groups:
+        fail(
+            "num_query_groups",
+            f"divide num_attention_heads ({args.num_attention_heads})",
+            "change either value",
+        )
+    decay_iters = args.lr_decay_iters or args.train_iters
+    if args.lr_warmup_iters >= decay_iters:
+        fail(
+            "lr_warmup_iters",
+            f"be < lr_decay_iters or train_iters ({decay_iters})",
+            "shorten the warm-up",
+        )
+
+
+def _validate_topology(args: PretrainArguments, fail) -> None:
+    model_parallel = (
+        args.tensor_model_parallel_size
+        * args.pipeline_model_parallel_size
+        * args.context_parallel_size
+    )
+    if args.world_size % model_parallel:
+        raise OptionError(
+            f"world size ({args.world_size}) must be divisible by tensor x pipeline x context "
+            f"parallel size ({model_parallel}); launch a multiple of {model_parallel} processes "
+            "or change the layout"
+        )
+    args.data_parallel_size = args.world_size // model_parallel
+    etp = args.expert_tensor_parallel_size or args.tensor_model_parallel_size
+    expert_grid = etp * args.expert_model_parallel_size * args.pipeline_model_parallel_size
+    if args.world_size % expert_grid:
+        raise OptionError(
+            f"world size ({args.world_size}) must be divisible by expert tensor x expert x "
+            f"pipeline parallel size ({expert_grid}); change expert_model_parallel_size or "
+            "the number of processes"
+        )
+    if args.num_layers % args.pipeline_model_parallel_size:
+        fail(
+            "num_layers",
+            f"be divisible by pipeline_model_parallel_size ({args.pipeline_model_parallel_size})",
+            "change either value",
+        )
+    _validate_sharding(args, etp, fail)
+    if args.sequence_parallel and args.tensor_model_parallel_size == 1:
+        fail(
+            "sequence_parallel",
+            "be false when tensor_model_parallel_size is 1",
+            "drop --sequence-parallel or raise the TP size",
+        )
+    if args.tensor_model_parallel_size > 1 and not args.sequence_parallel:
+        fail(
+            "sequence_parallel",
+            "be true when tensor_model_parallel_size > 1 with MoE layers "
+            "(Megatron-Core requires it)",
+            "add --sequence-parallel",
+        )
+    per_step = args.micro_batch_size * args.data_parallel_size
+    if args.global_batch_size is None:
+        args.global_batch_size = per_step
+    if args.global_batch_size % per_step:
+        fail(
+            "global_batch_size",
+            f"be a multiple of micro_batch_size x data-parallel size "
+            f"({args.micro_batch_size} x {args.data_parallel_size})",
+            "change the batch sizes",
+        )
+
+
+def _validate_sharding(args: PretrainArguments, etp: int, fail) -> None:
+    """Sizes each parallel dimension splits, and MoE layers on every pipeline stage."""
+    tp, cp, pp = (
+        args.tensor_model_parallel_size,
+        args.context_parallel_size,
+        args.pipeline_model_parallel_size,
+    )
+    for name in ("num_attention_heads", "hidden_size", "ffn_hidden_size", "num_query_groups"):
+        value = getattr(args, name)
+        if value is not None and value % tp:
+            fail(name, f"be divisible by tensor_model_parallel_size ({tp})", "change either value")
+    if args.moe_ffn_hidden_size is not None and args.moe_ffn_hidden_size % etp:
+        fail(
+            "moe_ffn_hidden_size",
+            f"be divisible by the expert tensor parallel size ({etp})",
+            "change either value",
+        )
+    if cp > 1 and args.seq_length % (2 * cp):
+        fail(
+            "seq_length",
+            f"be divisible by 2 x context_parallel_size ({2 * cp})",
+            "change either value",
+        )
+    if args.sequence_parallel and args.seq_length % tp:
+        fail(
+            "seq_length",
+            f"be divisible by tensor_model_parallel_size ({tp}) under sequence_parallel",
+            "change either value",
+        )
+    pattern = vocab.moe_layer_pattern(args.num_layers, args.moe_layer_freq)
+    per_stage = args.num_layers // pp
+    for stage in range(pp):
+        if not any(pattern[stage * per_stage : (stage + 1) * per_stage]):
+            fail(
+                "moe_layer_freq",
+                f"put an MoE layer on every pipeline stage (stage {stage} of {pp} has none)",
+                "change moe_layer_freq or pipeline_model_parallel_size",
+            )
+
+
+def _split_shares(split: str) -> list[float]:
+    try:
+        shares = [float(part) for part in split.split(",")]
+    except ValueError:
+        shares = []
+    if len(shares) != 3 or any(share < 0 for share in shares) or sum(shares) <= 0:
+        raise OptionError(
+            f"split ({split!r}) must be three non-negative weights "
+            "'train,valid,test'; e.g. '98,2,0'"
+        )
+    return shares
+
+
+def _validate_io(args: PretrainArguments, fail) -> None:
+    shares = _split_shares(args.split)
+    if shares[0] == 0:
+        fail("split", "give the training set a share", "e.g. '98,2,0'")
+    if args.eval_interval and shares[1] == 0:
+        fail(
+            "split",
+            "give the validation set a share when eval_interval is set",
+            "e.g. '98,2,0', or drop eval_interval",
+        )
+    if not args.data_path:
+        fail("data_path", "be set", "run tools/preprocess_data.py and pass its output prefix")
+    needed = [True, bool(args.eval_interval), False]
+    for prefix in args.data_path:
+        if isinstance(prefix, (int, float)):
+            continue  # a blend weight
+        stats = indexed.read_index(str(prefix))
+        indexed.check_splits(str(prefix), stats, shares, args.split, needed, args.seq_length)
+        # Megatron's GPTDataset writes its index cache here (path_to_cache or its default).
+        cache = args.data_cache_path or os.path.join(str(prefix), "cache", "GPTDataset_indices")
+        check_writable(
+            "data_cache_path" if args.data_cache_path else "data_path",
+            cache,
+            "the dataset index cache goes there; set data_cache_path to a writable directory",
+        )
+    if args.save is not None:
+        check_writable(
+            "save", args.save, "checkpoints go there; fix its permissions or point save elsewhere"
+        )
+    if args.tokenizer_model is None or not os.path.isfile(args.tokenizer_model):
+        fail(
+            "tokenizer_model",
+            "be an existing sentencepiece .model file",
+            "pass the model tools/preprocess_data.py wrote",
+        )
+    if args.skip_train and not args.eval_interval:
+        fail(
+            "skip_train",
+            "come with eval_interval (the validation set size depends on it)",
+            "set eval_interval",
+        )
+    if args.save_interval is not None and args.save is None:
+        fail("save_interval", "come with a save directory", "set save or drop save_interval")

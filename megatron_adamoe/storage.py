@@ -1,0 +1,65 @@
+"""Files a run writes: can a directory take them, why did a write fail, and exported trees with
+the usual permissions. Standard library only; training/ and hf/ both use it."""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from typing import Optional
+
+from megatron_adamoe.errors import OptionError
+
+
+def check_writable(name: str, directory: str, why: str) -> None:
+    """``directory`` exists or can be made, and a file can be written in it (then removed);
+    else an OptionError naming the option ``name``."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".adamoe-write-check-", dir=directory)
+        os.close(handle)
+        os.remove(probe)
+    except OSError as error:
+        raise OptionError(
+            f"{name} ({directory!r}) must be a writable directory ({error.strerror}); {why}"
+        ) from None
+
+
+def storage_problem(error: BaseException, directory: str) -> Optional[str]:
+    """'ran out of disk space' or 'is not writable (...)' when ``error`` came from the storage
+    under ``directory`` (an errno anywhere in its chain, else a probe write there); else None.
+    Writers deep in torch report a full disk as, e.g., "unexpected pos 704 vs 598"."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and _describe(seen):
+            return _describe(seen)
+        seen = seen.__cause__ or seen.__context__
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory) as probe:
+            probe.write(b"\0" * (1 << 20))
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as probe_error:
+        return _describe(probe_error)
+    return None
+
+
+def _describe(error: OSError) -> Optional[str]:
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "ran out of disk space"
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR):
+        return f"is not writable ({error.strerror})"
+    return None
+
+
+def make_readable(root: str) -> None:
+    """Files 0666 and directories 0777, less the umask (writers such as safetensors create
+    0600 temporary files), so an exported tree reads like any other."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(root, 0o777 & ~mask)
+    for parent, directories, files in os.walk(root):
+        for name in directories:
+            os.chmod(os.path.join(parent, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(parent, name), 0o666 & ~mask)

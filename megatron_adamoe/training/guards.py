@@ -1,0 +1,51 @@
+"""Training guards: stop a run whose loss is not finite or spikes, or whose router collapsed,
+before that state is saved. Torch-free; the trainer calls ``check`` after every step.
+
+- non-finite loss: always;
+- spike: the loss exceeds ``adamoe_loss_spike_factor`` times the mean of the previous
+  ``adamoe_loss_spike_window`` losses (checked once that many are known; factor 0 = off);
+- collapse: an MoE layer's measured load (true experts per token over the global batch) falls
+  below ``adamoe_min_load`` (0 = off): every token routes (almost) only to null experts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+from megatron_adamoe.errors import TrainingHalted
+
+NOT_SAVED = "not saved: the last checkpoint is intact"
+
+
+class TrainingGuard:
+    def __init__(self, spike_factor: float, spike_window: int, min_load: float) -> None:
+        self.spike_factor, self.min_load = spike_factor, min_load
+        self.recent: deque = deque(maxlen=spike_window)
+
+    def check(self, iteration: int, loss: float, loads: dict[int, float]) -> None:
+        """Raise TrainingHalted naming the iteration (and the layer) when a guard trips."""
+        if not math.isfinite(loss):
+            raise TrainingHalted(
+                f"training loss is {loss} at iteration {iteration}; {NOT_SAVED}; "
+                "lower lr or check the data"
+            )
+        if self.spike_factor and len(self.recent) == self.recent.maxlen:
+            mean = sum(self.recent) / len(self.recent)
+            if loss > self.spike_factor * mean:
+                raise TrainingHalted(
+                    f"training loss spiked to {loss:.4g} at iteration {iteration}, over "
+                    f"adamoe_loss_spike_factor ({self.spike_factor:g}) x the mean of the previous "
+                    f"{len(self.recent)} ({mean:.4g}); {NOT_SAVED}; lower lr, or raise the "
+                    "factor (0 turns the guard off)"
+                )
+        if self.min_load:
+            for layer, load in sorted(loads.items()):
+                if load < self.min_load:
+                    raise TrainingHalted(
+                        f"MoE layer {layer} collapsed at iteration {iteration}: load {load:.4f} "
+                        f"true experts per token is under adamoe_min_load ({self.min_load:g}), "
+                        f"nearly every token routes to null experts; {NOT_SAVED}; lower lr, "
+                        "raise the load-balancing coefficient, or set adamoe_min_load 0"
+                    )
+        self.recent.append(loss)

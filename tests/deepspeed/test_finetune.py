@@ -1,0 +1,174 @@
+"""ZeRO fine-tuning of an AdaMoE model in HF form (the paper's workflow), as users launch it:
+ZeRO-2 under torchrun and ZeRO-3 under the deepspeed launcher, 2 CPU processes over gloo, against
+one process with the same global batch; null picks leave experts empty; the saved models
+reload; the aux loss is megatron_adamoe.ops' loss on the model's own router logits."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.hf_models import tiny_adamoe
+from tests.runs import REPO
+
+pytestmark = pytest.mark.distributed
+STEPS = 4
+
+
+def _port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model_and_data(tmp_path_factory):
+    from megatron_adamoe.data.corpus import synthetic_documents
+
+    root = tmp_path_factory.mktemp("finetune")
+    documents = synthetic_documents(120, seed=3)
+    with open(root / "train.jsonl", "w") as handle:
+        for text in documents:
+            handle.write(json.dumps({"text": text}) + "\n")
+    tiny_adamoe(str(root / "model"), "\n".join(documents))
+    return root
+
+
+def _finetune(root, name, launcher, *extra):
+    out, metrics = root / name, root / f"{name}.jsonl"
+    common = [
+        "--model",
+        str(root / "model"),
+        "--data",
+        str(root / "train.jsonl"),
+        "--output-dir",
+        str(out),
+        "--seq-length",
+        "32",
+        "--max-steps",
+        str(STEPS),
+        "--learning-rate",
+        "1e-3",
+        "--logging-steps",
+        "1",
+        "--metrics-file",
+        str(metrics),
+        "--per-device-batch-size",
+        "1",
+        *extra,
+    ]
+    if launcher == "torchrun":
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(_port()),
+            "-m",
+            "megatron_adamoe.hf.finetune",
+            *common,
+        ]
+    elif launcher == "deepspeed":
+        command = [
+            os.path.join(os.path.dirname(sys.executable), "deepspeed"),
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(_port()),
+            "--module",
+            "megatron_adamoe.hf.finetune",
+            *common,
+        ]
+    else:
+        command = [sys.executable, "-m", "megatron_adamoe.hf.finetune", *common]
+    done = subprocess.run(
+        command,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return out, [json.loads(line) for line in open(metrics)]
+
+
+def test_zero2_and_zero3_train_as_one_process_does(model_and_data):
+    root = model_and_data
+    runs = {
+        "zero2": _finetune(
+            root,
+            "zero2",
+            "torchrun",
+            "--deepspeed",
+            os.path.join(REPO, "configs/deepspeed/zero2.json"),
+        ),
+        "zero3": _finetune(
+            root,
+            "zero3",
+            "deepspeed",
+            "--deepspeed",
+            os.path.join(REPO, "configs/deepspeed/zero3.json"),
+        ),
+        "single": _finetune(root, "single", "python", "--gradient-accumulation-steps", "2"),
+    }
+    losses = {
+        name: [r["loss"] for r in records if "loss" in r] for name, (_, records) in runs.items()
+    }
+    assert all(len(values) == STEPS for values in losses.values()), losses
+    assert all(torch.isfinite(torch.tensor(values)).all() for values in losses.values())
+    for name in ("zero2", "zero3"):
+        assert losses[name] == pytest.approx(losses["single"], rel=1e-3), (name, losses)
+    for _, records in runs.values():
+        logged = [r for r in records if "aux_loss" in r]
+        assert logged and all(r["aux_loss"] > 0 and len(r["load"]) == 2 for r in logged)
+    # Null picks left some expert without a token in some micro-batch on some rank, and no
+    # rank skipped a parameter for it (ZeRO would have stopped on a collective mismatch).
+    for _, records in runs.values():
+        assert sum(r.get("empty_expert_batches", 0) for r in records) > 0
+    # The saved models reload, and all three hold the same weights.
+    from transformers import AutoModelForCausalLM
+
+    tokens = torch.randint(4, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for name, (out, _) in runs.items():
+        model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+        with torch.no_grad():
+            logits[name] = model(tokens).logits
+    for name in ("zero2", "zero3"):
+        torch.testing.assert_close(logits[name], logits["single"], rtol=1e-3, atol=1e-3)
+
+
+def test_aux_loss_is_the_null_aware_loss_of_ops_on_the_router_logits(model_and_data):
+    from transformers import AutoModelForCausalLM
+
+    from megatron_adamoe.ops.losses import null_aware_load_balancing_loss
+    from megatron_adamoe.ops.routing import null_expert_topk_routing
+
+    model = AutoModelForCausalLM.from_pretrained(
+        model_and_data / "model", trust_remote_code=True
+    ).eval()
+    tokens = torch.randint(4, 200, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        output = model(tokens, output_router_logits=True)
+    expected = 0.0
+    for logits_TX in output.router_logits:
+        routing = null_expert_topk_routing(logits_TX, 3, 4)
+        expected = expected + null_aware_load_balancing_loss(
+            torch.softmax(logits_TX, dim=-1, dtype=torch.float32),
+            routing.routing_map_TX.sum(0),
+            logits_TX.size(0),
+            3,
+            4,
+            1.0,
+        )
+    assert output.aux_loss > 0
+    torch.testing.assert_close(output.aux_loss, expected)

@@ -1,0 +1,175 @@
+"""Running the pretraining entry point as a user does (torchrun, 2 gloo processes unless told
+otherwise) on the synthetic corpus the real preprocessing tool writes; a small model (``SMALL``);
+reading its metrics file. Used by the training and convert tiers (fixtures: tests/conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TIMEOUT_S = 600
+RUN_ID_ENV = "ADAMOE_TEST_RUN_ID"
+
+# Small and quick: 2 layers, hidden 64, 4 true + 4 null experts, top-3.
+SMALL = [
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "64",
+    "--num-attention-heads",
+    "4",
+    "--seq-length",
+    "64",
+    "--moe-ffn-hidden-size",
+    "64",
+    "--micro-batch-size",
+    "4",
+    "--global-batch-size",
+    "8",
+    "--lr-warmup-iters",
+    "2",
+    "--log-interval",
+    "2",
+    "--eval-iters",
+    "2",
+    "--hidden-dropout",
+    "0.1",
+    "--attention-dropout",
+    "0.1",
+    "--tensorboard-dir",
+    "null",
+    "--save-interval",
+    "null",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_synthetic_corpus(directory) -> tuple[str, str]:
+    """(data_path, tokenizer_model) written by tools/preprocess_data.py --input synthetic."""
+    prefix = os.path.join(str(directory), "synthetic")
+    subprocess.run(
+        [
+            sys.executable,
+            "tools/preprocess_data.py",
+            "--input",
+            "synthetic",
+            "--output-prefix",
+            prefix,
+            "--train-tokenizer",
+            "--vocab-size",
+            "256",
+            "--no-progress",
+        ],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        timeout=TIMEOUT_S,
+    )
+    return prefix + "_text", prefix + "_tokenizer.model"
+
+
+def run_pretrain(
+    corpus,
+    *overrides,
+    nproc=2,
+    max_restarts=0,
+    env=None,
+    check=True,
+    config="configs/cpu_adamoe_tiny.yaml",
+    small=True,
+    timeout=TIMEOUT_S,
+    leftovers=None,
+):
+    """torchrun the entry point with ``config`` (the CPU default), SMALL and ``overrides``.
+    ``leftovers``: a list that receives the command lines of processes of this run still alive
+    two seconds after it ended (they are killed either way)."""
+    data_path, tokenizer = corpus
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-port",
+        str(free_port()),
+        "--max-restarts",
+        str(max_restarts),
+        "-m",
+        "megatron_adamoe.training.pretrain",
+        "--config",
+        config,
+        *(SMALL if small else []),
+        "--data-path",
+        data_path,
+        *(["--tokenizer-model", tokenizer] if tokenizer else []),
+        *overrides,
+    ]
+    run_id = uuid.uuid4().hex
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", RUN_ID_ENV: run_id, **(env or {})}
+    # Output to files, leftovers killed after: a process a run leaves behind (a test that kills
+    # ranks checks there is none) would hold inherited pipes open and linger.
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(
+            command, cwd=REPO, env=full_env, stdout=out, stderr=err, text=True
+        )
+        try:
+            returncode = process.wait(timeout=timeout)
+        finally:
+            if leftovers is not None:
+                time.sleep(2)
+                leftovers.extend(_processes_of_run(run_id).values())
+            _kill_processes_of_run(run_id)
+        out.seek(0)
+        err.seek(0)
+        result = subprocess.CompletedProcess(command, returncode, out.read(), err.read())
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"pretrain failed ({result.returncode}):\n{result.stdout[-4000:]}"
+            f"\n{result.stderr[-8000:]}"
+        )
+    return result
+
+
+def _processes_of_run(run_id: str) -> dict[int, str]:
+    """{pid: command line} of the live processes started by the run ``run_id``."""
+    marker = f"{RUN_ID_ENV}={run_id}".encode()
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as handle:
+                if marker not in handle.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{pid}/stat") as handle:
+                if handle.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    continue  # exited, waiting for its parent to reap it
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                found[int(pid)] = handle.read().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError):
+            continue
+    return found
+
+
+def _kill_processes_of_run(run_id: str) -> None:
+    for pid in _processes_of_run(run_id):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+
+
+def read_metrics(path) -> list[dict]:
+    with open(path) as handle:
+        return [json.loads(line) for line in handle]

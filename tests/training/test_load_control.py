@@ -1,0 +1,118 @@
+"""Compute as a setting, through the entry point (2 gloo processes): the target-load controller
+holds the measured load at the target (below and above the balanced load) and its bias
+settles; the bias is the same under EP2 x DP, TP2 + SP and PP2 (checked on every rank at every
+step) and equal to the one-process run's; resume reproduces loss and bias curves bit for bit."""
+
+from __future__ import annotations
+
+from statistics import fmean
+
+import pytest
+
+from tests.runs import read_metrics, run_pretrain
+
+pytestmark = pytest.mark.distributed
+
+CONTROL = [
+    "--adamoe-load-controller-rate",
+    "0.3",
+    "--moe-aux-loss-coeff",
+    "0.01",
+    "--lr",
+    "3e-3",
+    "--lr-warmup-iters",
+    "5",
+    "--hidden-dropout",
+    "0",
+    "--attention-dropout",
+    "0",
+    "--save",
+    "null",
+]
+
+
+def _train(corpus, tmp_path, name, *extra, iters=150, nproc=2):
+    metrics = tmp_path / f"{name}.jsonl"
+    run_pretrain(
+        corpus,
+        "--train-iters",
+        str(iters),
+        *CONTROL,
+        "--adamoe-metrics-file",
+        str(metrics),
+        *extra,
+        nproc=nproc,
+    )
+    return [r for r in read_metrics(metrics) if "lm loss" in r]
+
+
+@pytest.mark.parametrize("target", [1.0, 2.0])  # below and above k n / (n + m) = 1.5
+def test_controller_holds_the_target_load_and_its_bias_settles(synthetic_corpus, tmp_path, target):
+    records = _train(synthetic_corpus, tmp_path, "run", "--adamoe-target-load", str(target))
+    tail = records[-30:]
+    per_layer = [fmean(r["load"][layer] for r in tail) for layer in range(2)]
+    assert fmean(per_layer) == pytest.approx(target, rel=0.03), per_layer
+    assert per_layer == [pytest.approx(target, rel=0.05)] * 2
+    # The bias settles: over the last 30 steps it moves far less than over the first 30.
+    bias = [r["null bias"] for r in records]
+    for layer in range(2):
+        early = abs(bias[29][layer] - bias[0][layer])
+        late = max(b[layer] for b in bias[-30:]) - min(b[layer] for b in bias[-30:])
+        assert late < 0.25 * early, (layer, early, late)
+    direction = 1 if target < 1.5 else -1  # a lower target needs more null picks: bias up
+    assert all(direction * b > 0 for b in bias[-1])
+
+
+def test_bias_is_the_same_under_every_layout_and_as_one_process(synthetic_corpus, tmp_path):
+    """Each run checks at every step that all ranks of a stage hold the same biases (it would
+    stop otherwise); here the logged biases must also follow the one-process run's."""
+    common = ["--adamoe-target-load", "1.0", "--expert-model-parallel-size", "1"]
+    single = _train(synthetic_corpus, tmp_path, "tp1", *common, iters=10, nproc=1)
+    for name, layout in {
+        "ep2": ["--expert-model-parallel-size", "2"],
+        "tp2": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+        "pp2": ["--pipeline-model-parallel-size", "2"],
+    }.items():
+        records = _train(synthetic_corpus, tmp_path, name, *common, *layout, iters=10)
+        assert [r["null bias"] for r in records] == pytest.approx(
+            [r["null bias"] for r in single], rel=1e-4, abs=1e-6
+        ), name
+
+
+def test_resume_reproduces_loss_and_bias_bit_for_bit(synthetic_corpus, tmp_path):
+    options = ["--adamoe-target-load", "1.0", "--train-iters", "12", "--hidden-dropout", "0.1"]
+    whole = tmp_path / "whole.jsonl"
+    run_pretrain(
+        synthetic_corpus,
+        *options,
+        "--save",
+        str(tmp_path / "a"),
+        "--adamoe-load-controller-rate",
+        "0.3",
+        "--adamoe-metrics-file",
+        str(whole),
+    )
+    split = tmp_path / "split.jsonl"
+    for extra in (["--exit-interval", "6"], []):
+        run_pretrain(
+            synthetic_corpus,
+            *options,
+            *extra,
+            "--save",
+            str(tmp_path / "b"),
+            "--adamoe-load-controller-rate",
+            "0.3",
+            "--adamoe-metrics-file",
+            str(split),
+        )
+    pick = [
+        (r["iteration"], r["lm loss"], r["null bias"])
+        for r in read_metrics(whole)
+        if "lm loss" in r
+    ]
+    got = [
+        (r["iteration"], r["lm loss"], r["null bias"])
+        for r in read_metrics(split)
+        if "lm loss" in r
+    ]
+    assert got == pick and len(got) == 12

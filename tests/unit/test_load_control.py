@@ -1,0 +1,183 @@
+"""Compute as a setting: biased selection (expert bias + the controller's null bias) and top-p
+routing against the dense per-token reference (outputs and gradients), the controller step,
+and m = 0 with expert bias against stock Megatron-Core bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_adamoe.mcore.load_control import update_null_biases
+from megatron_adamoe.ops.losses import null_aware_load_balancing_loss
+from tests.builders import adamoe_config, build_adamoe_layer, build_stock_layer, stock_config
+from tests.reference import (
+    choose_experts,
+    dense_adamoe_layer,
+    eq6_loss,
+    expected_expert_grads,
+    load_full_weights,
+    local_expert_grads,
+    make_full_weights,
+)
+
+SEQ, BATCH, HIDDEN, FFN, NUM_TRUE, NUM_NULL, TOPK = 6, 4, 16, 8, 4, 4, 3
+TOL = dict(rtol=1e-4, atol=1e-5)
+EXPERT_BIAS = torch.tensor([0.3, -0.4, 0.1, 0.0])
+NULL_BIAS = 0.6
+
+
+def _run(null_type, weight_norm, topp=None, biased=True, aux_coeff=0.05, target=1.2):
+    config = adamoe_config(
+        hidden_size=HIDDEN,
+        moe_ffn_hidden_size=FFN,
+        num_moe_experts=NUM_TRUE,
+        adamoe_num_null_experts=NUM_NULL,
+        moe_router_topk=TOPK,
+        adamoe_null_expert_type=null_type,
+        adamoe_weight_norm=weight_norm,
+        moe_aux_loss_coeff=aux_coeff,
+        **(dict(adamoe_target_load=target, moe_router_enable_expert_bias=True) if biased else {}),
+        **(dict(adamoe_router_mode="topp", adamoe_topp_threshold=topp) if topp else {}),
+    )
+    layer = build_adamoe_layer(config)
+    weights = make_full_weights(5, HIDDEN, FFN, NUM_TRUE, NUM_NULL)
+    load_full_weights(layer, weights)
+    bias = None
+    if biased:
+        with torch.no_grad():
+            layer.router.expert_bias.copy_(EXPERT_BIAS)
+            layer.router.null_bias.fill_(NULL_BIAS)
+        bias = torch.cat([EXPERT_BIAS, torch.full((NUM_NULL,), NULL_BIAS)])
+    generator = torch.Generator().manual_seed(6)
+    x = torch.randn(SEQ, BATCH, HIDDEN, generator=generator)
+    grad_out = torch.randn(SEQ, BATCH, HIDDEN, generator=generator)
+    x_layer = x.clone().requires_grad_(True)
+    out, _ = layer(x_layer)
+    (out * grad_out).sum().backward()
+
+    ref = make_full_weights(5, HIDDEN, FFN, NUM_TRUE, NUM_NULL).requires_grad_()
+    x_ref = x.clone().view(-1, HIDDEN).requires_grad_(True)
+    y_ref, selections = dense_adamoe_layer(
+        x_ref, ref, TOPK, weight_norm, null_type, selection_bias=bias, topp=topp
+    )
+    loss = (y_ref * grad_out.view(-1, HIDDEN)).sum()
+    loss = loss + eq6_loss(
+        x_ref,
+        ref.router,
+        TOPK,
+        NUM_NULL,
+        aux_coeff,
+        selection_bias=bias,
+        topp=topp,
+        target_load=target if biased else None,
+    )
+    loss.backward()
+    return layer, out, x_layer, ref, y_ref, x_ref, selections
+
+
+def _check(layer, out, x_layer, ref, y_ref, x_ref):
+    torch.testing.assert_close(out.view(-1, HIDDEN), y_ref, **TOL)
+    torch.testing.assert_close(x_layer.grad.view(-1, HIDDEN), x_ref.grad, **TOL)
+    torch.testing.assert_close(layer.router.weight.grad, ref.router.grad, **TOL)
+    for expert, fc1_grad, fc2_grad in local_expert_grads(layer):
+        want_fc1, want_fc2 = expected_expert_grads(ref.fc1.grad, ref.fc2.grad, expert, 0, 1, False)
+        torch.testing.assert_close(fc1_grad, want_fc1, **TOL)
+        torch.testing.assert_close(fc2_grad, want_fc2, **TOL)
+
+
+@pytest.mark.parametrize("null_type", ["zero", "identity"])
+@pytest.mark.parametrize("weight_norm", ["true_experts", "all_selected", "none"])
+def test_biased_selection_matches_the_dense_loop(megatron_env, null_type, weight_norm):
+    layer, out, x_layer, ref, y_ref, x_ref, _ = _run(null_type, weight_norm)
+    _check(layer, out, x_layer, ref, y_ref, x_ref)
+    # The bias changed the picks of some tokens (else this test would not test it) ...
+    x = torch.randn(SEQ * BATCH, HIDDEN, generator=torch.Generator().manual_seed(6))
+    weights = make_full_weights(5, HIDDEN, FFN, NUM_TRUE, NUM_NULL)
+    bias = torch.cat([EXPERT_BIAS, torch.full((NUM_NULL,), NULL_BIAS)])
+    changed = sum(
+        choose_experts(weights.router @ t, TOPK, bias) != choose_experts(weights.router @ t, TOPK)
+        for t in x
+    )
+    assert changed > 0
+    # ... and the biases are buffers: no gradient path runs through them.
+    assert not layer.router.null_bias.requires_grad and not layer.router.expert_bias.requires_grad
+
+
+@pytest.mark.parametrize("topp", [0.3, 0.7, 1.0])
+@pytest.mark.parametrize("weight_norm", ["true_experts", "all_selected", "none"])
+def test_top_p_matches_the_dense_loop(megatron_env, weight_norm, topp):
+    layer, out, x_layer, ref, y_ref, x_ref, selections = _run(
+        "identity", weight_norm, topp=topp, biased=topp == 0.7
+    )
+    _check(layer, out, x_layer, ref, y_ref, x_ref)
+    sizes = {len(true) + len(null) for true, null in selections}
+    assert max(sizes) <= TOPK and (topp == 1.0 or min(sizes) < TOPK)  # variable-size picks
+    stats = layer.router.last_routing_stats
+    assert stats.num_true_assignments == sum(len(true) for true, _ in selections)
+
+
+def test_controller_step_moves_the_null_bias_by_rate_times_error(megatron_env):
+    config = adamoe_config(
+        adamoe_target_load=1.0, adamoe_load_controller_rate=0.5, moe_aux_loss_coeff=0.0
+    )
+    layer = build_adamoe_layer(config)
+    layer.router.set_layer_number(1)
+    x = torch.randn(5, 2, config.hidden_size, requires_grad=True)
+    layer(x)[0].sum().backward()
+    layer(x)[0].sum().backward()  # two micro-batches
+    load = layer.router.last_routing_stats.load.item()
+    assert layer.router.local_load_counts.tolist() == pytest.approx([2 * load * 10, 20.0])
+    update_null_biases(layer)
+    assert layer.router.null_bias.item() == pytest.approx(0.5 * (load - 1.0))
+    assert layer.router.local_load_counts.tolist() == [0.0, 0.0]
+    with torch.no_grad():  # evaluation: nothing counted, no step
+        layer(x)
+    update_null_biases(layer)
+    assert layer.router.null_bias.item() == pytest.approx(0.5 * (load - 1.0))
+
+
+def test_target_share_loss_is_eq6_at_the_balanced_load():
+    scores = torch.softmax(torch.randn(10, 8), dim=-1)
+    counts = torch.tensor([4.0, 3, 5, 2, 6, 1, 4, 5])
+    plain = null_aware_load_balancing_loss(scores, counts, 10, 3, 4, 0.1)
+    balanced = null_aware_load_balancing_loss(scores, counts, 10, 3, 4, 0.1, target_load=1.5)
+    torch.testing.assert_close(balanced, plain)
+    lower = null_aware_load_balancing_loss(scores, counts, 10, 3, 4, 0.1, target_load=1.0)
+    assert not torch.allclose(lower, plain)
+
+
+def test_no_nulls_with_expert_bias_equals_stock_megatron_bit_for_bit(megatron_env):
+    """Stock Megatron-Core takes the expert bias with sigmoid scores only: the AdaMoE router with
+    m = 0 runs that path unchanged, and Megatron's bias update sees the same token counts."""
+    from megatron.core.distributed.finalize_model_grads import _update_router_expert_bias
+
+    common = dict(
+        moe_router_topk=2,
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_aux_loss_coeff=0.01,
+    )
+    ada = build_adamoe_layer(adamoe_config(adamoe_num_null_experts=0, **common))
+    stock = build_stock_layer(stock_config(**common))
+    stock.load_state_dict(ada.state_dict())
+    for step in range(3):
+        x = torch.randn(6, 2, 16, generator=torch.Generator().manual_seed(step))
+        outputs = []
+        for layer in (ada, stock):
+            x_layer = x.clone().requires_grad_(True)
+            out, _ = layer(x_layer)
+            out.sum().backward()
+            outputs.append(
+                (
+                    out,
+                    x_layer.grad,
+                    layer.router.weight.grad.clone(),
+                    layer.router.local_tokens_per_expert.clone(),
+                )
+            )
+            _update_router_expert_bias([layer], layer.config)
+            layer.router.weight.grad = None
+        for mine, theirs in zip(*outputs):
+            assert torch.equal(mine, theirs)
+        assert torch.equal(ada.router.expert_bias, stock.router.expert_bias)
+    assert ada.router.expert_bias.abs().sum() > 0
