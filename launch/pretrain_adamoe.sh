@@ -22,6 +22,9 @@ SCRIPT=launch/pretrain_adamoe.sh
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 CONFIG=${CONFIG:-configs/cpu_adamoe_tiny.yaml}
+for arg in "$@"; do   # --help: the options, once, without starting anything
+    if [ "$arg" = "--help" ] || [ "$arg" = "-h" ]; then exec "$PYTHON" "$SCRIPT" --help; fi
+done
 
 HAS_GPU=$("$PYTHON" -c "import torch; print(int(torch.cuda.is_available()))")
 if [ "$HAS_GPU" = 1 ]; then

@@ -35,13 +35,22 @@ def main(argv=None) -> int:
         help="rebuild the report from the kept metrics; run nothing",
     )
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--timing",
+        action="store_true",
+        help="a timing pass (run it with the machine otherwise idle): each config "
+        "a few steps, alternating; writes timing.csv, then the report",
+    )
+    parser.add_argument("--timing-steps", type=int, default=40)
     options = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from megatron_adamoe.analysis import study
 
     try:
         grid = study.load_grid(options.grid)
-        if not options.report_only:
+        if options.timing:
+            study.time_arms(grid, options.runs_dir, options.out, options.timing_steps)
+        elif not options.report_only:
             study.run_grid(grid, options.runs_dir, options.out, progress=not options.no_progress)
         path = study.write_report(grid, options.out)
     except OptionError as error:

@@ -100,7 +100,10 @@ def flops_at_equal_loss(point: dict, front: list[tuple[str, dict]]) -> tuple[str
     return "interpolated", 1 - flops / needed
 
 
-def render(grid, rows: list[dict], machine: dict, command: str) -> str:
+def render(
+    grid, rows: list[dict], machine: dict, command: str, timing: Optional[dict] = None
+) -> str:
+    """The README. ``timing``: {arm: median step seconds} of a quiet timing pass, if any."""
     stats = {arm: arm_stats(rows, arm) for arm in grid.arms}
     stats = {arm: s for arm, s in stats.items() if s["rows"]}
     base = f"top-{grid.baseline_topk}"
@@ -159,6 +162,7 @@ def render(grid, rows: list[dict], machine: dict, command: str) -> str:
             f"| {_pm([r['tokens_per_s'] for r in s['rows']], 0)} | {relative} |"
         )
     lines += [""] + _comparison_lines(grid, stats, base, base_tps)
+    lines += _timing_lines(grid, stats, base, timing or {})
     lines += ["## Plots", ""]
     for filename, caption in PLOTS:
         lines += [f"**{caption}**", "", f"![{caption}]({filename})", ""]
@@ -235,8 +239,12 @@ def _comparison_lines(grid, stats: dict, base: str, base_tps) -> list[str]:
     lines += [""]
     if base_tps:
         lines += [
-            "Wall clock: time per step relative to " + base + " against model FLOPs "
-            "relative to " + base + " (1.0 = time follows FLOPs exactly):",
+            "Wall clock in the grid's own runs (the machine may have been shared while they ran; "
+            "see the timing pass below when there is one): time per step relative to "
+            + base
+            + " against model FLOPs relative to "
+            + base
+            + " (1.0 = time follows FLOPs exactly):",
             "",
         ]
         for arm, s in stats.items():
@@ -249,3 +257,30 @@ def _comparison_lines(grid, stats: dict, base: str, base_tps) -> list[str]:
                 )
         lines += [""]
     return lines
+
+
+def _timing_lines(grid, stats: dict, base: str, timing: dict) -> list[str]:
+    base_arm = _arm_with_k(grid, stats, grid.baseline_topk)
+    if not timing or base_arm not in timing:
+        return []
+    lines = [
+        "## Wall clock, timing pass",
+        "",
+        "Each config run again for a few steps on a machine doing nothing else, configs "
+        "alternating (`--timing`, timing.csv): median step time relative to "
+        + base
+        + ", against the model FLOPs relative to "
+        + base
+        + " measured in the grid "
+        "(1.0 = time follows FLOPs exactly).",
+        "",
+        "| config | s/step | time vs " + base + " | model FLOPs vs " + base + " | time / FLOPs |",
+        "|---|---|---|---|---|",
+    ]
+    for arm, seconds in timing.items():
+        if arm not in stats:
+            continue
+        flops = stats[arm]["model_flops_vs_baseline"][0]
+        ratio = seconds / timing[base_arm]
+        lines.append(f"| {arm} | {seconds:.3f} | {ratio:.3f} | {flops:.3f} | {ratio / flops:.3f} |")
+    return lines + [""]

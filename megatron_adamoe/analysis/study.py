@@ -154,8 +154,11 @@ def load_grid(path: str) -> Grid:
     )
 
 
-def run_command(grid: Grid, arm: str, seed: int, run_dir: str, port: int) -> list[str]:
-    """The exact command of one run: the launch script under torchrun, as a user types it."""
+def run_command(
+    grid: Grid, arm: str, seed: int, run_dir: str, port: int, timing_steps: Optional[int] = None
+) -> list[str]:
+    """The exact command of one run: the launch script under torchrun, as a user types it.
+    ``timing_steps``: a timing run instead (that many steps, no evaluation, no checkpoint)."""
     overrides = {
         **grid.common,
         **grid.arms[arm],
@@ -166,6 +169,15 @@ def run_command(grid: Grid, arm: str, seed: int, run_dir: str, port: int) -> lis
         "tensorboard_dir": os.path.join(run_dir, "tensorboard"),
         "adamoe_flops_baseline_topk": grid.baseline_topk,
     }
+    if timing_steps:
+        overrides.update(
+            train_iters=timing_steps,
+            lr_warmup_iters=0,
+            eval_interval=None,
+            save=None,
+            save_interval=None,
+            tensorboard_dir=None,
+        )
     flags = []
     for key, value in overrides.items():
         flag = "--" + key.replace("_", "-")
@@ -287,6 +299,58 @@ def _run_one(grid: Grid, arm: str, seed: int, run_dir: str, bar) -> float:
     return sum(a["wall_s"] for a in attempts)
 
 
+def time_arms(grid: Grid, runs_dir: str, out_dir: str, steps: int = 40, repeats: int = 2) -> str:
+    """A timing pass, for the wall-clock question on a machine doing nothing else: every arm
+    (first seed) runs ``steps`` steps, arms alternating, ``repeats`` rounds; the median step time
+    (past the first 5 steps) of each run goes to ``<out>/<name>/timing.csv``."""
+    rows = []
+    for repeat in range(repeats):
+        for arm in grid.arms:
+            run_dir = os.path.join(runs_dir, grid.name, "timing", f"{arm}-{repeat}")
+            shutil.rmtree(run_dir, ignore_errors=True)
+            os.makedirs(run_dir)
+            command = run_command(grid, arm, grid.seeds[0], run_dir, _free_port(), steps)
+            with open(os.path.join(run_dir, "train.log"), "w") as log:
+                done = subprocess.run(
+                    command,
+                    cwd=REPO,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env={**os.environ, "OMP_NUM_THREADS": "1"},
+                )
+            if done.returncode != 0:
+                raise RuntimeError(f"timing run {arm} failed; see {run_dir}/train.log")
+            times = [s.step_time for s in read_run(run_dir).train[5:] if s.step_time]
+            rows.append(
+                {"config": arm, "repeat": repeat, "steps": steps, "median_step_s": median(times)}
+            )
+            print(
+                f"timing {arm} (round {repeat + 1}/{repeats}): {median(times):.3f} s/step",
+                flush=True,
+            )
+    path = os.path.join(out_dir, grid.name, "timing.csv")
+    with open(path + ".tmp", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=("config", "repeat", "steps", "median_step_s"))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def read_timing(grid: Grid, out_dir: str) -> dict[str, float]:
+    """{arm: median over repeats of the median step time} from timing.csv (empty if none)."""
+    path = os.path.join(out_dir, grid.name, "timing.csv")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as handle:
+        rows = list(csv.DictReader(handle))
+    return {
+        arm: median(float(r["median_step_s"]) for r in rows if r["config"] == arm)
+        for arm in grid.arms
+        if any(r["config"] == arm for r in rows)
+    }
+
+
 def _keep_in_report(run_dir: str, keep_dir: str) -> None:
     """The run's metrics (gzipped) and done.json next to the report, for --report-only."""
     os.makedirs(keep_dir, exist_ok=True)
@@ -382,6 +446,7 @@ def write_report(grid: Grid, out_dir: str) -> Optional[str]:
         rows,
         machine_info,
         command=f"python tools/study.py {os.path.relpath(grid.path, REPO)}",
+        timing=read_timing(grid, out_dir),
     )
     path = os.path.join(report_dir, "README.md")
     with open(path + ".tmp", "w") as handle:

@@ -114,6 +114,16 @@ def test_study_harness_runs_a_grid_and_reports_it(synthetic_corpus, tmp_path):
     assert [a["returncode"] for a in attempts] == [0, 0]
     assert len(json.loads((runs / "tiny" / "top2-seed7" / "attempts.json").read_text())) == 1
 
+    # The timing pass: each config again, alternating, a few steps; the report shows it.
+    _study(grid, "--runs-dir", str(runs), "--out", str(out), "--timing", "--timing-steps", "8")
+    with open(report / "timing.csv") as handle:
+        timing = list(csv.DictReader(handle))
+    assert [(r["config"], r["repeat"]) for r in timing] == [
+        ("top2", "0"), ("ada", "0"), ("top2", "1"), ("ada", "1")]
+    assert all(float(r["median_step_s"]) > 0 for r in timing)
+    text = (report / "README.md").read_text()
+    assert "## Wall clock, timing pass" in text and "| ada | " in text.split("timing pass")[1]
+
     # The report rebuilds from the kept files alone.
     before = (report / "results.csv").read_text()
     (report / "results.csv").unlink()
