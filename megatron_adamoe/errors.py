@@ -38,7 +38,9 @@ def report(
     world_size: int = 1,
     stream: Optional[TextIO] = None,
 ) -> int:
-    """Print ``error_line`` to stderr (flushed: the process may be killed next); return the exit
-    status (2 for OptionError, 3 for TrainingHalted)."""
-    print(error_line(error, rank, world_size), file=stream or sys.stderr, flush=True)
+    """Print ``error_line`` to stderr in one write (ranks share the stream; flushed: the process
+    may be killed next); return the exit status (2 for OptionError, 3 for TrainingHalted)."""
+    stream = stream or sys.stderr
+    stream.write(error_line(error, rank, world_size) + "\n")
+    stream.flush()
     return EXIT_HALTED if isinstance(error, TrainingHalted) else EXIT_USER_ERROR

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import tempfile
 from typing import Optional
 
@@ -27,12 +28,17 @@ def check_writable(name: str, directory: str, why: str) -> None:
 
 def storage_problem(error: BaseException, directory: str) -> Optional[str]:
     """'ran out of disk space' or 'is not writable (...)' when ``error`` came from the storage
-    under ``directory`` (an errno anywhere in its chain, else a probe write there); else None.
-    Writers deep in torch report a full disk as, e.g., "unexpected pos 704 vs 598"."""
+    under ``directory`` (an errno anywhere in its chain, the errno's text in a message that
+    carries it, else a probe write there); else None. Writers report a full disk in many forms:
+    safetensors' "No space left on device (os error 28)", torch's "unexpected pos 704 vs 598",
+    dist_checkpointing's worker failures quoted inside a CheckpointException."""
     seen = error
     while seen is not None:
         if isinstance(seen, OSError) and _describe(seen):
             return _describe(seen)
+        for code, pattern in _ERRNO_TEXT.items():
+            if pattern.search(str(seen)):
+                return _describe(OSError(code, os.strerror(code)))
         seen = seen.__cause__ or seen.__context__
     try:
         with tempfile.NamedTemporaryFile(dir=directory) as probe:
@@ -42,6 +48,12 @@ def storage_problem(error: BaseException, directory: str) -> Optional[str]:
     except OSError as probe_error:
         return _describe(probe_error)
     return None
+
+
+_ERRNO_TEXT = {  # errno -> how messages that only quote it spell it
+    code: re.compile(rf"{re.escape(os.strerror(code))}|\[Errno {code}\]|os error {code}\b")
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS)
+}
 
 
 def _describe(error: OSError) -> Optional[str]:

@@ -6,8 +6,9 @@ spawned process and keeps its queue in the module global ``_results_queue``. A r
 that server runs (a crash, a node failure, torchrun tearing a job down) leaves the server
 orphaned, idle for good. ``start_write_results_queue`` starts the same Manager ourselves, with an
 initializer that asks Linux to kill the server when its parent dies (``PR_SET_PDEATHSIG``), and
-hands its queue to that global, so upstream uses it unchanged. Elsewhere than Linux it does
-nothing (upstream's queue is used).
+hands its queue to that global, so upstream uses it unchanged. The server ignores SIGTERM, which
+torchrun sends to a worker's whole process group: a rank saves on SIGTERM and needs it. Elsewhere
+than Linux it does nothing (upstream's queue is used).
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ _managers: list = []  # the Manager objects must outlive this call
 
 
 def _die_with_parent(parent_pid: int) -> None:
-    """Runs in the Manager's server process before it serves."""
+    """Runs in the Manager's server process before it serves. SIGTERM is ignored: torchrun
+    signals a worker's whole process group, and the rank, which handles SIGTERM by saving, still
+    needs this server for that save; the server goes when the rank goes."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent_pid:  # the parent died before prctl took effect

@@ -31,6 +31,7 @@ import torch.distributed as dist
 import yaml
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_adamoe.checkpoint_files import (
     PARTIAL,
@@ -206,8 +207,14 @@ def save_checkpoint(
                 shutil.rmtree(final)
             os.replace(partial, final)
             write_atomically(os.path.join(args.save, TRACKER), f"{position.iteration}\n")
-    except Exception as error:
+    except (Exception, CheckpointException) as error:  # CheckpointException is a BaseException
         storage = storage_problem(error, args.save)
+        if isinstance(error, CheckpointException):
+            # dist_checkpointing raised this on every rank; only rank 0 (its coordinator) holds
+            # the writers' failures, so rank 0's reading holds for all.
+            verdict = [storage]
+            dist.broadcast_object_list(verdict, src=0)
+            storage = verdict[0]
         if storage is None:
             raise
         shutil.rmtree(partial, ignore_errors=True)

@@ -24,11 +24,12 @@ from megatron.core.rerun_state_machine import get_rerun_state_machine
 from megatron.core.transformer.module import Float16Module
 from megatron.core.utils import get_batch_on_this_cp_rank
 
+from megatron_adamoe.data import corpus
 from megatron_adamoe.errors import TrainingHalted
 from megatron_adamoe.mcore import finalize_model_grads_with_load_control, set_adamoe_training_step
 from megatron_adamoe.mcore.checkpoint_writer import start_write_results_queue
 from megatron_adamoe.options import PretrainArguments
-from megatron_adamoe.training import checkpointing, corpus, data, distributed, metrics
+from megatron_adamoe.training import checkpointing, data, distributed, metrics
 from megatron_adamoe.training.guards import NOT_SAVED, TrainingGuard
 from megatron_adamoe.training.model import build_model, check_device_support, transformer_config
 from megatron_adamoe.training.reporting import Reporter

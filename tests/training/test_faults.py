@@ -25,6 +25,13 @@ def _error_lines(result) -> list[str]:
     return [line for line in result.stderr.splitlines() if "error: " in line]
 
 
+def _check_rank_lines(result, message: str) -> None:
+    """Each rank that met the error printed the one line (torchrun may stop the other rank
+    before it prints)."""
+    lines = _error_lines(result)
+    assert lines and set(lines) <= {f"[rank {r}] {message}" for r in (0, 1)}, result.stderr[-3000:]
+
+
 def _launch(corpus, *overrides, env=None):
     """launch/pretrain_adamoe.sh run directly (validates before starting any process)."""
     data_path, tokenizer = corpus
@@ -89,7 +96,7 @@ def test_corpus_too_small_for_validation_fails_fast_instead_of_hanging(synthetic
         "and at least seq_length + 1 = 65 tokens; split '98,2,0' gives it 0 of 1 "
         "documents (0 tokens); add text or change split"
     )
-    assert sorted(_error_lines(result)) == [f"[rank 0] {message}", f"[rank 1] {message}"]
+    _check_rank_lines(result, message)
 
 
 def test_unwritable_save_and_damaged_data_are_found_before_any_process_starts(
@@ -145,10 +152,8 @@ def test_resume_from_a_damaged_checkpoint_names_the_file_and_the_intact_one(
         f"shard __1_0.distcp); the previous checkpoint iter_0000003 is intact: resume "
         f"from it with `echo 3 > {save}/latest_checkpointed_iteration.txt`"
     )
-    assert result.returncode != 0 and sorted(set(_error_lines(result))) == [
-        f"[rank 0] {message}",
-        f"[rank 1] {message}",
-    ]
+    assert result.returncode != 0
+    _check_rank_lines(result, message)
     (save / "latest_checkpointed_iteration.txt").write_text("3\n")  # the advice works
     resumed = run_pretrain(synthetic_corpus, "--train-iters", "4", "--save", str(save))
     assert "resuming at iteration 3" in resumed.stdout
@@ -166,11 +171,11 @@ def test_resume_with_a_changed_shape_option_names_it(synthetic_corpus, tmp_path)
         )
         name = option[2:].replace("-", "_")
         assert result.returncode != 0
-        assert set(_error_lines(result)) == {
-            f"[rank {r}] error: {name} ({value}) must equal the checkpoint's ({saved}) to load "
-            f"{save}/iter_0000003; set it back, or start a new run with another save directory"
-            for r in (0, 1)
-        }
+        _check_rank_lines(
+            result,
+            f"error: {name} ({value}) must equal the checkpoint's ({saved}) to load "
+            f"{save}/iter_0000003; set it back, or start a new run with another save directory",
+        )
 
 
 @pytest.fixture
@@ -213,7 +218,8 @@ def test_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(
         for line in lines
     ), lines
     assert not [p for p in save.iterdir() if p.name.endswith(".partial")]
-    assert "Traceback" not in result.stderr.split("ChildFailedError")[0]
+    # The only traceback is torchrun's own report that a worker failed.
+    assert result.stderr.count("Traceback") == 1 and "ChildFailedError" in result.stderr
 
 
 def test_export_to_an_unwritable_or_full_place_is_one_line(synthetic_corpus, tmp_path, small_disk):
@@ -289,7 +295,8 @@ def test_divergence_stops_the_run_without_saving_it(synthetic_corpus, tmp_path):
 
 def test_sigterm_finishes_the_step_saves_and_exits_zero(synthetic_corpus, tmp_path):
     """SIGTERM to torchrun (what SLURM sends ahead of a time limit): every rank finishes its
-    step, the run saves that iteration and the workers exit 0; the run then resumes from it."""
+    step, the run saves that iteration and the workers exit 0 (torchrun itself then re-raises
+    the signal, its own exit 1); the run then resumes from it."""
     save = tmp_path / "ckpt"
     metrics = tmp_path / "metrics.jsonl"
     data_path, tokenizer = synthetic_corpus
