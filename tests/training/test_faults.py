@@ -18,6 +18,7 @@ from tests.runs import REPO, read_metrics, run_pretrain
 
 pytestmark = pytest.mark.distributed
 
+PROGRESS_BAR = re.compile(r"\d+%\|.*\| \d+/\d+ \[")  # tqdm's, e.g. transformers' shard writer
 FAST_FAIL_S = 120  # a check that works answers in seconds; the old code hung here
 
 
@@ -55,7 +56,9 @@ def _launch(corpus, *overrides, env=None):
 def _only_line(result) -> str:
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
     lines = [
-        line for line in result.stderr.splitlines() if line.strip() and "warn" not in line.lower()
+        line
+        for line in result.stderr.splitlines()
+        if line.strip() and "warn" not in line.lower() and not PROGRESS_BAR.search(line)
     ]
     assert len(lines) == 1, result.stderr
     return lines[0]

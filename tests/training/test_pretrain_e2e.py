@@ -275,6 +275,7 @@ def test_kill_during_save_keeps_previous_checkpoint_and_torchrun_restart_resumes
     records = [r for r in read_metrics(metrics) if "lm loss" in r]
     iterations = [r["iteration"] for r in records]
     assert iterations == [1, 2, 3, 4, 5, 6, 7, 8, 5, 6, 7, 8, 9, 10]
+
     def measured(records):  # every record but the wall-clock step time
         return [{k: v for k, v in r.items() if k != "step time"} for r in records]
 

@@ -119,7 +119,11 @@ def test_study_harness_runs_a_grid_and_reports_it(synthetic_corpus, tmp_path):
     with open(report / "timing.csv") as handle:
         timing = list(csv.DictReader(handle))
     assert [(r["config"], r["repeat"]) for r in timing] == [
-        ("top2", "0"), ("ada", "0"), ("top2", "1"), ("ada", "1")]
+        ("top2", "0"),
+        ("ada", "0"),
+        ("top2", "1"),
+        ("ada", "1"),
+    ]
     assert all(float(r["median_step_s"]) > 0 for r in timing)
     text = (report / "README.md").read_text()
     assert "## Wall clock, timing pass" in text and "| ada | " in text.split("timing pass")[1]
