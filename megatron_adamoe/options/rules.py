@@ -15,7 +15,7 @@ POSITIVE = (
     "num_layers hidden_size num_attention_heads seq_length num_experts moe_router_topk "
     "tensor_model_parallel_size pipeline_model_parallel_size expert_model_parallel_size "
     "context_parallel_size micro_batch_size train_iters log_interval eval_iters "
-    "make_vocab_size_divisible_by adamoe_loss_spike_window"
+    "make_vocab_size_divisible_by adamoe_loss_spike_window adamoe_min_load_steps"
 ).split()
 OPTIONAL_POSITIVE = (
     "ffn_hidden_size num_query_groups max_position_embeddings moe_ffn_hidden_size "

@@ -140,7 +140,12 @@ class PretrainArguments:
         3.0, "stop if loss > factor x recent mean; 0 = off", FAULTS
     )
     adamoe_loss_spike_window: int = opt(20, "losses in that recent mean", FAULTS)
-    adamoe_min_load: float = opt(0.01, "stop if an MoE layer's load falls below; 0 = off", FAULTS)
+    adamoe_min_load: float = opt(
+        0.01, "stop if an MoE layer's load stays below (see next); 0 = off", FAULTS
+    )
+    adamoe_min_load_steps: int = opt(
+        10, "consecutive steps under adamoe_min_load that stop the run", FAULTS
+    )
     # --- filled in by load_arguments, not settable ---
     world_size: int = field(default=1, metadata={"derived": True})
     data_parallel_size: int = field(default=1, metadata={"derived": True})

@@ -4,8 +4,12 @@ before that state is saved. Torch-free; the trainer calls ``check`` after every 
 - non-finite loss: always;
 - spike: the loss exceeds ``adamoe_loss_spike_factor`` times the mean of the previous
   ``adamoe_loss_spike_window`` losses (checked once that many are known; factor 0 = off);
-- collapse: an MoE layer's measured load (true experts per token over the global batch) falls
-  below ``adamoe_min_load`` (0 = off): every token routes (almost) only to null experts.
+- collapse: an MoE layer's measured load (true experts per token over the global batch) stays
+  below ``adamoe_min_load`` (0 = off) for ``adamoe_min_load_steps`` consecutive steps: every
+  token routes (almost) only to null experts. Early in training a layer can dip under the floor
+  for a step or two and recover (all tokens still route alike); a collapse stays. While a layer
+  is under the floor the guard is ``holding_back`` and the trainer defers periodic saves, so a
+  collapsing state never becomes the latest checkpoint.
 """
 
 from __future__ import annotations
@@ -19,9 +23,21 @@ NOT_SAVED = "not saved: the last checkpoint is intact"
 
 
 class TrainingGuard:
-    def __init__(self, spike_factor: float, spike_window: int, min_load: float) -> None:
-        self.spike_factor, self.min_load = spike_factor, min_load
+    def __init__(
+        self, spike_factor: float, spike_window: int, min_load: float, min_load_steps: int = 1
+    ) -> None:
+        self.spike_factor, self.min_load, self.min_load_steps = (
+            spike_factor,
+            min_load,
+            min_load_steps,
+        )
         self.recent: deque = deque(maxlen=spike_window)
+        self.steps_under: dict[int, int] = {}  # layer -> consecutive steps under the floor
+
+    @property
+    def holding_back(self) -> bool:
+        """A layer is under the load floor now (not yet for long enough to stop the run)."""
+        return any(self.steps_under.values())
 
     def check(self, iteration: int, loss: float, loads: dict[int, float]) -> None:
         """Raise TrainingHalted naming the iteration (and the layer) when a guard trips."""
@@ -41,11 +57,14 @@ class TrainingGuard:
                 )
         if self.min_load:
             for layer, load in sorted(loads.items()):
-                if load < self.min_load:
+                under = self.steps_under.get(layer, 0) + 1 if load < self.min_load else 0
+                self.steps_under[layer] = under
+                if under >= self.min_load_steps:
                     raise TrainingHalted(
                         f"MoE layer {layer} collapsed at iteration {iteration}: load {load:.4f} "
-                        f"true experts per token is under adamoe_min_load ({self.min_load:g}), "
-                        f"nearly every token routes to null experts; {NOT_SAVED}; lower lr, "
-                        "raise the load-balancing coefficient, or set adamoe_min_load 0"
+                        f"true experts per token, under adamoe_min_load ({self.min_load:g}) for "
+                        f"{under} step{'s' if under > 1 else ''}, nearly every token routes to "
+                        f"null experts; {NOT_SAVED}; lower lr, raise the load-balancing "
+                        "coefficient, or set adamoe_min_load 0"
                     )
         self.recent.append(loss)

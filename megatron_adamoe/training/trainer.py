@@ -64,7 +64,10 @@ class Trainer:
         self.train_dataset, self.valid_dataset = data.build_datasets(args, tokenizer)
         self.reporter = Reporter(args, self.config, args.padded_vocab_size(tokenizer.vocab_size))
         self.guard = TrainingGuard(
-            args.adamoe_loss_spike_factor, args.adamoe_loss_spike_window, args.adamoe_min_load
+            args.adamoe_loss_spike_factor,
+            args.adamoe_loss_spike_window,
+            args.adamoe_min_load,
+            args.adamoe_min_load_steps,
         )
         self._log_start()
 
@@ -85,6 +88,7 @@ class Trainer:
         )
         signals = ExitSignalHandler() if args.exit_signal_handler else None
         saved_at = position.iteration  # the checkpoint this run resumed from (or none, at 0)
+        save_due = False
         self.model.train()
         try:
             while position.iteration < args.train_iters:
@@ -94,13 +98,12 @@ class Trainer:
                     or position.iteration == args.train_iters
                 ):
                     self.validate()
-                if (
-                    args.save
-                    and args.save_interval
-                    and position.iteration % args.save_interval == 0
-                ):
-                    self.save()
-                    saved_at = position.iteration
+                if args.save and args.save_interval:
+                    # A save due while a layer is under the load floor waits for it to recover.
+                    save_due = save_due or position.iteration % args.save_interval == 0
+                    if save_due and not self.guard.holding_back:
+                        self.save()
+                        saved_at, save_due = position.iteration, False
                 if signals is not None and signals.received_anywhere(distributed.device()):
                     logger.info(
                         "exit signal received: stopping after iteration %d", position.iteration

@@ -198,6 +198,9 @@ def test_other_rules(data):
     assert _error(CPU_CONFIG, {**data, "adamoe_data_seed": -1}) == (
         "adamoe_data_seed (-1) must be in [0, 2**32); pick a non-negative 32-bit seed"
     )
+    assert _error(CPU_CONFIG, {**data, "adamoe_min_load_steps": 0}) == (
+        "adamoe_min_load_steps (0) must be > 0; set a positive value"
+    )
 
 
 def test_missing_config_file():
