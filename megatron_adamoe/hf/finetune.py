@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seed", type=int, default=1234)
     add("--bf16", action="store_true", help="bf16 (GPU)")
     add("--metrics-file", default=None, help="JSON lines, one per logging step (rank 0)")
+    # The deepspeed launcher passes --local_rank=N (it also sets LOCAL_RANK, which is read).
+    add("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 
 
@@ -85,8 +87,12 @@ def check(options) -> None:
                 f"{name} ({getattr(options, name)}) must be >= 1; pass a positive "
                 f"--{name.replace('_', '-')}"
             )
-    if options.learning_rate <= 0 or options.load_controller_rate <= 0:
-        raise OptionError("learning_rate and load_controller_rate must be > 0; fix the flags")
+    for name in ("learning_rate", "load_controller_rate"):
+        if getattr(options, name) <= 0:
+            raise OptionError(
+                f"{name} ({getattr(options, name)}) must be > 0; pass a positive "
+                f"--{name.replace('_', '-')}"
+            )
     if options.aux_loss_coef is not None and options.aux_loss_coef < 0:
         raise OptionError(
             f"aux_loss_coef ({options.aux_loss_coef}) must be >= 0; use 0 to turn "
