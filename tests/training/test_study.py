@@ -53,7 +53,7 @@ def _grid(tmp_path, corpus) -> str:
         "discussion": "Written by a person after reading the results.",
     }
     path = tmp_path / "grid.yaml"
-    path.write_text(yaml.safe_dump(grid))
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))  # arms in the written order
     return str(path)
 
 
