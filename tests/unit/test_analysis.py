@@ -159,6 +159,11 @@ def test_frontier_comparisons_interpolate_the_top_k_points():
     assert at["topk_loss"] == pytest.approx(3.8) and at["diff"] == pytest.approx(-0.1)
     assert at["stderr"] == pytest.approx(0.03 / math.sqrt(3)) and at["exceeds"]
     assert report.compare_at_equal_flops(_stats(3.7, 0.0, 0.25), front) is None
+    # Within 1 % past an end (a measured 0.497 against top-1's 0.5): compared with that end.
+    assert report.compare_at_equal_flops(_stats(4.1, 0.0, 0.497), front)["diff"] == pytest.approx(
+        0.1
+    )
+    assert report.compare_at_equal_flops(_stats(4.1, 0.0, 0.49), front) is None
     how, saving = report.flops_at_equal_loss(_stats(3.6, 0, 0.75), front)
     assert how == "interpolated" and saving == pytest.approx(0.25)  # top-k needs 1.0
     how, saving = report.flops_at_equal_loss(_stats(3.4, 0, 0.75), front)
