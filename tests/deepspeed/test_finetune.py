@@ -159,9 +159,13 @@ def test_aux_loss_is_the_null_aware_loss_of_ops_on_the_router_logits(model_and_d
     tokens = torch.randint(4, 200, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         output = model(tokens, output_router_logits=True)
+    # The model's routers choose with their null bias (the controller's; the loss never sees
+    # it) and its loss pulls the nulls to the target load's share (router_target_load 1.0).
+    blocks = [layer.block_sparse_moe for layer in model.model.layers]
     expected = 0.0
-    for logits_TX in output.router_logits:
-        routing = null_expert_topk_routing(logits_TX, 3, 4)
+    for logits_TX, block in zip(output.router_logits, blocks):
+        bias_X = torch.cat([torch.zeros(4), block.null_bias.float().expand(4)])
+        routing = null_expert_topk_routing(logits_TX, 3, 4, selection_bias_X=bias_X)
         expected = expected + null_aware_load_balancing_loss(
             torch.softmax(logits_TX, dim=-1, dtype=torch.float32),
             routing.routing_map_TX.sum(0),
@@ -169,6 +173,8 @@ def test_aux_loss_is_the_null_aware_loss_of_ops_on_the_router_logits(model_and_d
             3,
             4,
             1.0,
+            target_load=1.0,
         )
+    assert all(block.null_bias.item() != 0 for block in blocks)
     assert output.aux_loss > 0
     torch.testing.assert_close(output.aux_loss, expected)
