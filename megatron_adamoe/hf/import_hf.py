@@ -44,6 +44,25 @@ logger = logging.getLogger(__name__)
 
 ARCHITECTURES = ("MixtralForCausalLM", "AdaMoEForCausalLM")
 NULL_ROUTER_INITS = ("tile", "random")
+
+
+def check_output_and_null_init(out: str, null_router_init: str, written: str) -> None:
+    """The checks both converters into AdaMoE make first: ``out`` is new and its parent takes
+    ``written`` (written next to it, then renamed); ``null_router_init`` is known."""
+    if os.path.exists(out):
+        raise OptionError(f"out ({out!r}) must not exist yet; remove it or pick another path")
+    check_writable(
+        "out",
+        os.path.dirname(os.path.abspath(out)),
+        f"{written} is written next to it first; pick a writable place",
+    )
+    if null_router_init not in NULL_ROUTER_INITS:
+        raise OptionError(
+            f"null_router_init ({null_router_init!r}) must be one of "
+            f"{NULL_ROUTER_INITS}; see megatron_adamoe/hf/import_hf.py"
+        )
+
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
@@ -226,18 +245,7 @@ def import_hf(
     seed: int = 0,
 ) -> str:
     """Write the AdaMoE Megatron checkpoint ``out`` from ``hf_dir``; returns ``out``."""
-    if os.path.exists(out):
-        raise OptionError(f"out ({out!r}) must not exist yet; remove it or pick another path")
-    check_writable(
-        "out",
-        os.path.dirname(os.path.abspath(out)),
-        "the checkpoint is written next to it first; pick a writable place",
-    )
-    if null_router_init not in NULL_ROUTER_INITS:
-        raise OptionError(
-            f"null_router_init ({null_router_init!r}) must be one of "
-            f"{NULL_ROUTER_INITS}; see megatron_adamoe/hf/import_hf.py"
-        )
+    check_output_and_null_init(out, null_router_init, "the checkpoint")
     config = read_hf_config(hf_dir)
     is_adamoe = config["architectures"][0] == "AdaMoEForCausalLM"
     saved_nulls = config.get("num_null_experts", 0)

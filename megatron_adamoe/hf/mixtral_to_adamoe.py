@@ -18,14 +18,14 @@ import torch
 from megatron_adamoe.errors import OptionError
 from megatron_adamoe.hf.configuration_adamoe import AdaMoEHFConfig
 from megatron_adamoe.hf.import_hf import (
-    NULL_ROUTER_INITS,
     _add_null_router_rows,
+    check_output_and_null_init,
     read_hf_config,
     read_hf_tensors,
 )
 from megatron_adamoe.hf.modeling_adamoe import AdaMoEForCausalLM
 from megatron_adamoe.hf.strict import load_strictly
-from megatron_adamoe.storage import check_writable, make_readable, storage_problem
+from megatron_adamoe.storage import make_readable, storage_problem
 
 logger = logging.getLogger(__name__)
 
@@ -76,18 +76,7 @@ def mixtral_to_adamoe(
     max_shard_size: str = "5GB",
 ) -> str:
     """Write the AdaMoE HF directory ``out`` from the Mixtral directory ``hf_dir``."""
-    if os.path.exists(out):
-        raise OptionError(f"out ({out!r}) must not exist yet; remove it or pick another path")
-    check_writable(
-        "out",
-        os.path.dirname(os.path.abspath(out)),
-        "the model is written next to it first; pick a writable place",
-    )
-    if null_router_init not in NULL_ROUTER_INITS:
-        raise OptionError(
-            f"null_router_init ({null_router_init!r}) must be one of "
-            f"{NULL_ROUTER_INITS}; see megatron_adamoe/hf/import_hf.py"
-        )
+    check_output_and_null_init(out, null_router_init, "the model")
     mixtral = read_hf_config(hf_dir)
     if mixtral["architectures"][0] != "MixtralForCausalLM":
         raise OptionError(
