@@ -8,7 +8,12 @@ import tempfile
 import pytest
 import torch
 
-from tests.runs import write_synthetic_corpus
+# Nothing in the tests reaches a hub; remote code that transformers loads in this process goes to
+# a directory of this session, not the user's cache (read when transformers is first imported).
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="adamoe-hf-modules-"))
+
+from tests.runs import write_synthetic_corpus  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -47,3 +52,10 @@ def synthetic_corpus(tmp_path_factory):
     """(data_path, tokenizer_model) of the synthetic corpus, written once per session by
     tools/preprocess_data.py --input synthetic."""
     return write_synthetic_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Stop the rank pool's workers (tests/runs.py) if a test started them."""
+    from tests.runs import close_rank_pool
+
+    close_rank_pool()

@@ -1,6 +1,8 @@
-"""Running the pretraining entry point as a user does (torchrun, 2 gloo processes unless told
-otherwise) on the synthetic corpus the real preprocessing tool writes; a small model (``SMALL``);
-reading its metrics file. Used by the training and convert tiers (fixtures: tests/conftest.py)."""
+"""Running the pretraining entry point (2 gloo ranks unless told otherwise) on the synthetic
+corpus the real preprocessing tool writes; a small model (``SMALL``); reading its metrics file.
+Runs go through the session's rank pool (tests/rank_pool.py: the entry point's ``main`` in
+workers that stay up), or through torchrun as a user types it (``torchrun=True``: for what only
+the launcher does). Used by the training and convert tiers (fixtures: tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -92,11 +94,56 @@ def run_pretrain(
     small=True,
     timeout=TIMEOUT_S,
     leftovers=None,
+    torchrun=False,
 ):
-    """torchrun the entry point with ``config`` (the CPU default), SMALL and ``overrides``.
-    ``leftovers``: a list that receives the command lines of processes of this run still alive
-    two seconds after it ended (they are killed either way)."""
+    """Run the entry point with ``config`` (the CPU default), SMALL and ``overrides`` on
+    ``nproc`` ranks of the rank pool, or (``torchrun``) under torchrun. torchrun only:
+    ``max_restarts``; ``leftovers``, a list that receives the command lines of processes of this
+    run still alive two seconds after it ended (they are killed either way)."""
     data_path, tokenizer = corpus
+    argv = [
+        "--config",
+        config,
+        *(SMALL if small else []),
+        "--data-path",
+        data_path,
+        *(["--tokenizer-model", tokenizer] if tokenizer else []),
+        *overrides,
+    ]
+    if torchrun:
+        result = _torchrun(argv, nproc, max_restarts, env, timeout, leftovers)
+    else:
+        assert not max_restarts and leftovers is None, "restarts and leftovers need torchrun=True"
+        result = rank_pool().run(argv, nproc=nproc, env=env, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"pretrain failed ({result.returncode}):\n{result.stdout[-4000:]}"
+            f"\n{result.stderr[-8000:]}"
+        )
+    return result
+
+
+_POOL = None
+
+
+def rank_pool():
+    """The session's rank pool, started on first use (closed by tests/conftest.py)."""
+    global _POOL
+    if _POOL is None:
+        from tests.rank_pool import RankPool
+
+        _POOL = RankPool(size=2)
+    return _POOL
+
+
+def close_rank_pool() -> None:
+    global _POOL
+    if _POOL is not None:
+        _POOL.close()
+        _POOL = None
+
+
+def _torchrun(argv, nproc, max_restarts, env, timeout, leftovers):
     command = [
         sys.executable,
         "-m",
@@ -109,13 +156,7 @@ def run_pretrain(
         str(max_restarts),
         "-m",
         "megatron_adamoe.training.pretrain",
-        "--config",
-        config,
-        *(SMALL if small else []),
-        "--data-path",
-        data_path,
-        *(["--tokenizer-model", tokenizer] if tokenizer else []),
-        *overrides,
+        *argv,
     ]
     run_id = uuid.uuid4().hex
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", RUN_ID_ENV: run_id, **(env or {})}
@@ -134,13 +175,7 @@ def run_pretrain(
             _kill_processes_of_run(run_id)
         out.seek(0)
         err.seek(0)
-        result = subprocess.CompletedProcess(command, returncode, out.read(), err.read())
-    if check and result.returncode != 0:
-        raise AssertionError(
-            f"pretrain failed ({result.returncode}):\n{result.stdout[-4000:]}"
-            f"\n{result.stderr[-8000:]}"
-        )
-    return result
+        return subprocess.CompletedProcess(command, returncode, out.read(), err.read())
 
 
 def _processes_of_run(run_id: str) -> dict[int, str]:

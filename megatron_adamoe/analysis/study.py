@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import dataclass
 from statistics import fmean, median, pstdev
-from typing import Optional
+from typing import Callable, Optional
 
 import yaml
 
@@ -222,8 +222,35 @@ def _iterations_done(metrics_path: str) -> int:
         return 0
 
 
-def run_grid(grid: Grid, runs_dir: str, out_dir: str, progress: bool = True) -> None:
-    """Run every missing (arm, seed), refreshing the report after each; progress with ETA."""
+def launch_subprocess(command: list[str], log, poll: Callable[[], None]) -> int:
+    """Run one ``run_command`` as a process of its own, output to ``log``, ``poll()`` every 2 s
+    while it runs; returns its exit status. (The harness's default launcher; a test hands in
+    another that runs the same entry point without starting processes.)"""
+    process = subprocess.Popen(
+        command,
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    while process.poll() is None:
+        try:
+            process.wait(timeout=2)  # returns as soon as the run ends
+        except subprocess.TimeoutExpired:
+            pass
+        poll()
+    return process.returncode
+
+
+def run_grid(
+    grid: Grid,
+    runs_dir: str,
+    out_dir: str,
+    progress: bool = True,
+    launch: Callable = launch_subprocess,
+) -> None:
+    """Run every missing (arm, seed), refreshing the report after each; progress with ETA.
+    ``launch``: how one run is started (``launch_subprocess``)."""
     from tqdm import tqdm
 
     study_dir = os.path.join(runs_dir, grid.name)
@@ -246,7 +273,7 @@ def run_grid(grid: Grid, runs_dir: str, out_dir: str, progress: bool = True) -> 
         run_dir = os.path.join(study_dir, name)
         os.makedirs(run_dir, exist_ok=True)
         bar.set_postfix_str(f"run {number}/{len(todo)} {name}")
-        wall = _run_one(grid, arm, seed, run_dir, bar)
+        wall = _run_one(grid, arm, seed, run_dir, bar, launch)
         with open(os.path.join(run_dir, "done.json"), "w") as handle:
             json.dump(
                 {
@@ -263,43 +290,45 @@ def run_grid(grid: Grid, runs_dir: str, out_dir: str, progress: bool = True) -> 
     write_report(grid, out_dir)
 
 
-def _run_one(grid: Grid, arm: str, seed: int, run_dir: str, bar) -> float:
+def _run_one(grid: Grid, arm: str, seed: int, run_dir: str, bar, launch: Callable) -> float:
     metrics = os.path.join(run_dir, "metrics.jsonl")
     command = run_command(grid, arm, seed, run_dir, _free_port())
     attempts_path = os.path.join(run_dir, "attempts.json")
     attempts = json.load(open(attempts_path)) if os.path.isfile(attempts_path) else []
     counted = _iterations_done(metrics)
     bar.update(counted)
+
+    def poll() -> None:
+        nonlocal counted
+        done = _iterations_done(metrics)
+        bar.update(max(0, done - counted))
+        counted = max(counted, done)
+
     started = time.time()
     with open(os.path.join(run_dir, "train.log"), "a") as log:
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
-        process = subprocess.Popen(
-            command,
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
-        while process.poll() is None:
-            time.sleep(2)
-            done = _iterations_done(metrics)
-            bar.update(max(0, done - counted))
-            counted = max(counted, done)
-    attempts.append(
-        {"command": command, "wall_s": time.time() - started, "returncode": process.returncode}
-    )
+        returncode = launch(command, log, poll)
+    poll()
+    attempts.append({"command": command, "wall_s": time.time() - started, "returncode": returncode})
     with open(attempts_path, "w") as handle:
         json.dump(attempts, handle, indent=1)
-    if process.returncode != 0:
+    if returncode != 0:
         raise RuntimeError(
-            f"run {os.path.basename(run_dir)} failed ({process.returncode}); "
+            f"run {os.path.basename(run_dir)} failed ({returncode}); "
             f"see {os.path.join(run_dir, 'train.log')}; rerun to resume"
         )
     return sum(a["wall_s"] for a in attempts)
 
 
-def time_arms(grid: Grid, runs_dir: str, out_dir: str, steps: int = 40, repeats: int = 2) -> str:
+def time_arms(
+    grid: Grid,
+    runs_dir: str,
+    out_dir: str,
+    steps: int = 40,
+    repeats: int = 2,
+    launch: Callable = launch_subprocess,
+) -> str:
     """A timing pass, for the wall-clock question on a machine doing nothing else: every arm
     (first seed) runs ``steps`` steps, arms alternating, ``repeats`` rounds; the median step time
     (past the first 5 steps) of each run goes to ``<out>/<name>/timing.csv``."""
@@ -311,14 +340,8 @@ def time_arms(grid: Grid, runs_dir: str, out_dir: str, steps: int = 40, repeats:
             os.makedirs(run_dir)
             command = run_command(grid, arm, grid.seeds[0], run_dir, _free_port(), steps)
             with open(os.path.join(run_dir, "train.log"), "w") as log:
-                done = subprocess.run(
-                    command,
-                    cwd=REPO,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env={**os.environ, "OMP_NUM_THREADS": "1"},
-                )
-            if done.returncode != 0:
+                returncode = launch(command, log, lambda: None)
+            if returncode != 0:
                 raise RuntimeError(f"timing run {arm} failed; see {run_dir}/train.log")
             times = [s.step_time for s in read_run(run_dir).train[5:] if s.step_time]
             rows.append(

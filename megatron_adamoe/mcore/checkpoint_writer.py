@@ -13,26 +13,15 @@ than Linux it does nothing (upstream's queue is used).
 
 from __future__ import annotations
 
-import ctypes
 import multiprocessing
 import os
-import signal
 import sys
+from functools import partial
 from multiprocessing.managers import SyncManager
 
-PR_SET_PDEATHSIG = 1
+from megatron_adamoe.processes import die_with_parent
+
 _managers: list = []  # the Manager objects must outlive this call
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Runs in the Manager's server process before it serves. SIGTERM is ignored: torchrun
-    signals a worker's whole process group, and the rank, which handles SIGTERM by saving, still
-    needs this server for that save; the server goes when the rank goes."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(0)
 
 
 def start_write_results_queue() -> None:
@@ -45,6 +34,8 @@ def start_write_results_queue() -> None:
     if filesystem_async._results_queue is not None:
         return
     manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-    manager.start(initializer=_die_with_parent, initargs=(os.getpid(),))
+    # The server ignores SIGTERM: torchrun signals a worker's whole process group, and the rank,
+    # which handles SIGTERM by saving, still needs this server for that save.
+    manager.start(initializer=partial(die_with_parent, os.getpid(), ignore_sigterm=True))
     _managers.append(manager)
     filesystem_async._results_queue = manager.Queue()

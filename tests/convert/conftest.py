@@ -6,6 +6,25 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.conversion import train_checkpoint
+
+
+@pytest.fixture(scope="session")
+def trained(synthetic_corpus, tmp_path_factory):
+    """``trained(*options)``: a checkpoint of a few steps of the small model with these options
+    (tests/conversion.py), trained once per session for each distinct option list; tests that
+    damage one work on a copy."""
+    checkpoints = {}
+
+    def get(*options):
+        key = tuple(map(str, options))
+        if key not in checkpoints:
+            directory = tmp_path_factory.mktemp("trained") / "ckpt"
+            checkpoints[key] = train_checkpoint(synthetic_corpus, directory, *key)
+        return checkpoints[key]
+
+    return get
+
 
 @pytest.fixture
 def megatron(single_rank):

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from tests.conversion import convert, remote_code_run, train_checkpoint
+from tests.conversion import convert, remote_code_outputs
 
 VOCAB = 256  # the synthetic corpus' tokenizer (233 pieces), padded by Megatron
 EP2 = ("--expert-model-parallel-size", "2", "--num-query-groups", "2")  # and GQA
@@ -21,28 +21,43 @@ TP2 = (
 )
 PP2 = ("--pipeline-model-parallel-size", "2", "--expert-model-parallel-size", "1")
 LAYOUTS = {"EP2": EP2, "TP2": TP2, "PP2": PP2}
-CASES = [  # (layout, null type, weight norm, extra options)
-    (layout, null_type, weight_norm, extra)
-    for layout in ("EP2", "TP2")
-    for null_type, weight_norm, extra in [
-        ("zero", "true_experts", ()),
-        ("zero", "all_selected", ()),
-        ("zero", "none", ("--moe-layer-freq", "2")),  # layer 0 MoE, layer 1 dense
-        ("identity", "true_experts", ()),
-        ("identity", "all_selected", ()),
-        ("identity", "none", ()),
-    ]
-] + [
-    ("PP2", "identity", "true_experts", ()),  # each stage saves its own layer
-    ("EP2", "zero", "true_experts", ("--no-untie-embeddings-and-output-weights",)),  # tied
-    # Compute as a setting: the controller's null bias, expert bias, top-p routing.
-    (
+# One checkpoint per case, each a layout and a set of options, so that every mapping branch and
+# every routing setting goes through export once: both null types, the three weight norms, a
+# dense layer, GQA, tied embeddings, the controller's null bias, expert bias and top-p. (The
+# routing maths of each null type x weight norm is checked in-process against ops, in
+# tests/unit/test_hf_model.py; the weight mapping does not branch on them.)
+CASES = {  # name: (layout, null type, weight norm, extra options)
+    "EP2-identity-true_experts": ("EP2", "identity", "true_experts", ()),
+    "EP2-zero-none-dense-target": (
         "EP2",
         "zero",
-        "true_experts",
-        ("--adamoe-target-load", "1.0", "--adamoe-load-controller-rate", "0.5"),
+        "none",
+        (
+            "--moe-layer-freq",
+            "2",  # layer 0 MoE, layer 1 dense
+            "--adamoe-target-load",
+            "1.0",
+            "--adamoe-load-controller-rate",
+            "0.5",
+        ),
     ),
-    (
+    "EP2-identity-all_selected-topp-tied": (
+        "EP2",
+        "identity",
+        "all_selected",
+        (
+            "--no-untie-embeddings-and-output-weights",
+            "--adamoe-router-mode",
+            "topp",
+            "--adamoe-topp-threshold",
+            "0.7",
+            "--adamoe-target-load",
+            "1.2",
+            "--adamoe-load-controller-rate",
+            "0.5",
+        ),
+    ),
+    "TP2-zero-true_experts-expertbias": (
         "TP2",
         "zero",
         "true_experts",
@@ -54,47 +69,14 @@ CASES = [  # (layout, null type, weight norm, extra options)
             "0.5",
         ),
     ),
-    (
-        "EP2",
-        "identity",
-        "all_selected",
-        (
-            "--adamoe-router-mode",
-            "topp",
-            "--adamoe-topp-threshold",
-            "0.7",
-            "--adamoe-target-load",
-            "1.2",
-            "--adamoe-load-controller-rate",
-            "0.5",
-        ),
-    ),
-]
+    "TP2-identity-none": ("TP2", "identity", "none", ()),
+    "PP2-identity-true_experts": ("PP2", "identity", "true_experts", ()),  # a save per stage
+}
 
 
-def _case_id(layout, null_type, weight_norm, extra):
-    tags = {
-        "--no-untie-embeddings-and-output-weights": "-tied",
-        "--adamoe-target-load": "-target",
-        "--moe-router-enable-expert-bias": "-expertbias",
-        "--adamoe-router-mode": "-topp",
-    }
-    return f"{layout}-{null_type}-{weight_norm}" + "".join(
-        tag for flag, tag in tags.items() if flag in extra
-    )
-
-
-@pytest.mark.parametrize(
-    "layout,null_type,weight_norm,extra", CASES, ids=[_case_id(*case) for case in CASES]
-)
-def test_export_matches_megatron_logits_and_greedy(
-    synthetic_corpus, tmp_path, megatron, layout, null_type, weight_norm, extra
-):
-    """A checkpoint trained a few steps at EP = 2, TP = 2 or PP = 2 -> export-hf ->
-    transformers."""
-    checkpoint = train_checkpoint(
-        synthetic_corpus,
-        tmp_path / "ckpt",
+def case_options(case: str) -> tuple:
+    layout, null_type, weight_norm, extra = CASES[case]
+    return (
         *LAYOUTS[layout],
         "--adamoe-null-expert-type",
         null_type,
@@ -102,6 +84,15 @@ def test_export_matches_megatron_logits_and_greedy(
         weight_norm,
         *extra,
     )
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_export_matches_megatron_logits_and_greedy(trained, tmp_path, megatron, case):
+    """A checkpoint trained a few steps at EP = 2, TP = 2 or PP = 2 -> export-hf ->
+    transformers (the exported directory's own remote code)."""
+    _, null_type, weight_norm, extra = CASES[case]
+    checkpoint = trained(*case_options(case))
     out = tmp_path / "hf"
     convert("export-hf", "--load", checkpoint, "--out", out, "--max-shard-size", "200KB")
 
@@ -112,7 +103,7 @@ def test_export_matches_megatron_logits_and_greedy(
     with open(out / "model.safetensors.index.json") as handle:
         shards = set(json.load(handle)["weight_map"].values())
     assert len(shards) > 1 and all((out / name).is_file() for name in shards)
-    assert not [name for name in os.listdir(tmp_path) if ".tmp-" in name]
+    assert not [name for name in os.listdir(tmp_path) if ".tmp-" in name]  # renamed when done
     with open(out / "generation_config.json") as handle:
         suppressed = json.load(handle).get("suppress_tokens") or []
     assert suppressed == list(range(233, VOCAB))  # the tokenizer's 233 pieces, padded to 256
@@ -129,7 +120,7 @@ def test_export_matches_megatron_logits_and_greedy(
 
     tokens = torch.randint(0, VOCAB, (2, 48), generator=torch.Generator().manual_seed(0))
     prompt = tokens[:1, :8]
-    hf = remote_code_run(out, tokens, prompt, 16, tmp_path)
+    hf = remote_code_outputs(out, tokens, prompt, 16)
     assert hf["model_class"].startswith("transformers_modules.")  # the copied modeling file
     assert hf["tokenizer_class"].startswith("transformers_modules.")
 

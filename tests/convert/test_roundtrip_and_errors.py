@@ -10,18 +10,22 @@ import shutil
 import pytest
 import torch
 
-from tests.conversion import convert, remote_code_run, train_checkpoint
+from tests.conversion import convert, convert_command, remote_code_run
 
 
 @pytest.fixture(scope="module")
-def exported(synthetic_corpus, tmp_path_factory):
-    """(checkpoint, HF dir): identity nulls, EP = 2, a few steps; exported in shards."""
-    root = tmp_path_factory.mktemp("roundtrip")
-    checkpoint = train_checkpoint(
-        synthetic_corpus, root / "ckpt", "--adamoe-null-expert-type", "identity"
+def exported(trained, tmp_path_factory):
+    """(checkpoint, HF dir): identity nulls, EP = 2 (GQA), a few steps; exported in shards by
+    the installed console script (the one run of ``adamoe-convert`` in a process of its own)."""
+    from tests.convert.test_export import case_options
+
+    checkpoint = trained(*case_options("EP2-identity-true_experts"))
+    out = tmp_path_factory.mktemp("roundtrip") / "hf"
+    done = convert_command(
+        "export-hf", "--load", checkpoint, "--out", out, "--max-shard-size", "200KB"
     )
-    convert("export-hf", "--load", checkpoint, "--out", root / "hf", "--max-shard-size", "200KB")
-    return checkpoint, root / "hf"
+    assert done.returncode == 0 and done.stderr.strip().endswith(f"wrote {out}"), done.stderr
+    return checkpoint, out
 
 
 def _model_tensors(checkpoint):

@@ -265,6 +265,7 @@ def test_kill_during_save_keeps_previous_checkpoint_and_torchrun_restart_resumes
         max_restarts=1,
         env={"ADAMOE_TEST_KILL_DURING_SAVE": f"8:{marker}"},
         leftovers=leftovers,
+        torchrun=True,
     )
     assert marker.exists(), "the save of iteration 8 was never interrupted"
     # The killed rank's helper (dist_checkpointing's results-queue server) died with it.
@@ -301,6 +302,7 @@ def test_interrupted_save_is_never_published(synthetic_corpus, tmp_path):
         str(save),
         env={"ADAMOE_TEST_KILL_DURING_SAVE": f"8:{tmp_path / 'killed'}"},
         check=False,
+        torchrun=True,
     )
     assert result.returncode != 0
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "4"

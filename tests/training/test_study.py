@@ -1,6 +1,11 @@
 """The study harness end to end: a 2-config x 1-seed grid of a few steps on the synthetic corpus,
 through the real entry point; the CSV's content against the runs' own metrics, the plots, the
-README, resuming a run, and rebuilding the report from the kept files alone."""
+README, resuming a run, and rebuilding the report from the kept files alone.
+
+The grid's runs go through the harness with a launcher that hands each run's command (the
+launch script under torchrun, as ``run_command`` writes it) to the rank pool instead of starting
+torchrun (tests/training/test_launch.py runs that command line itself); the report is rebuilt
+by tools/study.py in a process of its own."""
 
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import sys
 import pytest
 import yaml
 
-from tests.runs import REPO
+from tests.runs import REPO, rank_pool
 
 pytestmark = pytest.mark.distributed
 
@@ -70,10 +75,33 @@ def _study(*args, check=True):
     return result
 
 
+def _pool_launch(command, log, poll) -> int:
+    """A run of ``study.run_command`` on the rank pool: the launch script's arguments, the same
+    number of ranks; the ranks' output goes to the run's log."""
+    from megatron_adamoe.analysis.study import LAUNCH
+
+    argv = command[command.index(LAUNCH) + 1 :]
+    nproc = int(command[command.index("--nproc-per-node") + 1])
+    result = rank_pool().run(argv, nproc=nproc)
+    log.write(result.stdout + result.stderr)
+    return result.returncode
+
+
+def _run_grid(grid_path, runs, out, **timing):
+    from megatron_adamoe.analysis import study
+
+    grid = study.load_grid(grid_path)
+    if timing:
+        study.time_arms(grid, str(runs), str(out), launch=_pool_launch, **timing)
+    else:
+        study.run_grid(grid, str(runs), str(out), progress=False, launch=_pool_launch)
+    study.write_report(grid, str(out))
+
+
 def test_study_harness_runs_a_grid_and_reports_it(synthetic_corpus, tmp_path):
     grid = _grid(tmp_path, synthetic_corpus)
     runs, out = tmp_path / "runs", tmp_path / "docs"
-    _study(grid, "--runs-dir", str(runs), "--out", str(out))
+    _run_grid(grid, runs, out)
     report = out / "tiny"
     with open(report / "results.csv") as handle:
         rows = {row["config"]: row for row in csv.DictReader(handle)}
@@ -107,7 +135,7 @@ def test_study_harness_runs_a_grid_and_reports_it(synthetic_corpus, tmp_path):
 
     # A run that stopped before its done.json resumes from its own checkpoint; the rest is kept.
     os.remove(runs / "tiny" / "ada-seed7" / "done.json")
-    _study(grid, "--runs-dir", str(runs), "--out", str(out))
+    _run_grid(grid, runs, out)
     log = (runs / "tiny" / "ada-seed7" / "train.log").read_text()
     assert "resuming at iteration 6" in log
     attempts = json.loads((runs / "tiny" / "ada-seed7" / "attempts.json").read_text())
@@ -115,7 +143,7 @@ def test_study_harness_runs_a_grid_and_reports_it(synthetic_corpus, tmp_path):
     assert len(json.loads((runs / "tiny" / "top2-seed7" / "attempts.json").read_text())) == 1
 
     # The timing pass: each config again, alternating, a few steps; the report shows it.
-    _study(grid, "--runs-dir", str(runs), "--out", str(out), "--timing", "--timing-steps", "8")
+    _run_grid(grid, runs, out, steps=8)
     with open(report / "timing.csv") as handle:
         timing = list(csv.DictReader(handle))
     assert [(r["config"], r["repeat"]) for r in timing] == [
