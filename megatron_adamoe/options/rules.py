@@ -24,7 +24,7 @@ OPTIONAL_POSITIVE = (
 ).split()
 NON_NEGATIVE = (
     "adamoe_num_null_experts moe_aux_loss_coeff lr min_lr lr_warmup_iters weight_decay clip_grad "
-    "adamoe_loss_spike_factor adamoe_min_load moe_router_bias_update_rate"
+    "adamoe_loss_spike_factor adamoe_min_load moe_router_bias_update_rate adamoe_dead_grad_steps"
 ).split()
 
 

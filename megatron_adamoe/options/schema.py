@@ -146,6 +146,11 @@ class PretrainArguments:
     adamoe_min_load_steps: int = opt(
         10, "consecutive steps under adamoe_min_load that stop the run", FAULTS
     )
+    adamoe_dead_grad_steps: int = opt(
+        5,
+        "stop after this many steps in a row with gradient norm 0 (a dead model); 0 = off",
+        FAULTS,
+    )
     # --- filled in by load_arguments, not settable ---
     world_size: int = field(default=1, metadata={"derived": True})
     data_parallel_size: int = field(default=1, metadata={"derived": True})

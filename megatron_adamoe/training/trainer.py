@@ -62,12 +62,15 @@ class Trainer:
         if args.save:
             start_write_results_queue()  # its helper process dies with this rank
         self.train_dataset, self.valid_dataset = data.build_datasets(args, tokenizer)
-        self.reporter = Reporter(args, self.config, args.padded_vocab_size(tokenizer.vocab_size))
+        vocab_size = args.padded_vocab_size(tokenizer.vocab_size)
+        self.reporter = Reporter(args, self.config, vocab_size)
         self.guard = TrainingGuard(
             args.adamoe_loss_spike_factor,
             args.adamoe_loss_spike_window,
             args.adamoe_min_load,
             args.adamoe_min_load_steps,
+            vocab_size=vocab_size,
+            dead_grad_steps=args.adamoe_dead_grad_steps,
         )
         self._log_start()
 
@@ -154,7 +157,7 @@ class Trainer:
         loads = self.reporter.iteration(
             position, loss, self.optimizer.param_groups[0]["lr"], grad_norm, time.time() - started
         )
-        self.guard.check(position.iteration, loss, loads)
+        self.guard.check(position.iteration, loss, loads, grad_norm)
         return loads
 
     def evaluate(self) -> float:

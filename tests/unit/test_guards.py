@@ -23,9 +23,9 @@ def test_non_finite_loss_names_its_iteration():
     )
 
 
-def test_spike_is_judged_against_the_recent_mean_once_the_window_is_full():
+def test_spike_is_judged_against_the_recent_mean():
     guard = TrainingGuard(3.0, 4, 0.0)
-    for iteration, loss in enumerate([8.0, 20.0, 5.0, 4.0], 1):  # window filling: no check
+    for iteration, loss in enumerate([8.0, 20.0, 5.0, 4.0], 1):  # 20 < 3 x 8: no spike
         guard.check(iteration, loss, {})
     guard.check(5, 27.0, {})  # mean of (8, 20, 5, 4) = 9.25; 27 < 27.75
     assert _halt(guard, 6, 50.0) == (
@@ -34,6 +34,41 @@ def test_spike_is_judged_against_the_recent_mean_once_the_window_is_full():
         "the factor (0 turns the guard off)"
     )
     TrainingGuard(0.0, 2, 0.0).check(3, 1e9, {})  # off
+
+
+def test_a_spike_before_the_window_fills_is_caught_and_so_is_the_first_step():
+    """The probe that used to pass unnoticed: the loss jumps at step 2 (x 10^6), long before
+    the window of 20 is full; and at step 1, against ln(vocabulary size)."""
+    guard = TrainingGuard(3.0, 20, 0.0, vocab_size=256)
+    guard.check(1, 5.6, {})
+    assert _halt(guard, 2, 5.6e6) == (
+        "training loss spiked to 5.6e+06 at iteration 2, over adamoe_loss_spike_factor (3) x the "
+        "mean of the previous 1 (5.6); not saved: the last checkpoint is intact; lower lr, or "
+        "raise the factor (0 turns the guard off)"
+    )
+    assert _halt(TrainingGuard(3.0, 20, 0.0, vocab_size=256), 1, 17.0) == (
+        "training loss spiked to 17 at iteration 1, over adamoe_loss_spike_factor (3) x "
+        "ln(vocabulary size), a uniform prediction's loss (5.545); not saved: the last "
+        "checkpoint is intact; lower lr, or raise the factor (0 turns the guard off)"
+    )
+    TrainingGuard(3.0, 20, 0.0, vocab_size=256).check(1, 16.0, {})  # 16 < 3 ln 256 = 16.6
+
+
+def test_a_run_of_zero_gradient_norms_stops_a_dead_model():
+    guard = TrainingGuard(3.0, 20, 0.0, vocab_size=256, dead_grad_steps=3)
+    guard.check(1, 5.5, {}, grad_norm=0.0)
+    guard.check(2, 5.5, {}, grad_norm=0.4)  # the count starts again
+    guard.check(3, 5.5, {}, grad_norm=0.0)
+    guard.check(4, 5.5, {}, grad_norm=0.0)
+    guard.check(5, 5.5, {})  # no norm (a skipped update): neither counted nor a reset
+    with pytest.raises(TrainingHalted) as info:
+        guard.check(6, 5.5, {}, grad_norm=0.0)
+    assert str(info.value) == (
+        "gradient norm is 0 at iteration 6, 3 steps in a row (adamoe_dead_grad_steps 3): the "
+        "model no longer learns; not saved: the last checkpoint is intact; lower lr and restart "
+        "from it, or set adamoe_dead_grad_steps 0"
+    )
+    TrainingGuard(3.0, 20, 0.0, dead_grad_steps=0).check(1, 5.5, {}, grad_norm=0.0)  # off
 
 
 def test_collapsed_router_names_the_layer():
