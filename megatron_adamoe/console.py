@@ -1,12 +1,14 @@
 """Console output of the entry points: Megatron's and torch's known, harmless warnings kept out
-of the user's way. (One-line errors are megatron_adamoe.errors.)"""
+of the user's way; anything else still shows. (One-line errors are megatron_adamoe.errors.)
+``quiet_known_upstream_noise`` runs before Megatron is imported: some of its warnings are raised
+at import time."""
 
 from __future__ import annotations
 
 import logging
 import warnings
 
-_KNOWN_NOISE = (
+_KNOWN_WARNINGS = (
     r"Transformer Engine and Apex are not installed",
     r"Apex is not installed",
     r"full scope is deprecated",
@@ -14,15 +16,40 @@ _KNOWN_NOISE = (
     r"`torch.distributed.reduce_scatter_tensor` is deprecated",
 )
 
-
-def quiet_known_upstream_noise() -> None:
-    """Drop upstream warnings that say nothing about this run (missing Apex/TE on CPU, torch
-    deprecations inside Megatron) and Megatron's INFO chatter."""
-    logging.getLogger("megatron").setLevel(logging.WARNING)
-    for message in _KNOWN_NOISE:
-        warnings.filterwarnings("ignore", message=message)
+# (logger, message prefix) of Megatron's log lines that say nothing about this run.
+_KNOWN_LOG_LINES = (
+    # On CPU the "GPU" RNG of Megatron's tracker is torch's CPU generator (CPU mode), so every
+    # fork of the tracker (dropout in tensor-parallel regions) changes the CPU RNG state.
+    ("megatron.core.tensor_parallel.random", "CPU RNG state changed within GPU RNG context"),
+    # The rerun state machine (result validation by re-running steps) is off in our loop.
+    ("megatron.core.rerun_state_machine", "Implicit initialization of Rerun State Machine"),
+    ("megatron.core.rerun_state_machine", "RerunStateMachine initialized in mode"),
     # TransformerLayer warns that it passes no process groups to an MLP that is not exactly
     # MoELayer; AdaMoELayer then takes them from parallel_state, as documented in the README.
-    logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(
-        lambda record: not record.getMessage().startswith("Unknown MLP type")
-    )
+    ("megatron.core.transformer.transformer_layer", "Unknown MLP type"),
+)
+
+
+class _DropKnownLines(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+def quiet_known_upstream_noise() -> None:
+    """Drop upstream warnings and log lines that say nothing about this run (missing Apex/TE on
+    CPU, torch deprecations inside Megatron, CPU-mode RNG notices) and Megatron's INFO chatter.
+    Idempotent."""
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    for message in _KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+    by_logger: dict[str, tuple[str, ...]] = {}
+    for name, prefix in _KNOWN_LOG_LINES:
+        by_logger[name] = by_logger.get(name, ()) + (prefix,)
+    for name, prefixes in by_logger.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropKnownLines) for f in logger.filters):
+            logger.addFilter(_DropKnownLines(prefixes))

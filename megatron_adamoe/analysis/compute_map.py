@@ -128,6 +128,13 @@ def _color(value: float, topk: int) -> str:
     return f"rgb({red},{green},{blue})"
 
 
+PAGE_CSS = (
+    "body{font-family:sans-serif;max-width:70em;margin:2em auto} "
+    ".text{font-family:monospace;line-height:1.9;white-space:pre-wrap} "
+    "td,th{padding:2px 10px;text-align:left}"
+)
+
+
 def _display(piece: str) -> str:
     return html.escape(piece.replace(WORD_START, " "))
 
@@ -176,9 +183,7 @@ def render_html(cmap: ComputeMap, stats: dict, title: str, per_layer: bool, max_
     )
     return (
         "<!doctype html><html><head><meta charset='utf-8'>"
-        f"<title>{html.escape(title)}</title><style>body{{font-family:sans-serif;max-width:"
-        "70em;margin:2em auto}} .text{{font-family:monospace;line-height:1.9;white-space:"
-        "pre-wrap}} td,th{{padding:2px 10px;text-align:left}}</style></head><body>"
+        f"<title>{html.escape(title)}</title><style>{PAGE_CSS}</style></head><body>"
         f"<h1>{html.escape(title)}</h1><p>Each token coloured by the number of true experts it "
         f"used (k_eff, 0..{cmap.topk}); hover for the per-layer values. Legend: {legend}. "
         f"Showing {shown} of {len(cmap.pieces)} tokens; the table covers all of them.</p>"

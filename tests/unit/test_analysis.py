@@ -257,5 +257,34 @@ def test_compute_map_counts_true_picks_like_a_per_token_loop(tiny_model_and_toke
     assert sum(c["tokens"] for c in classes.values()) <= stats["tokens"]
     page = (tmp_path / "map" / "compute_map.html").read_text()
     assert page.count("<h3>") == 3 and "MoE layer 2" in page  # mean row + one per layer
+    _check_html_and_css(page)
     assert json.loads((tmp_path / "map" / "summary.json").read_text()) == stats
     assert (tmp_path / "map" / "compute_map.png").stat().st_size > 1000
+
+
+def _check_html_and_css(page: str) -> None:
+    """The page parses as HTML5 without a single parse error, and its style sheet and every
+    inline style parse as CSS: the rules a browser applies are the ones written (a stray brace
+    used to drop the passage's monospace/pre-wrap rule)."""
+    import html5lib
+    import tinycss2
+
+    document = html5lib.HTMLParser(strict=True, namespaceHTMLElements=False).parse(page)
+    (style,) = document.iter("style")
+    rules = tinycss2.parse_stylesheet(style.text, skip_whitespace=True, skip_comments=True)
+    assert [rule.type for rule in rules] == ["qualified-rule"] * 3
+    declarations = {}
+    for rule in rules:
+        parsed = tinycss2.parse_blocks_contents(rule.content, skip_whitespace=True)
+        assert all(d.type == "declaration" for d in parsed), tinycss2.serialize(rule.content)
+        declarations[tinycss2.serialize(rule.prelude).strip()] = {
+            d.lower_name: tinycss2.serialize(d.value).strip() for d in parsed
+        }
+    assert list(declarations) == ["body", ".text", "td,th"]
+    assert declarations[".text"]["white-space"] == "pre-wrap"
+    assert declarations[".text"]["font-family"] == "monospace"
+    inline = [element.get("style") for element in document.iter() if element.get("style")]
+    assert inline
+    for css in inline:
+        parsed = tinycss2.parse_blocks_contents(css, skip_whitespace=True)
+        assert parsed and all(d.type == "declaration" for d in parsed), css
