@@ -77,17 +77,20 @@ study: $(DATA)
 bench: $(STAMP)
 	$(PY) tools/bench_moe_layer.py
 
+# Every tier; pytest's 15 slowest tests at the end (budget: 20 minutes of tests on 2 cores,
+# docs/testing.md).
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # ruff: lint and format check at 100 columns (pyproject.toml); `ruff format` applies the format.
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-# The unit tier only: one process, no spawned ranks (under 3 minutes on 2 cores).
+# Every test that runs in this one process (no subprocess, rank or pool: -m "not distributed");
+# about 20 s on 2 cores.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q tests/unit
+	$(PY) -m pytest -q -m "not distributed"
 
 clean:
 	rm -rf $(VENV) .venv-lock .pytest_cache

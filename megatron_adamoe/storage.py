@@ -1,13 +1,16 @@
-"""Files a run writes: can a directory take them, why did a write fail, and exported trees with
-the usual permissions. Standard library only; training/ and hf/ both use it."""
+"""Files a run writes: can a directory take them, why did a write fail, exported trees with the
+usual permissions, and directories that appear whole or not at all. Standard library only;
+training/ and hf/ both use it."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
+import shutil
 import tempfile
-from typing import Optional
+from typing import Iterator, Optional
 
 from megatron_adamoe.errors import OptionError
 
@@ -75,3 +78,27 @@ def make_readable(root: str) -> None:
             os.chmod(os.path.join(parent, name), 0o777 & ~mask)
         for name in files:
             os.chmod(os.path.join(parent, name), 0o666 & ~mask)
+
+
+@contextlib.contextmanager
+def atomic_directory(out: str, doing: str) -> Iterator[str]:
+    """``with atomic_directory(out, "exporting") as temporary:`` write into ``temporary`` (made
+    next to ``out``); when the block completes the tree is made readable and renamed to ``out``.
+    On any failure nothing is left behind, and a storage failure (a full disk, an unwritable
+    place) is one OptionError line naming ``out``; other errors pass unchanged."""
+    temporary = f"{out.rstrip(os.sep)}.tmp-{os.getpid()}"
+    try:
+        os.makedirs(temporary)
+        yield temporary
+        make_readable(temporary)
+        os.replace(temporary, out)
+    except Exception as error:
+        storage = storage_problem(error, os.path.dirname(os.path.abspath(out)))
+        if storage is None:
+            raise
+        raise OptionError(
+            f"out ({out!r}) {storage} while {doing}; nothing was left behind; "
+            "free space or pick another path"
+        ) from None
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)

@@ -1,8 +1,14 @@
-"""Shared fixtures: a single-rank gloo process group with Megatron parallel state, CPU mode on."""
+"""Shared fixtures (a single-rank gloo process group with Megatron parallel state, CPU mode on;
+the synthetic corpus), and the rule that makes the ``distributed`` marker mean what it says: a
+test starts processes (subprocesses, spawned ranks, the rank pool) only under that marker, which
+tests whose fixtures start processes get automatically; so ``-m "not distributed"`` runs in this
+process alone. The unit tier never starts one (tests/unit/conftest.py)."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import subprocess
 import tempfile
 
 import pytest
@@ -52,6 +58,36 @@ def synthetic_corpus(tmp_path_factory):
     """(data_path, tokenizer_model) of the synthetic corpus, written once per session by
     tools/preprocess_data.py --input synthetic."""
     return write_synthetic_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+# Fixtures that start processes: a test that uses one (directly or through another fixture) is
+# marked distributed.
+PROCESS_FIXTURES = {"synthetic_corpus", "trained", "deepspeed_extension"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.distributed)
+        if item.get_closest_marker("distributed") and "tests/unit/" in item.nodeid:
+            raise pytest.UsageError(f"{item.nodeid}: the unit tier starts no processes")
+
+
+@pytest.fixture(autouse=True)
+def processes_only_when_marked(request, monkeypatch):
+    """A test not marked distributed may not start a process."""
+    if request.node.get_closest_marker("distributed"):
+        return
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(
+            f"{request.node.nodeid} starts a process: mark it distributed "
+            "(@pytest.mark.distributed), outside tests/unit/"
+        )
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+    monkeypatch.setattr(multiprocessing.Process, "start", refuse)
+    monkeypatch.setattr("tests.runs.rank_pool", refuse)
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -20,40 +20,39 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 600
 RUN_ID_ENV = "ADAMOE_TEST_RUN_ID"
 
-# Small and quick: 2 layers, hidden 64, 4 true + 4 null experts, top-3.
-SMALL = [
-    "--num-layers",
-    "2",
-    "--hidden-size",
-    "64",
-    "--num-attention-heads",
-    "4",
-    "--seq-length",
-    "64",
-    "--moe-ffn-hidden-size",
-    "64",
-    "--micro-batch-size",
-    "4",
-    "--global-batch-size",
-    "8",
-    "--lr-warmup-iters",
-    "2",
-    "--log-interval",
-    "2",
-    "--eval-iters",
-    "2",
-    "--hidden-dropout",
-    "0.1",
-    "--attention-dropout",
-    "0.1",
-    "--tensorboard-dir",
-    "null",
-    "--save-interval",
-    "null",
-]
+# The small model of the training and convert tiers: 2 layers, hidden 64, and the CPU config's
+# 4 true + 4 null experts at top-3; a few quick steps. Options by name (None = null).
+SMALL_MODEL = {
+    "num_layers": 2,
+    "hidden_size": 64,
+    "num_attention_heads": 4,
+    "seq_length": 64,
+    "moe_ffn_hidden_size": 64,
+    "micro_batch_size": 4,
+    "global_batch_size": 8,
+    "lr_warmup_iters": 2,
+    "log_interval": 2,
+    "eval_iters": 2,
+    "hidden_dropout": 0.1,
+    "attention_dropout": 0.1,
+    "tensorboard_dir": None,
+    "save_interval": None,
+}
+
+
+def small_model_args(**changes) -> list[str]:
+    """SMALL_MODEL, with ``changes``, as the entry point's flags (``--num-layers 2 ...``)."""
+    flags = []
+    for name, value in {**SMALL_MODEL, **changes}.items():
+        flags += ["--" + name.replace("_", "-"), "null" if value is None else str(value)]
+    return flags
+
+
+SMALL = small_model_args()
 
 
 def free_port() -> int:
+    """A TCP port free now on this machine (torchrun's rendezvous)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

@@ -12,7 +12,6 @@ import dataclasses
 import logging
 import os
 import re
-import shutil
 from typing import Optional
 
 import torch
@@ -34,9 +33,9 @@ from megatron_adamoe.hf.modeling_adamoe import AdaMoEForCausalLM
 from megatron_adamoe.hf.strict import load_strictly
 from megatron_adamoe.hf.tokenization_adamoe import AdaMoETokenizer
 from megatron_adamoe.ops.routing import expected_load
-from megatron_adamoe.ops.schedule import StepSchedule
 from megatron_adamoe.options import PretrainArguments
-from megatron_adamoe.storage import check_writable, make_readable, storage_problem
+from megatron_adamoe.options.schedule import StepSchedule
+from megatron_adamoe.storage import atomic_directory, check_writable
 
 logger = logging.getLogger(__name__)
 
@@ -177,25 +176,12 @@ def export_hf(
     padding_ids = list(range(tokenizer.vocab_size, vocab_size))
     model.generation_config.suppress_tokens = padding_ids or None
 
-    temporary = f"{out.rstrip(os.sep)}.tmp-{os.getpid()}"
-    try:
+    with atomic_directory(out, "exporting") as temporary:
         type(config).register_for_auto_class()
         type(model).register_for_auto_class("AutoModelForCausalLM")
         type(tokenizer).register_for_auto_class("AutoTokenizer")
         model.save_pretrained(temporary, max_shard_size=max_shard_size, safe_serialization=True)
         tokenizer.save_pretrained(temporary)
-        make_readable(temporary)
-        os.replace(temporary, out)
-    except Exception as error:
-        storage = storage_problem(error, os.path.dirname(os.path.abspath(out)))
-        if storage is None:
-            raise
-        raise OptionError(
-            f"out ({out!r}) {storage} while exporting; nothing was left behind; "
-            "free space or pick another path"
-        ) from None
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
     logger.info("exported %s -> %s", directory, out)
     return out
 

@@ -38,7 +38,7 @@ from megatron_adamoe.hf.mapping import (
 )
 from megatron_adamoe.hf.strict import listing, load_strictly
 from megatron_adamoe.options import PretrainArguments, validate
-from megatron_adamoe.storage import check_writable, storage_problem
+from megatron_adamoe.storage import atomic_directory, check_writable
 
 logger = logging.getLogger(__name__)
 
@@ -209,10 +209,10 @@ def pretrain_arguments(
         expert_model_parallel_size=ep,
         sequence_parallel=tp > 1,  # Megatron requires it with MoE and TP
         finetune=True,
+        # global_batch_size stays unset: the fine-tuning run's data-parallel size decides
+        world_size=math.lcm(tp * pp, ep * tp * pp),
     )
-    args.world_size = math.lcm(tp * pp, ep * tp * pp)
     validate(args, check_io=False)
-    args.global_batch_size = None  # the fine-tuning run's data-parallel size decides
     return args
 
 
@@ -283,26 +283,13 @@ def import_hf(
     _check_hf_names(tensors, shape, hf_dir)
     local = hf_to_local(tensors, shape)
 
-    temporary = f"{out.rstrip(os.sep)}.tmp-{os.getpid()}"
-    try:
-        os.makedirs(temporary)
+    with atomic_directory(out, "importing") as temporary:
         args.load = os.path.abspath(out)
         tokenizer = os.path.join(hf_dir, "tokenizer.model")
         if os.path.isfile(tokenizer):
             shutil.copyfile(tokenizer, os.path.join(temporary, "tokenizer.model"))
             args.tokenizer_model = os.path.join(args.load, "tokenizer.model")
         _save_megatron(args, local, temporary, vocab_size)
-        os.replace(temporary, out)
-    except Exception as error:
-        storage = storage_problem(error, os.path.dirname(os.path.abspath(out)))
-        if storage is None:
-            raise
-        raise OptionError(
-            f"out ({out!r}) {storage} while importing; nothing was left behind; "
-            "free space or pick another path"
-        ) from None
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
     logger.info(
         "imported %s -> %s (m = %d null experts, top-%d)", hf_dir, out, num_null_experts, topk
     )

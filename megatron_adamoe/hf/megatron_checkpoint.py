@@ -18,7 +18,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from megatron_adamoe.checkpoint_files import TRACKER, damaged_files, latest_checkpoint
 from megatron_adamoe.errors import OptionError
-from megatron_adamoe.options import PretrainArguments, settable_fields, validate
+from megatron_adamoe.options import PretrainArguments, resolve, settable_fields, validate
 
 CONFIG_FILE = "config.yaml"
 
@@ -63,7 +63,7 @@ def read_arguments(directory: str) -> PretrainArguments:
         )
     args = PretrainArguments(**raw)
     validate(args, check_io=False, check_topology=False)
-    return args
+    return resolve(args)
 
 
 def read_model_tensors(directory: str) -> dict:

@@ -18,7 +18,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from megatron_adamoe.mcore.cpu import enable_cpu_mode
-from megatron_adamoe.options import PretrainArguments, validate
+from megatron_adamoe.options import PretrainArguments, resolve, validate
 from megatron_adamoe.training.model import build_model, transformer_config
 
 
@@ -63,7 +63,7 @@ def single_process_args(args: PretrainArguments) -> PretrainArguments:
         world_size=1,
     )
     validate(local, check_io=False)
-    return local
+    return resolve(local)
 
 
 def build_single_process_model(args: PretrainArguments, vocab_size: int, meta: bool = False):

@@ -25,7 +25,7 @@ from megatron_adamoe.hf.import_hf import (
 )
 from megatron_adamoe.hf.modeling_adamoe import AdaMoEForCausalLM
 from megatron_adamoe.hf.strict import load_strictly
-from megatron_adamoe.storage import make_readable, storage_problem
+from megatron_adamoe.storage import atomic_directory
 
 logger = logging.getLogger(__name__)
 
@@ -103,26 +103,13 @@ def mixtral_to_adamoe(
     if config.tie_word_embeddings:
         model.tie_weights()
 
-    temporary = f"{out.rstrip(os.sep)}.tmp-{os.getpid()}"
-    try:
+    with atomic_directory(out, "converting") as temporary:
         type(config).register_for_auto_class()
         type(model).register_for_auto_class("AutoModelForCausalLM")
         model.save_pretrained(temporary, max_shard_size=max_shard_size, safe_serialization=True)
         for name in TOKENIZER_FILES:  # Mixtral's tokenizer, as it was
             if os.path.isfile(os.path.join(hf_dir, name)):
                 shutil.copyfile(os.path.join(hf_dir, name), os.path.join(temporary, name))
-        make_readable(temporary)
-        os.replace(temporary, out)
-    except Exception as error:
-        storage = storage_problem(error, os.path.dirname(os.path.abspath(out)))
-        if storage is None:
-            raise
-        raise OptionError(
-            f"out ({out!r}) {storage} while converting; nothing was left behind; "
-            "free space or pick another path"
-        ) from None
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
     logger.info(
         "converted %s -> %s (m = %d null experts, top-%d)",
         hf_dir,

@@ -10,15 +10,9 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_adamoe.errors import OptionError
 from megatron_adamoe.mcore import _compat  # noqa: F401  (fails early on an unsupported version)
 from megatron_adamoe.ops.routing import expected_load
-from megatron_adamoe.ops.schedule import StepSchedule
-from megatron_adamoe.options.vocab import (
-    LOAD_BALANCING_TYPES,
-    NULL_EXPERT_TYPES,
-    ROUTER_MODES,
-    WEIGHT_NORMS,
-    check_expert_counts,
-    moe_layer_indices,
-)
+from megatron_adamoe.options.rules import check_adamoe
+from megatron_adamoe.options.schedule import StepSchedule
+from megatron_adamoe.options.vocab import moe_layer_indices
 
 
 @dataclass
@@ -42,7 +36,7 @@ class AdaMoEConfig(TransformerConfig):
 
     adamoe_aux_loss_coeff_schedule: Optional[str] = None
     """Coefficient of the null-aware load-balancing loss over training steps, e.g.
-    "piecewise:0.1,1000:0.01" (see megatron_adamoe.ops.schedule). None: a constant
+    "piecewise:0.1,1000:0.01" (see megatron_adamoe.options.schedule). None: a constant
     ``moe_aux_loss_coeff``."""
 
     adamoe_target_load: Optional[Union[float, list]] = None
@@ -124,115 +118,16 @@ class AdaMoEConfig(TransformerConfig):
         return StepSchedule.constant(self.moe_aux_loss_coeff)
 
     def _validate_adamoe(self) -> None:
-        def fail(field: str, rule: str, fix: str) -> None:
-            raise OptionError(f"{field} ({getattr(self, field)!r}) must {rule}; {fix}")
-
-        n, m, k = self.num_moe_experts, self.adamoe_num_null_experts, self.moe_router_topk
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            fail(
-                "num_moe_experts", "be a positive integer", "set --num-experts to the true experts"
-            )
-        if not isinstance(m, int) or isinstance(m, bool) or m < 0:
-            fail("adamoe_num_null_experts", "be an integer >= 0", "use 0 for plain top-k routing")
-        if self.adamoe_null_expert_type not in NULL_EXPERT_TYPES:
-            fail(
-                "adamoe_null_expert_type",
-                f"be one of {NULL_EXPERT_TYPES}",
-                "use 'zero' (paper default) or 'identity'",
-            )
-        if self.adamoe_weight_norm not in WEIGHT_NORMS:
-            fail(
-                "adamoe_weight_norm",
-                f"be one of {WEIGHT_NORMS}",
-                "use 'true_experts' (the paper's choice)",
-            )
-        check_expert_counts(n, m, k, self.expert_model_parallel_size, "num_moe_experts")
-        if k == 1 and self.adamoe_weight_norm != "none":
-            fail(
-                "adamoe_weight_norm",
-                "be 'none' when moe_router_topk is 1",
-                "set adamoe_weight_norm='none' (one renormalised pick has weight 1: no router "
-                "gradient)",
-            )
+        """The AdaMoE rules of a Megatron run (``options.rules.check_adamoe``, which the
+        pretraining options call too), then the Megatron settings AdaMoE cannot serve."""
+        check_adamoe(self, "megatron", len(self.adamoe_moe_layer_numbers()))
         if self.moe_router_pre_softmax and self.adamoe_weight_norm != "none":
-            fail(
-                "moe_router_pre_softmax",
-                "be False unless adamoe_weight_norm is 'none'",
-                "adamoe_weight_norm chooses the normalisation; 'none' is the pre-softmax behaviour",
+            raise OptionError(
+                f"moe_router_pre_softmax ({self.moe_router_pre_softmax!r}) must be False unless "
+                "adamoe_weight_norm is 'none'; adamoe_weight_norm chooses the normalisation; "
+                "'none' is the pre-softmax behaviour"
             )
         self._reject_unsupported_router_options()
-        self._validate_aux_loss()
-        self._validate_load_control()
-
-    def _validate_load_control(self) -> None:
-        n, m, k = self.num_moe_experts, self.adamoe_num_null_experts, self.moe_router_topk
-        mode, threshold = self.adamoe_router_mode, self.adamoe_topp_threshold
-        if mode not in ROUTER_MODES:
-            raise OptionError(
-                f"adamoe_router_mode ({mode!r}) must be one of {ROUTER_MODES}; "
-                "use 'topk' (the paper's routing) or 'topp'"
-            )
-        if mode == "topp" and (
-            not isinstance(threshold, (int, float))
-            or isinstance(threshold, bool)
-            or not 0 < threshold <= 1
-        ):
-            raise OptionError(
-                f"adamoe_topp_threshold ({threshold!r}) must be in (0, 1] with "
-                "adamoe_router_mode 'topp'; e.g. 0.6"
-            )
-        if mode == "topk" and threshold is not None:
-            raise OptionError(
-                f"adamoe_topp_threshold ({threshold!r}) must be unset with "
-                "adamoe_router_mode 'topk'; set the mode to 'topp' or drop it"
-            )
-        target, schedule = self.adamoe_target_load, self.adamoe_target_load_schedule
-        if target is None and schedule is None:
-            return
-        if m == 0:
-            raise OptionError(
-                f"adamoe_target_load ({target!r}) must be unset without null "
-                "experts; with m = 0 every token uses exactly k experts"
-            )
-        if target is not None and schedule is not None:
-            raise OptionError(
-                f"adamoe_target_load_schedule ({schedule!r}) must not be combined "
-                f"with adamoe_target_load ({target!r}); keep only one of them"
-            )
-        limit = min(k, n)
-        why = (
-            f"a load of {limit} leaves nothing to the null experts"
-            if limit == k
-            else f"a token can use at most n = {n} true experts"
-        )
-        if schedule is not None:
-            values = StepSchedule.parse(schedule, "adamoe_target_load_schedule").values
-            bad = [v for v in values if not 0 < v < limit]
-            if bad:
-                raise OptionError(
-                    f"adamoe_target_load_schedule ({schedule!r}) must stay in (0, {limit}); {why}"
-                )
-        else:
-            layers = self.adamoe_moe_layer_numbers()
-            values = target if isinstance(target, list) else [target]
-            if isinstance(target, list) and len(target) != len(layers):
-                raise OptionError(
-                    f"adamoe_target_load ({target!r}) must list one load per MoE "
-                    f"layer ({len(layers)}); or give one number for all"
-                )
-            for value in values:
-                if (
-                    not isinstance(value, (int, float))
-                    or isinstance(value, bool)
-                    or not 0 < value < limit
-                ):
-                    raise OptionError(
-                        f"adamoe_target_load ({target!r}) must be in (0, {limit}) "
-                        f"(per layer); {why}"
-                    )
-        rate = self.adamoe_load_controller_rate
-        if not isinstance(rate, (int, float)) or isinstance(rate, bool) or rate <= 0:
-            raise OptionError(f"adamoe_load_controller_rate ({rate!r}) must be > 0; e.g. 0.01")
 
     def _reject_unsupported_router_options(self) -> None:
         pad_rows = (
@@ -290,14 +185,6 @@ class AdaMoEConfig(TransformerConfig):
         for field, fine, rule, fix in unsupported:
             if getattr(self, field) != fine:
                 raise OptionError(f"{field} ({getattr(self, field)!r}) must {rule}; {fix}")
-        if self.moe_router_score_function != "softmax" and (
-            self.adamoe_num_null_experts or self.adamoe_router_mode != "topk"
-        ):
-            raise OptionError(
-                f"moe_router_score_function ({self.moe_router_score_function!r}) must be "
-                "'softmax' with null experts or top-p; null experts are defined on a softmax "
-                "over true + null experts (sigmoid is stock top-k: m = 0)"
-            )
         if self.adamoe_null_expert_type == "identity" and self.overlap_moe_expert_parallel_comm:
             raise OptionError(
                 "overlap_moe_expert_parallel_comm (True) must be False with identity null experts; "
@@ -310,31 +197,4 @@ class AdaMoEConfig(TransformerConfig):
             raise OptionError(
                 f"moe_flex_dispatcher_backend ({self.moe_flex_dispatcher_backend!r}) must be "
                 "'deepep' with AdaMoE; only the DeepEP manager masks null slots"
-            )
-
-    def _validate_aux_loss(self) -> None:
-        balancing = self.moe_router_load_balancing_type
-        if balancing not in LOAD_BALANCING_TYPES:
-            raise OptionError(
-                f"moe_router_load_balancing_type ({balancing!r}) must be one of "
-                f"{LOAD_BALANCING_TYPES}; AdaMoE applies its null-aware loss as 'aux_loss'"
-            )
-        if isinstance(self.moe_aux_loss_coeff, (list, tuple)) or self.moe_aux_loss_coeff < 0:
-            raise OptionError(
-                f"moe_aux_loss_coeff ({self.moe_aux_loss_coeff!r}) must be one number >= 0; "
-                "AdaMoE has a single load-balancing loss"
-            )
-        schedule = self.adamoe_aux_loss_coeff_schedule
-        if schedule is None:
-            return
-        StepSchedule.parse(schedule)  # raises a ValueError naming the field
-        if balancing == "none":
-            raise OptionError(
-                f"adamoe_aux_loss_coeff_schedule ({schedule!r}) must be unset when "
-                "moe_router_load_balancing_type is 'none'; set the type to 'aux_loss'"
-            )
-        if self.moe_aux_loss_coeff != 0:
-            raise OptionError(
-                f"adamoe_aux_loss_coeff_schedule ({schedule!r}) must not be combined with "
-                f"moe_aux_loss_coeff ({self.moe_aux_loss_coeff}); keep only one of them"
             )

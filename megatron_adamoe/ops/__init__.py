@@ -1,4 +1,4 @@
-"""Pure torch math for AdaMoE: routing, the null-aware loss, statistics, schedules.
+"""Pure torch math for AdaMoE: routing, the null-aware loss, statistics.
 
 Nothing here imports Megatron-Core or torch.distributed.
 """
@@ -13,11 +13,9 @@ from megatron_adamoe.ops.routing import (
     routing_stats,
     topk_slots_from_routing_map,
 )
-from megatron_adamoe.ops.schedule import StepSchedule
 
 __all__ = [
     "WEIGHT_NORMS",
-    "StepSchedule",
     "NullExpertRouting",
     "RoutingStats",
     "expected_load",

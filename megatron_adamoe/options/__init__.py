@@ -9,7 +9,7 @@
 
 from megatron_adamoe.options import vocab
 from megatron_adamoe.options.loading import load_arguments, parse_overrides, resolved_yaml
-from megatron_adamoe.options.rules import validate
+from megatron_adamoe.options.rules import resolve, validate
 from megatron_adamoe.options.schema import (
     CHOICES,
     PretrainArguments,
@@ -23,6 +23,7 @@ __all__ = [
     "describe",
     "load_arguments",
     "parse_overrides",
+    "resolve",
     "resolved_yaml",
     "settable_fields",
     "validate",

@@ -12,7 +12,7 @@ from typing import Any, Optional
 import yaml
 
 from megatron_adamoe.errors import OptionError
-from megatron_adamoe.options.rules import validate
+from megatron_adamoe.options.rules import resolve, validate
 from megatron_adamoe.options.schema import PretrainArguments, settable_fields
 
 
@@ -89,7 +89,7 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
 def load_arguments(
     config_path: Optional[str], overrides: Optional[dict] = None, world_size: int = 1
 ) -> PretrainArguments:
-    """YAML file, then overrides, then derived values and validation."""
+    """YAML file, then overrides, then validation; returns the resolved options."""
     raw: dict[str, Any] = {}
     if config_path is not None:
         if not os.path.isfile(config_path):
@@ -111,10 +111,9 @@ def load_arguments(
         if key not in fields:
             raise _unknown_key(key, source)
         values[key] = _coerce(key, value, source)
-    args = PretrainArguments(**values)
-    args.world_size = world_size
+    args = PretrainArguments(**values, world_size=world_size)
     validate(args)
-    return args
+    return resolve(args)
 
 
 def resolved_yaml(args: PretrainArguments) -> str:

@@ -1,13 +1,21 @@
 """Every rule the pretraining options must satisfy, each failing with one line,
-``<field> (<value>) must <rule>; <fix>``. Torch-free; the data and directory checks read files."""
+``<field> (<value>) must <rule>; <fix>``. Torch-free; the data and directory checks read files.
+
+``validate`` checks and changes nothing; ``resolve`` returns the run's effective options (the
+defaults that depend on other options filled in). ``check_adamoe`` holds the AdaMoE rules of a
+Megatron run, which ``validate`` and Megatron's ``AdaMoEConfig`` both call; its routing part
+(``routing_rules``) is shared with the Hugging Face configuration too."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from megatron_adamoe.data import indexed
 from megatron_adamoe.errors import OptionError
 from megatron_adamoe.options import vocab
+from megatron_adamoe.options.routing_rules import ROUTING_NAMES, routing_violation
+from megatron_adamoe.options.schedule import StepSchedule
 from megatron_adamoe.options.schema import CHOICES, PretrainArguments
 from megatron_adamoe.storage import check_writable
 
@@ -23,31 +31,43 @@ OPTIONAL_POSITIVE = (
     "lr_decay_iters adamoe_flops_baseline_topk exit_interval"
 ).split()
 NON_NEGATIVE = (
-    "adamoe_num_null_experts moe_aux_loss_coeff lr min_lr lr_warmup_iters weight_decay clip_grad "
+    "adamoe_num_null_experts lr min_lr lr_warmup_iters weight_decay clip_grad "
     "adamoe_loss_spike_factor adamoe_min_load moe_router_bias_update_rate adamoe_dead_grad_steps"
 ).split()
+# Checked by check_adamoe (the routing rules and the aux loss), not by the loops below.
+ADAMOE_CHECKED = {*ROUTING_NAMES["options"].values(), "moe_router_load_balancing_type"}
+
+
+def resolve(args: PretrainArguments) -> PretrainArguments:
+    """The run's effective options, a new object: ``moe_aux_loss_coeff`` (null: 0.01, or 0 under
+    ``adamoe_aux_loss_coeff_schedule``) and ``global_batch_size`` (null: one micro-batch per
+    data-parallel rank) filled in."""
+    coeff = args.moe_aux_loss_coeff
+    if coeff is None:
+        coeff = 0.0 if args.adamoe_aux_loss_coeff_schedule else 0.01
+    batch = args.global_batch_size or args.micro_batch_size * args.data_parallel_size
+    return dataclasses.replace(args, moe_aux_loss_coeff=coeff, global_batch_size=batch)
 
 
 def validate(args: PretrainArguments, check_io: bool = True, check_topology: bool = True) -> None:
-    """Every rule. Converters skip ``check_io`` (data, tokenizer and checkpoint paths: a later
-    run supplies them) and, reading a saved config, ``check_topology`` (the world size)."""
+    """Every rule; changes nothing. Converters skip ``check_io`` (data, tokenizer and checkpoint
+    paths: a later run supplies them) and, reading a saved config, ``check_topology`` (the world
+    size)."""
 
     def fail(name: str, rule: str, fix: str) -> None:
         raise OptionError(f"{name} ({getattr(args, name)!r}) must {rule}; {fix}")
 
     for name, choices in CHOICES.items():
-        if getattr(args, name) not in choices:
+        if name not in ADAMOE_CHECKED and getattr(args, name) not in choices:
             fail(name, f"be one of {', '.join(map(repr, choices))}", "pick one of them")
     for name in POSITIVE:
-        if getattr(args, name) <= 0:
+        if name not in ADAMOE_CHECKED and getattr(args, name) <= 0:
             fail(name, "be > 0", "set a positive value")
     for name in OPTIONAL_POSITIVE:
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             fail(name, "be > 0 when set", "set a positive value or drop the key")
-    if args.moe_aux_loss_coeff is None:
-        args.moe_aux_loss_coeff = 0.0 if args.adamoe_aux_loss_coeff_schedule else 0.01
     for name in NON_NEGATIVE:
-        if getattr(args, name) < 0:
+        if name not in ADAMOE_CHECKED and getattr(args, name) < 0:
             fail(name, "be >= 0", "set a non-negative value")
     for name in ("seed", "adamoe_data_seed"):
         if getattr(args, name) is not None and not 0 <= getattr(args, name) < 2**32:
@@ -58,6 +78,7 @@ def validate(args: PretrainArguments, check_io: bool = True, check_topology: boo
             "be > 1 (or 0 to turn the guard off)",
             "a loss at most its recent mean is no spike; e.g. 3",
         )
+    _validate_moe(args, fail)
     if args.adamoe_min_load >= min(args.moe_router_topk, args.num_experts):
         fail(
             "adamoe_min_load",
@@ -73,20 +94,102 @@ def validate(args: PretrainArguments, check_io: bool = True, check_topology: boo
             "come with bf16 (FP8 GEMMs keep bf16 weights and activations)",
             "add --bf16",
         )
-    _validate_moe(args, fail)
     if check_topology:
         _validate_topology(args, fail)
     if check_io:
         _validate_io(args, fail)
 
 
+def check_adamoe(settings, spelling: str, num_moe_layers: int) -> None:
+    """The AdaMoE rules of a Megatron run, for the pretraining options (``spelling``
+    "options") and AdaMoEConfig ("megatron"), which spell the fields alike but for n: the routing
+    rules (``routing_rules``), EP sharding, k = 1, the score function, the load-balancing loss
+    and its schedule, the load controller's target schedule and rate."""
+    problem = routing_violation(settings, spelling, num_moe_layers)
+    if problem:
+        raise OptionError(problem)
+    n_field = ROUTING_NAMES[spelling]["num_experts"]
+    n, m, k = getattr(settings, n_field), settings.adamoe_num_null_experts, settings.moe_router_topk
+    vocab.check_expert_parallel(n, settings.expert_model_parallel_size, n_field)
+    if k == 1 and settings.adamoe_weight_norm != "none":
+        raise OptionError(
+            f"adamoe_weight_norm ({settings.adamoe_weight_norm!r}) must be 'none' when "
+            "moe_router_topk is 1; set adamoe_weight_norm='none' (one renormalised pick has "
+            "weight 1: no router gradient)"
+        )
+    score = settings.moe_router_score_function
+    if score != "softmax" and (m or settings.adamoe_router_mode != "topk"):
+        raise OptionError(
+            f"moe_router_score_function ({score!r}) must be 'softmax' with null experts or "
+            "top-p; null experts are defined on a softmax over true + null experts (sigmoid is "
+            "stock top-k: m = 0)"
+        )
+    _check_aux_loss(settings)
+    _check_load_control(settings, min(k, n))
+
+
+def _check_aux_loss(settings) -> None:
+    balancing = settings.moe_router_load_balancing_type
+    if balancing not in vocab.LOAD_BALANCING_TYPES:
+        raise OptionError(
+            f"moe_router_load_balancing_type ({balancing!r}) must be one of "
+            f"{vocab.LOAD_BALANCING_TYPES}; AdaMoE applies its null-aware loss as 'aux_loss'"
+        )
+    coeff = settings.moe_aux_loss_coeff  # None in the options: resolve() fills it in
+    if coeff is not None and (
+        isinstance(coeff, (list, tuple, bool)) or not isinstance(coeff, (int, float)) or coeff < 0
+    ):
+        raise OptionError(
+            f"moe_aux_loss_coeff ({coeff!r}) must be one number >= 0; AdaMoE has a single "
+            "load-balancing loss"
+        )
+    schedule = settings.adamoe_aux_loss_coeff_schedule
+    if schedule is None:
+        return
+    StepSchedule.parse(schedule)  # raises a one-line OptionError naming the field
+    if balancing == "none":
+        raise OptionError(
+            f"adamoe_aux_loss_coeff_schedule ({schedule!r}) must be unset when "
+            "moe_router_load_balancing_type is 'none'; set the type to 'aux_loss'"
+        )
+    if coeff:
+        raise OptionError(
+            f"adamoe_aux_loss_coeff_schedule ({schedule!r}) must not be combined with "
+            f"moe_aux_loss_coeff ({coeff}); keep only one of them"
+        )
+
+
+def _check_load_control(settings, limit) -> None:
+    """The target schedule (the single target is a routing rule) and the controller's rate."""
+    rate = settings.adamoe_load_controller_rate
+    if not isinstance(rate, (int, float)) or isinstance(rate, bool) or rate <= 0:
+        raise OptionError(f"adamoe_load_controller_rate ({rate!r}) must be > 0; e.g. 0.01")
+    target, schedule = settings.adamoe_target_load, settings.adamoe_target_load_schedule
+    if schedule is None:
+        return
+    if target is not None:
+        raise OptionError(
+            f"adamoe_target_load_schedule ({schedule!r}) must not be combined "
+            f"with adamoe_target_load ({target!r}); keep only one of them"
+        )
+    if not settings.adamoe_num_null_experts:
+        raise OptionError(
+            f"adamoe_target_load_schedule ({schedule!r}) must be unset without null experts; "
+            "with m = 0 every token uses exactly k experts"
+        )
+    values = StepSchedule.parse(schedule, "adamoe_target_load_schedule").values
+    if any(not 0 < v < limit for v in values):
+        why = (
+            f"a load of {limit} leaves nothing to the null experts"
+            if limit == settings.moe_router_topk
+            else "a token can use at most n true experts"
+        )
+        raise OptionError(
+            f"adamoe_target_load_schedule ({schedule!r}) must stay in (0, {limit}); {why}"
+        )
+
+
 def _validate_moe(args: PretrainArguments, fail) -> None:
-    vocab.check_expert_counts(
-        args.num_experts,
-        args.adamoe_num_null_experts,
-        args.moe_router_topk,
-        args.expert_model_parallel_size,
-    )
     if args.hidden_size % args.num_attention_heads:
         fail(
             "hidden_size",
@@ -106,6 +209,7 @@ def _validate_moe(args: PretrainArguments, fail) -> None:
         len(freq) != args.num_layers or any(v not in (0, 1) for v in freq)
     ):
         fail("moe_layer_freq", f"list 0/1 for each of the {args.num_layers} layers", "fix the list")
+    check_adamoe(args, "options", len(args.moe_layer_indices()))
     if args.max_position_embeddings is not None and args.max_position_embeddings < args.seq_length:
         fail("max_position_embeddings", f"be >= seq_length ({args.seq_length})", "raise it")
     groups = args.num_query_groups
@@ -136,7 +240,6 @@ def _validate_topology(args: PretrainArguments, fail) -> None:
             f"parallel size ({model_parallel}); launch a multiple of {model_parallel} processes "
             "or change the layout"
         )
-    args.data_parallel_size = args.world_size // model_parallel
     etp = args.expert_tensor_parallel_size or args.tensor_model_parallel_size
     expert_grid = etp * args.expert_model_parallel_size * args.pipeline_model_parallel_size
     if args.world_size % expert_grid:
@@ -166,9 +269,7 @@ def _validate_topology(args: PretrainArguments, fail) -> None:
             "add --sequence-parallel",
         )
     per_step = args.micro_batch_size * args.data_parallel_size
-    if args.global_batch_size is None:
-        args.global_batch_size = per_step
-    if args.global_batch_size % per_step:
+    if args.global_batch_size is not None and args.global_batch_size % per_step:
         fail(
             "global_batch_size",
             f"be a multiple of micro_batch_size x data-parallel size "

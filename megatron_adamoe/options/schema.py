@@ -153,7 +153,15 @@ class PretrainArguments:
     )
     # --- filled in by load_arguments, not settable ---
     world_size: int = field(default=1, metadata={"derived": True})
-    data_parallel_size: int = field(default=1, metadata={"derived": True})
+
+    @property
+    def data_parallel_size(self) -> int:
+        model_parallel = (
+            self.tensor_model_parallel_size
+            * self.pipeline_model_parallel_size
+            * self.context_parallel_size
+        )
+        return max(1, self.world_size // model_parallel)
 
     @property
     def num_microbatches(self) -> int:

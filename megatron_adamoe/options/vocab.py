@@ -1,17 +1,20 @@
 """Every vocabulary of AdaMoE's options, once, and the rules more than one layer applies.
 
-Torch-free. ops/, mcore/, training/, hf/ and tools/ import these; the standalone HF remote-code
-files (hf/configuration_adamoe.py, hf/modeling_adamoe.py) keep copies of their own, which
-tests/unit/test_options.py holds equal to these.
+Torch-free. ops/, mcore/, training/, hf/ and tools/ import these. The routing vocabularies (null
+types, weight norms, router modes) are defined with the routing rules in ``routing_rules``, whose
+generated copy the standalone HF configuration carries; tests/unit/test_options.py holds the
+modeling file's router dtypes equal to these.
 """
 
 from __future__ import annotations
 
 from megatron_adamoe.errors import OptionError
+from megatron_adamoe.options.routing_rules import (  # noqa: F401  (defined there, with the rules)
+    NULL_EXPERT_TYPES,
+    ROUTER_MODES,
+    WEIGHT_NORMS,
+)
 
-NULL_EXPERT_TYPES = ("zero", "identity")
-WEIGHT_NORMS = ("true_experts", "all_selected", "none")
-ROUTER_MODES = ("topk", "topp")
 LOAD_BALANCING_TYPES = ("aux_loss", "none")
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 ROUTER_DTYPES = (None, "fp32", "fp64")  # Megatron's moe_router_dtype
@@ -44,22 +47,9 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel_size: 
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
-def check_expert_counts(
-    num_experts: int,
-    num_null_experts: int,
-    topk: int,
-    ep_size: int,
-    experts_field: str = "num_experts",
-) -> None:
-    """k picks over n + m, and EP sharding the n true experts; ``experts_field`` names n as the
-    caller spells it (``num_experts`` in the options, ``num_moe_experts`` in AdaMoEConfig)."""
-    total = num_experts + num_null_experts
-    if not isinstance(topk, int) or isinstance(topk, bool) or not 1 <= topk <= total:
-        raise OptionError(
-            f"moe_router_topk ({topk!r}) must be an integer in [1, {experts_field} + "
-            f"adamoe_num_null_experts = {total}]; lower it or add null experts (k counts picks "
-            "over true and null experts)"
-        )
+def check_expert_parallel(num_experts: int, ep_size: int, experts_field: str) -> None:
+    """EP shards the n true experts; ``experts_field`` names n as the caller spells it
+    (``num_experts`` in the options, ``num_moe_experts`` in AdaMoEConfig)."""
     if num_experts % ep_size:
         raise OptionError(
             f"{experts_field} ({num_experts}) must be divisible by expert_model_parallel_size "

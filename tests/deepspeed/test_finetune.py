@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -15,16 +14,10 @@ import pytest
 import torch
 
 from tests.hf_models import tiny_adamoe
-from tests.runs import REPO
+from tests.runs import REPO, free_port
 
 pytestmark = pytest.mark.distributed
 STEPS = 4
-
-
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +64,7 @@ def _finetune(root, name, launcher, *extra):
             "--nproc-per-node",
             "2",
             "--master-port",
-            str(_port()),
+            str(free_port()),
             "-m",
             "megatron_adamoe.hf.finetune",
             *common,
@@ -82,7 +75,7 @@ def _finetune(root, name, launcher, *extra):
             "--num_gpus",
             "2",
             "--master_port",
-            str(_port()),
+            str(free_port()),
             "--module",
             "megatron_adamoe.hf.finetune",
             *common,

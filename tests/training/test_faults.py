@@ -15,7 +15,7 @@ import time
 import pytest
 
 from tests.conversion import convert
-from tests.runs import REPO, read_metrics, run_pretrain
+from tests.runs import REPO, free_port, read_metrics, run_pretrain, small_model_args
 
 pytestmark = pytest.mark.distributed
 
@@ -299,34 +299,17 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero(synthetic_corpus, tmp_pa
         "--nproc-per-node",
         "2",
         "--master-port",
-        str(_port()),
+        str(free_port()),
         "launch/pretrain_adamoe.sh",
-        "--num-layers",
-        "2",
-        "--hidden-size",
-        "64",
-        "--seq-length",
-        "64",
-        "--moe-ffn-hidden-size",
-        "64",
-        "--micro-batch-size",
-        "4",
-        "--global-batch-size",
-        "8",
+        *small_model_args(hidden_dropout=0.0, attention_dropout=0.0),
         "--train-iters",
         "100000",
-        "--lr-warmup-iters",
-        "2",
         "--data-path",
         data_path,
         "--tokenizer-model",
         tokenizer,
         "--save",
         str(save),
-        "--save-interval",
-        "null",
-        "--tensorboard-dir",
-        "null",
         "--adamoe-metrics-file",
         str(metrics),
     ]
@@ -360,9 +343,3 @@ def _iterations_logged(metrics) -> int:
         return metrics.read_text().count('"lm loss"')
     except OSError:
         return 0
-
-
-def _port() -> int:
-    from tests.runs import free_port
-
-    return free_port()

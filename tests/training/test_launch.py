@@ -10,37 +10,16 @@ import sys
 
 import pytest
 
-from tests.runs import REPO, free_port, read_metrics
+from tests.runs import REPO, free_port, read_metrics, small_model_args
 
 pytestmark = pytest.mark.distributed
 
 TIMEOUT_S = 300
 SCRIPT = "launch/pretrain_adamoe.sh"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]  # the `torchrun` of this venv
-TINY = [
-    "--num-layers",
-    "2",
-    "--hidden-size",
-    "64",
-    "--seq-length",
-    "64",
-    "--moe-ffn-hidden-size",
-    "64",
-    "--micro-batch-size",
-    "4",
-    "--global-batch-size",
-    "8",
-    "--lr-warmup-iters",
-    "1",
-    "--log-interval",
-    "1",
-    "--eval-iters",
-    "1",
-    "--tensorboard-dir",
-    "null",
-    "--save-interval",
-    "null",
-]
+TINY = small_model_args(
+    lr_warmup_iters=1, log_interval=1, eval_iters=1, hidden_dropout=0.0, attention_dropout=0.0
+)
 
 
 def _training_args(corpus, tmp_path, name):

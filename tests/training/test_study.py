@@ -19,7 +19,7 @@ import sys
 import pytest
 import yaml
 
-from tests.runs import REPO, rank_pool
+from tests.runs import REPO, SMALL_MODEL, rank_pool
 
 pytestmark = pytest.mark.distributed
 
@@ -34,20 +34,17 @@ def _grid(tmp_path, corpus) -> str:
         "data_seed": 3,
         "flops_baseline_topk": 2,
         "common": {
+            **{k: v for k, v in SMALL_MODEL.items() if k != "tensorboard_dir"},  # set per run
             "data_path": [data_path],
             "tokenizer_model": tokenizer,
-            "num_layers": 2,
-            "hidden_size": 64,
-            "seq_length": 64,
-            "moe_ffn_hidden_size": 64,
-            "micro_batch_size": 4,
-            "global_batch_size": 8,
             "train_iters": 6,
             "lr_warmup_iters": 1,
             "eval_interval": 3,
             "eval_iters": 1,
             "save_interval": 3,
             "log_interval": 3,
+            "hidden_dropout": 0.0,
+            "attention_dropout": 0.0,
             "moe_aux_loss_coeff": 0.01,
             "adamoe_aux_loss_coeff_schedule": None,
         },

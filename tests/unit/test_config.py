@@ -11,7 +11,7 @@ from tests.builders import adamoe_config
 PINNED = {
     "no experts": (
         dict(num_moe_experts=None),
-        "num_moe_experts (None) must be a positive integer; set --num-experts to the true experts",
+        "num_moe_experts (None) must be a positive integer; set it to the true experts",
     ),
     "negative m": (
         dict(adamoe_num_null_experts=-1),

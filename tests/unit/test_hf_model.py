@@ -31,20 +31,27 @@ SMALL = dict(
         (
             "null_expert_type",
             "one",
-            "null_expert_type ('one') must be one of ('zero', 'identity'); fix config.json",
+            "null_expert_type ('one') must be one of ('zero', 'identity'); use 'zero' (paper "
+            "default) or 'identity'",
         ),
         (
             "router_weight_norm",
             "sum",
             "router_weight_norm ('sum') must be one of ('true_experts', "
-            "'all_selected', 'none'); fix config.json",
+            "'all_selected', 'none'); use 'true_experts' (the paper's choice)",
         ),
         (
             "num_experts_per_tok",
             9,
-            "num_experts_per_tok (9) must be <= num_local_experts + num_null_experts (8); lower it",
+            "num_experts_per_tok (9) must be an integer in [1, num_local_experts + "
+            "num_null_experts = 8]; lower it or add null experts (k counts picks over true and "
+            "null experts)",
         ),
-        ("num_null_experts", -1, "num_null_experts (-1) must be an integer >= 0; fix config.json"),
+        (
+            "num_null_experts",
+            -1,
+            "num_null_experts (-1) must be an integer >= 0; use 0 for plain top-k routing",
+        ),
         (
             "moe_layers",
             [0, 2],

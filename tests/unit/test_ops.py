@@ -1,4 +1,5 @@
-"""Pure ops: Eq. 6 on a hand-computed example, routing slots for DeepEP, statistics, schedules."""
+"""Pure ops: Eq. 6 on a hand-computed example, routing slots for DeepEP, statistics; and the
+schedule grammar of the options."""
 
 from __future__ import annotations
 
@@ -6,13 +7,13 @@ import pytest
 import torch
 
 from megatron_adamoe.ops import (
-    StepSchedule,
     expected_load,
     null_aware_load_balancing_loss,
     null_expert_topk_routing,
     routing_stats,
     topk_slots_from_routing_map,
 )
+from megatron_adamoe.options.schedule import StepSchedule
 
 # 4 tokens, 2 true experts (columns 0, 1) + 2 null experts (columns 2, 3), k = 2.
 SCORES = torch.tensor(

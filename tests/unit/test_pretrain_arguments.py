@@ -160,7 +160,7 @@ def test_m_k_ep_inconsistencies(data):
         "count or the EP size (EP shards the true experts; null experts live in the router)"
     )
     assert _error(CPU_CONFIG, {**data, "adamoe_num_null_experts": -1}) == (
-        "adamoe_num_null_experts (-1) must be >= 0; set a non-negative value"
+        "adamoe_num_null_experts (-1) must be an integer >= 0; use 0 for plain top-k routing"
     )
 
 

@@ -1,0 +1,63 @@
+"""The standalone Hugging Face files carry generated copies of package code (the routing rules):
+each copy equals its source, and the shared code imports nothing (remote code loads without
+this package)."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location(
+        "sync_standalone", os.path.join(REPO, "tools", "sync_standalone.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_generated_copy_equals_its_source():
+    tool = _tool()
+    assert tool.COPIES
+    for target, source in tool.COPIES:
+        with open(os.path.join(REPO, target)) as handle:
+            text = handle.read()
+        assert tool.generated(text, source) == text, (
+            f"{target} is stale: run python tools/sync_standalone.py"
+        )
+        assert tool.shared_part(source) in text
+    assert tool.main(["--check"]) == 0
+
+
+def test_an_edited_copy_is_drift():
+    tool = _tool()
+    target, source = tool.COPIES[0]
+    with open(os.path.join(REPO, target)) as handle:
+        text = handle.read()
+    edited = text.replace(
+        'NULL_EXPERT_TYPES = ("zero", "identity")', 'NULL_EXPERT_TYPES = ("zero",)'
+    )
+    assert edited != text and tool.generated(edited, source) == text
+
+
+def test_shared_code_imports_nothing_and_its_targets_import_what_it_uses():
+    tool = _tool()
+    for target, source in tool.COPIES:
+        shared = ast.parse(tool.shared_part(source))
+        assert not [n for n in ast.walk(shared) if isinstance(n, (ast.Import, ast.ImportFrom))]
+        with open(os.path.join(REPO, source)) as handle:
+            header = ast.parse(handle.read().split(tool.SOURCE_MARKER)[0])
+        with open(os.path.join(REPO, target)) as handle:
+            target_imports = {
+                ast.dump(n) for n in ast.parse(handle.read()).body if isinstance(n, ast.ImportFrom)
+            }
+        for node in header.body:
+            if isinstance(node, ast.Import):
+                raise AssertionError(f"{source}: the standalone part's imports are 'from' imports")
+            if isinstance(node, ast.ImportFrom):
+                assert node.module in ("__future__", "typing"), (source, node.module)
+                assert ast.dump(node) in target_imports, (target, ast.unparse(node))
