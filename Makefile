@@ -13,7 +13,7 @@ PIP_INDEX := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 # The extras the lock covers (the GPU extra is never locked: it is built on GPU nodes).
 LOCK_EXTRAS := test study deepspeed lint
 
-.PHONY: install lock data demo baseline hf study test test-fast lint bench clean
+.PHONY: install lock data demo baseline hf study test test-fast lint bench bench-hf clean
 
 # The lock is for CPython 3.11 on Linux x86_64 (what CI runs). The venv is rebuilt from scratch
 # whenever the lock or pyproject.toml changes, so it never keeps packages the lock dropped.
@@ -76,6 +76,10 @@ study: $(DATA)
 # AdaMoE layer vs stock Megatron-Core top-k on CPU: load, time, all-to-all rows under EP = 2.
 bench: $(STAMP)
 	$(PY) tools/bench_moe_layer.py
+
+# The HF model: prefill and decode tokens/s, AdaMoE vs its top-2 twin, eager and sdpa (~1 minute).
+bench-hf: $(STAMP)
+	$(PY) tools/bench_hf_model.py
 
 # Every tier; pytest's 15 slowest tests at the end (budget: 20 minutes of tests on 2 cores,
 # docs/testing.md).

@@ -82,13 +82,15 @@ def compute(model, tokenizer, text: str, max_tokens: Optional[int] = None) -> Co
         raise OptionError("text must hold at least one token; pass a non-empty --text file")
     window = config.max_position_embeddings
     per_layer: list[list[torch.Tensor]] = [[] for _ in config.moe_layers]
+    blocks = [layer.block_sparse_moe for layer in model.model.layers if layer.is_moe]
     model.eval()
     with torch.no_grad():
         for start in range(0, len(token_ids), window):
             chunk = torch.tensor([token_ids[start : start + window]])
-            _, _, routing = model.model(input_ids=chunk, use_cache=False)
-            for layer, (_, picked_TX) in enumerate(routing):  # the model's own picks
-                per_layer[layer].append(picked_TX[:, : config.num_local_experts].sum(dim=-1))
+            out = model.model(input_ids=chunk, use_cache=False, output_router_logits=True)
+            for layer, (block, logits_TX) in enumerate(zip(blocks, out.router_logits)):
+                picked_TE = block.route(logits_TX).routing_map_TE  # the block's own routing
+                per_layer[layer].append(picked_TE.sum(dim=-1))
     k_eff_LT = torch.stack([torch.cat(chunks) for chunks in per_layer])
     pieces = [tokenizer.sp_model.id_to_piece(t) for t in token_ids]
     return ComputeMap(

@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.01,
         help="null-bias step per unit of load error (models with a null bias)",
     )
+    add(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute each decoder layer in the backward pass (less memory, more compute)",
+    )
     add("--logging-steps", type=int, default=10)
     add("--seed", type=int, default=1234)
     add("--bf16", action="store_true", help="bf16 (GPU)")
@@ -278,6 +283,7 @@ def finetune(options) -> str:
         save_strategy="no",
         seed=options.seed,
         bf16=options.bf16,
+        gradient_checkpointing=options.gradient_checkpointing,
         deepspeed=options.deepspeed,
         report_to=[],
         use_cpu=not torch.cuda.is_available(),

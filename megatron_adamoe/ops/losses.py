@@ -1,7 +1,9 @@
 """Null-aware load-balancing loss (AdaMoE paper Eq. 6).
 
-Pure torch. Shape legend: T tokens, E true experts, Z null experts, X = E + Z all experts
-(true experts first).
+Pure torch; hf/modeling_adamoe.py carries a generated copy of this loss
+(``python tools/sync_standalone.py``; tests/unit/test_standalone.py fails on drift).
+Shape legend: T tokens, E true experts, Z null experts, X = E + Z all experts (true experts
+first).
 
     f_i  = (1 / (K T)) * sum_t 1[i in S_t]        fraction of the K*T assignments given to expert i
     P_i  = (1 / T)     * sum_t p_{t,i}            mean router probability (softmax over X)
@@ -29,6 +31,8 @@ the controller, whose bias then stays bounded.
 from __future__ import annotations
 
 import torch
+
+# --- standalone: the loss the HF model file carries (tools/sync_standalone.py) ---
 
 
 def null_aware_assignment_counts(

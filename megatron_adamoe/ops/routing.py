@@ -1,6 +1,8 @@
 """AdaMoE routing math: top-k over true + null experts, and the per-layer routing statistics.
 
-Pure torch: no Megatron, no torch.distributed. Allocates on the input's device.
+Pure torch: no Megatron, no torch.distributed. Allocates on the input's device. The routing itself
+(between the ``standalone`` markers) is also the HF model's: hf/modeling_adamoe.py carries a
+generated copy (``python tools/sync_standalone.py``; tests/unit/test_standalone.py fails on drift).
 
 Shape legend:
     T  tokens
@@ -37,7 +39,9 @@ from typing import Optional
 
 import torch
 
-from megatron_adamoe.options.vocab import WEIGHT_NORMS  # re-exported by ops
+from megatron_adamoe.options.routing_rules import WEIGHT_NORMS  # re-exported by ops
+
+# --- standalone: the routing the HF model file carries (tools/sync_standalone.py) ---
 
 
 @dataclass(frozen=True)
@@ -161,6 +165,9 @@ def _select(
     q_TK = torch.exp(top_TK - torch.logsumexp(selection_TX, dim=-1, keepdim=True))
     mass_before_TK = q_TK.cumsum(dim=-1) - q_TK
     return indices_TK, mass_before_TK < topp_threshold
+
+
+# --- end standalone ---
 
 
 @dataclass(frozen=True)
