@@ -53,3 +53,27 @@ def quiet_known_upstream_noise() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropKnownLines) for f in logger.filters):
             logger.addFilter(_DropKnownLines(prefixes))
+
+
+class _DropAgreeingAccumulation(logging.Filter):
+    """accelerate's "Gradient accumulation steps mismatch: GradientAccumulationPlugin has 1,
+    DeepSpeed config has N. Using DeepSpeed's value." comes whenever the HF Trainer runs DeepSpeed
+    with N > 1 (the Trainer hands accelerate 1 and accumulates itself): dropped when N is the
+    run's own --gradient-accumulation-steps, shown otherwise."""
+
+    def __init__(self, steps: int) -> None:
+        super().__init__()
+        self.line = f"GradientAccumulationPlugin has 1, DeepSpeed config has {steps}."
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.line not in record.getMessage()
+
+
+def quiet_fine_tuning_noise(gradient_accumulation_steps: int) -> None:
+    """``quiet_known_upstream_noise`` and, for adamoe-finetune, accelerate's notice of a
+    gradient-accumulation "mismatch" that agrees with the run. Idempotent."""
+    quiet_known_upstream_noise()
+    logger = logging.getLogger("accelerate.accelerator")
+    for old in [f for f in logger.filters if isinstance(f, _DropAgreeingAccumulation)]:
+        logger.removeFilter(old)
+    logger.addFilter(_DropAgreeingAccumulation(gradient_accumulation_steps))

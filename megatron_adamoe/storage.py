@@ -81,17 +81,26 @@ def make_readable(root: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(out: str, doing: str) -> Iterator[str]:
+def atomic_directory(
+    out: str, doing: str, shared: bool = False, owner: bool = True
+) -> Iterator[str]:
     """``with atomic_directory(out, "exporting") as temporary:`` write into ``temporary`` (made
     next to ``out``); when the block completes the tree is made readable and renamed to ``out``.
     On any failure nothing is left behind, and a storage failure (a full disk, an unwritable
-    place) is one OptionError line naming ``out``; other errors pass unchanged."""
-    temporary = f"{out.rstrip(os.sep)}.tmp-{os.getpid()}"
+    place) is one OptionError line naming ``out``; other errors pass unchanged.
+
+    ``shared``: several processes write into one temporary directory (``<out>.partial``, the same
+    name for all; ranks saving a sharded model); only the ``owner`` makes, renames and removes
+    it, the others only write."""
+    temporary = f"{out.rstrip(os.sep)}." + ("partial" if shared else f"tmp-{os.getpid()}")
     try:
-        os.makedirs(temporary)
+        if owner:
+            shutil.rmtree(temporary, ignore_errors=True)  # a killed run's leftovers
+            os.makedirs(temporary)
         yield temporary
-        make_readable(temporary)
-        os.replace(temporary, out)
+        if owner:
+            make_readable(temporary)
+            os.replace(temporary, out)
     except Exception as error:
         storage = storage_problem(error, os.path.dirname(os.path.abspath(out)))
         if storage is None:
@@ -101,4 +110,5 @@ def atomic_directory(out: str, doing: str) -> Iterator[str]:
             "free space or pick another path"
         ) from None
     finally:
-        shutil.rmtree(temporary, ignore_errors=True)
+        if owner:
+            shutil.rmtree(temporary, ignore_errors=True)

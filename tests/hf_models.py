@@ -91,3 +91,62 @@ def tiny_adamoe(directory, corpus_text: str, null_bias: float = 1.5, seed: int =
     tokenizer.save_pretrained(directory)
     os.remove(text)
     return directory
+
+
+def save_standard_tokenizer(directory, kind: str, seed: int = 0):
+    """A tokenizer as a Hugging Face model directory ships it, trained on synthetic text (200
+    pieces): ``fast`` (transformers' tokenizer.json, a byte-level BPE) or ``sentencepiece``
+    (tokenizer.model and a tokenizer_config naming LlamaTokenizer, as Mixtral ships it)."""
+    import json
+
+    from megatron_adamoe.data.corpus import synthetic_documents
+
+    os.makedirs(directory, exist_ok=True)
+    documents = synthetic_documents(80, seed=seed)
+    if kind == "fast":
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        from transformers import PreTrainedTokenizerFast
+
+        tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        special = ["<unk>", "<s>", "</s>"]
+        tokenizer.train_from_iterator(
+            documents, trainers.BpeTrainer(vocab_size=200, special_tokens=special)
+        )
+        PreTrainedTokenizerFast(
+            tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+        ).save_pretrained(directory)
+    elif kind == "sentencepiece":
+        import sentencepiece as spm
+
+        text = os.path.join(directory, "corpus.txt")
+        with open(text, "w") as handle:
+            handle.write("\n".join(documents))
+        spm.SentencePieceTrainer.train(
+            input=text,
+            model_prefix=os.path.join(directory, "tokenizer"),
+            vocab_size=200,
+            model_type="bpe",
+            minloglevel=2,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+        )
+        for leftover in ("corpus.txt", "tokenizer.vocab"):
+            os.remove(os.path.join(directory, leftover))
+        with open(os.path.join(directory, "tokenizer_config.json"), "w") as handle:
+            json.dump(
+                {
+                    "tokenizer_class": "LlamaTokenizer",
+                    "bos_token": "<s>",
+                    "eos_token": "</s>",
+                    "unk_token": "<unk>",
+                    "add_bos_token": False,
+                },
+                handle,
+            )
+    else:
+        raise ValueError(f"kind ({kind!r}) must be 'fast' or 'sentencepiece'")
+    return directory

@@ -85,8 +85,14 @@ def iter_documents(paths: Iterable[str], json_key: str = "text") -> Iterator[str
             with open(path) as handle:
                 for number, line in enumerate(handle, 1):
                     if line.strip():
-                        record = json.loads(line)
-                        if json_key not in record:
+                        try:
+                            record = json.loads(line)
+                        except json.JSONDecodeError as error:
+                            raise OptionError(
+                                f"{path}:{number} must be one JSON object per line: {error.msg} "
+                                f"at column {error.colno}; fix that line"
+                            ) from None
+                        if not isinstance(record, dict) or json_key not in record:
                             raise OptionError(f"json_key ({json_key!r}) must be in every record; "
                                              f"{path}:{number} lacks it")
                         yield record[json_key]

@@ -3,7 +3,7 @@ ZeRO (``python -m megatron_adamoe.hf.finetune`` / ``adamoe-finetune``): the pape
 
     adamoe-finetune --model hf/adamoe_mixtral --data train.jsonl --output-dir out/ \\
         --deepspeed configs/deepspeed/zero3.json --max-steps 1000 --learning-rate 1e-5
-    torchrun --nproc-per-node 8 -m megatron_adamoe.hf.finetune ...   # or: deepspeed -m ...
+    torchrun --nproc-per-node 8 -m megatron_adamoe.hf.finetune ...   # or: deepspeed --module ...
 
 Data: ``.jsonl`` (``--json-key``, default "text") or text files, tokenized with the model's own
 tokenizer, each document ended with EOS, concatenated and cut into ``--seq-length`` blocks,
@@ -11,16 +11,23 @@ shuffled once with ``--seed`` and then read in that order (the same blocks in th
 whatever the data-parallel layout). The loss is the LM loss plus ``--aux-loss-coef`` x the
 null-aware load-balancing loss summed over MoE layers (``output_router_logits``); a model with a
 null bias keeps its load at ``router_target_load`` with the controller
-(``--load-controller-rate``). Logs: loss, aux loss and the measured load per layer (averaged over
-ranks), to stdout and ``--metrics-file``. The result is an HF directory that ``from_pretrained``
-loads. CPU runs use gloo; GPU runs NCCL (and ``--bf16``). DeepSpeed's CPU communication extension is
-built once by local rank 0 before any rank initialises DeepSpeed.
+(``--load-controller-rate``). Logs: loss, aux loss (per MoE layer) and the measured load per
+layer (averaged over ranks), to stdout and ``--metrics-file``.
+
+Checkpoints (the Trainer's own, with optimizer, scheduler and RNG state) go to
+``--checkpoint-dir`` (default ``<output-dir>-checkpoints``) every ``--save-steps`` and when the
+run is stopped by SIGTERM (from the launcher or SLURM; or when the launcher is gone); ``--resume``
+continues from the latest one. The fine-tuned model is written next to ``--output-dir`` and
+renamed to it when complete: the directory holds a whole model that ``from_pretrained`` loads,
+or does not exist. Bad inputs are one line each, before anything is written. CPU runs use gloo;
+GPU runs NCCL (and ``--bf16``). DeepSpeed's CPU communication extension is built once by local
+rank 0 before any rank initialises DeepSpeed.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import logging
 import os
 import sys
@@ -28,7 +35,10 @@ from typing import Optional
 
 import torch
 
+from megatron_adamoe.console import quiet_fine_tuning_noise
 from megatron_adamoe.errors import OptionError, report
+from megatron_adamoe.hf.finetune_checks import check, checkpoint_dir
+from megatron_adamoe.hf.finetune_data import BlockDataset
 
 logger = logging.getLogger("megatron_adamoe.finetune")
 
@@ -44,7 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--model", required=True, help="an AdaMoE HF directory (export-hf, mixtral-to-adamoe)")
     add("--data", required=True, nargs="+", help=".jsonl or text files")
     add("--json-key", default="text")
-    add("--output-dir", required=True, help="where the fine-tuned HF model is written")
+    add("--output-dir", required=True, help="where the fine-tuned HF model is written (new)")
+    add(
+        "--checkpoint-dir",
+        default=None,
+        help="training checkpoints (default: <output-dir>-checkpoints)",
+    )
+    add("--save-steps", type=int, default=None, help="a checkpoint every N steps")
+    add("--resume", action="store_true", help="continue from the latest checkpoint")
     add("--deepspeed", default=None, help="a DeepSpeed config (configs/deepspeed/zero{2,3}.json)")
     add("--seq-length", type=int, default=512)
     add("--per-device-batch-size", type=int, default=1)
@@ -79,178 +96,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check(options) -> None:
-    for name in (
-        "seq_length",
-        "per_device_batch_size",
-        "gradient_accumulation_steps",
-        "max_steps",
-        "logging_steps",
-    ):
-        if getattr(options, name) < 1:
-            raise OptionError(
-                f"{name} ({getattr(options, name)}) must be >= 1; pass a positive "
-                f"--{name.replace('_', '-')}"
-            )
-    for name in ("learning_rate", "load_controller_rate"):
-        if getattr(options, name) <= 0:
-            raise OptionError(
-                f"{name} ({getattr(options, name)}) must be > 0; pass a positive "
-                f"--{name.replace('_', '-')}"
-            )
-    if options.aux_loss_coef is not None and options.aux_loss_coef < 0:
-        raise OptionError(
-            f"aux_loss_coef ({options.aux_loss_coef}) must be >= 0; use 0 to turn "
-            "the load-balancing loss off"
-        )
-    if not os.path.isfile(os.path.join(options.model, "config.json")):
-        raise OptionError(
-            f"model ({options.model!r}) must be an HF model directory with "
-            "config.json; run adamoe-convert export-hf or mixtral-to-adamoe"
-        )
-    if options.deepspeed is not None and not os.path.isfile(options.deepspeed):
-        raise OptionError(
-            f"deepspeed ({options.deepspeed!r}) must be an existing DeepSpeed "
-            "config; see configs/deepspeed/"
-        )
-    if os.path.exists(options.output_dir) and os.listdir(options.output_dir):
-        raise OptionError(
-            f"output_dir ({options.output_dir!r}) must be empty or new; pick another path"
-        )
-
-
-class BlockDataset(torch.utils.data.Dataset):
-    """Token blocks of ``seq_length``: documents + EOS, concatenated, cut, shuffled once."""
-
-    def __init__(self, documents, tokenizer, seq_length: int, seed: int) -> None:
-        stream: list[int] = []
-        for text in documents:
-            stream += tokenizer(text, add_special_tokens=False)["input_ids"]
-            if tokenizer.eos_token_id is not None:
-                stream.append(tokenizer.eos_token_id)
-        count = len(stream) // seq_length
-        if count == 0:
-            raise OptionError(
-                f"data must hold at least seq_length ({seq_length}) tokens; it has "
-                f"{len(stream)}: add text or lower --seq-length"
-            )
-        blocks = torch.tensor(stream[: count * seq_length]).view(count, seq_length)
-        order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
-        self.blocks = blocks[order]
-
-    def __len__(self) -> int:
-        return self.blocks.size(0)
-
-    def __getitem__(self, index: int) -> dict:
-        tokens = self.blocks[index]
-        return {
-            "input_ids": tokens,
-            "labels": tokens.clone(),
-            "attention_mask": torch.ones_like(tokens),
-        }
-
-
-def moe_blocks(model) -> list:
-    from megatron_adamoe.hf.modeling_adamoe import AdaMoESparseMoeBlock
-
-    return [m for m in model.modules() if isinstance(m, AdaMoESparseMoeBlock)]
-
-
-def _all_reduce(values: torch.Tensor) -> torch.Tensor:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(values)
-    return values
-
-
-def make_trainer_class():
-    from transformers import Trainer
-
-    class AdaMoETrainer(Trainer):
-        """The HF Trainer plus AdaMoE's logging: aux loss and measured load per MoE layer, summed
-        over every micro-batch and rank since the last log; and the load controller step."""
-
-        loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
-
-        def __init__(self, *args, controller_rate: float = 0.01, metrics_file=None, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.controller_rate, self.metrics_file = controller_rate, metrics_file
-            self.window = None  # [aux sum, micro-batches, per layer: true picks, tokens, empty]
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            outputs = model(**inputs, output_router_logits=True)
-            blocks = moe_blocks(model)
-            stats = torch.tensor(
-                [float(outputs.aux_loss.detach()), 1.0]
-                + [value for block in blocks for value in block.last_counts],
-                dtype=torch.float64,
-            )
-            self.window = stats if self.window is None else self.window + stats
-            return (outputs.loss, outputs) if return_outputs else outputs.loss
-
-        def log(self, logs: dict, *args, **kwargs) -> None:
-            if self.window is not None and "loss" in logs:
-                totals = _all_reduce(self.window.clone())
-                layers = totals[2:].view(-1, 3)
-                logs["aux_loss"] = float(totals[0] / totals[1])
-                logs["load"] = [round(float(p / max(t, 1)), 4) for p, t, _ in layers]
-                logs["empty_expert_batches"] = int(layers[:, 2].sum())
-                self.window = None
-                if self.metrics_file and self.is_world_process_zero():
-                    with open(self.metrics_file, "a") as handle:
-                        handle.write(json.dumps({"step": self.state.global_step, **logs}) + "\n")
-            super().log(logs, *args, **kwargs)
-
-        def _get_train_sampler(self, *args, **kwargs):
-            return torch.utils.data.SequentialSampler(self.train_dataset)  # pre-shuffled blocks
-
-    return AdaMoETrainer
-
-
-def make_controller_callback():
-    from transformers import TrainerCallback
-
-    class LoadControllerCallback(TrainerCallback):
-        """After each optimizer step: every MoE block's [true picks, tokens] of the step, summed
-        over ranks, moves its null bias by rate x (load - target) (megatron_adamoe.mcore's
-        controller, in HF form): the same on every rank."""
-
-        def __init__(self, model, rate: float) -> None:
-            self.blocks = [
-                b for b in moe_blocks(model) if getattr(b, "null_bias", None) is not None
-            ]
-            targets = model.config.router_target_load
-            self.targets = targets if isinstance(targets, list) else [targets] * len(self.blocks)
-            self.rate = rate
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if not self.blocks:
-                return
-            counts = _all_reduce(
-                torch.stack(
-                    [
-                        b.step_counts
-                        if b.step_counts is not None
-                        else torch.zeros(2, dtype=torch.float64)
-                        for b in self.blocks
-                    ]
-                ).to(self.blocks[0].null_bias.device)
-            )
-            with torch.no_grad():
-                for block, (picks, tokens), target in zip(self.blocks, counts, self.targets):
-                    if tokens > 0:
-                        block.null_bias += self.rate * (float(picks / tokens) - target)
-                    block.step_counts = None
-
-    return LoadControllerCallback
-
-
-def finetune(options) -> str:
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
-
+def finetune(options) -> Optional[str]:
+    """Train; write the model and return its directory, or None when stopped by a signal (a
+    checkpoint was saved: resume with --resume)."""
     import megatron_adamoe.hf  # noqa: F401  (registers the AdaMoE Auto classes)
-    from megatron_adamoe.data.corpus import iter_documents
+    from megatron_adamoe.hf.finetune_launch import set_single_process_world
 
-    check(options)
+    if options.deepspeed is not None:
+        set_single_process_world()  # DeepSpeed would look for MPI without a launcher
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        check(options, world_size)
+        return _finetune_checked(options)
+    finally:  # no checkpoint was asked for or made: leave no empty place behind
+        with contextlib.suppress(OSError):
+            os.rmdir(checkpoint_dir(options))
+
+
+def _finetune_checked(options) -> Optional[str]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megatron_adamoe.data.corpus import iter_documents
+    from megatron_adamoe.hf.finetune_launch import watch_launchers
+    from megatron_adamoe.hf.finetune_trainer import make_stop_callback
+
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if options.deepspeed is not None:
         from megatron_adamoe.deepspeed.extension import wait_until_built
@@ -263,59 +132,140 @@ def finetune(options) -> str:
     model = AutoModelForCausalLM.from_pretrained(
         options.model, **{_dtype_kwarg(): torch.bfloat16 if options.bf16 else torch.float32}
     )
+    _check_vocabulary(dataset, model, options.model)
     if options.aux_loss_coef is not None:
         model.config.router_aux_loss_coef = options.aux_loss_coef
+    watch_launchers()
+    stop = make_stop_callback()()
+    try:
+        trainer = _trainer(options, model, dataset, stop)
+        trainer.train(resume_from_checkpoint=_last_checkpoint(options) if options.resume else None)
+    finally:
+        stop.restore()
+    if stop.stopped_at is not None:
+        logger.info(
+            "stopped by SIGTERM after step %d; checkpoint in %s: continue with --resume",
+            stop.stopped_at,
+            checkpoint_dir(options),
+        )
+        return None
+    _save_model(trainer, model, tokenizer, options.output_dir)
+    return options.output_dir
+
+
+def _trainer(options, model, dataset, stop):
+    from transformers import TrainingArguments
+
+    from megatron_adamoe.hf.finetune_trainer import make_controller_callback, make_trainer_class
+
     if options.deepspeed is not None and _zero_stage(options.deepspeed) == 3:
         from deepspeed.utils import set_z3_leaf_modules
 
         from megatron_adamoe.hf.modeling_adamoe import AdaMoESparseMoeBlock
 
         set_z3_leaf_modules(model, [AdaMoESparseMoeBlock])  # gather each MoE block whole
-    arguments = TrainingArguments(
-        output_dir=options.output_dir,
-        per_device_train_batch_size=options.per_device_batch_size,
-        gradient_accumulation_steps=options.gradient_accumulation_steps,
-        max_steps=options.max_steps,
-        learning_rate=options.learning_rate,
-        warmup_steps=options.warmup_steps,
-        weight_decay=options.weight_decay,
-        logging_steps=options.logging_steps,
-        save_strategy="no",
-        seed=options.seed,
-        bf16=options.bf16,
-        gradient_checkpointing=options.gradient_checkpointing,
-        deepspeed=options.deepspeed,
-        report_to=[],
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_drop_last=True,
-        ddp_backend=(
-            "gloo"
-            if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-            else None
-        ),
-        ddp_find_unused_parameters=False,
-        disable_tqdm=True,
-    )
-    trainer = make_trainer_class()(
-        model=model,
-        args=arguments,
-        train_dataset=dataset,
-        controller_rate=options.load_controller_rate,
-        metrics_file=options.metrics_file,
-        callbacks=[make_controller_callback()(model, options.load_controller_rate)],
-    )
-    trainer.train()
-    # Saved with the model files (auto_map), so it loads with trust_remote_code as exports do.
-    type(model.config).register_for_auto_class()
-    type(model).register_for_auto_class("AutoModelForCausalLM")
-    type(tokenizer).register_for_auto_class("AutoTokenizer")
-    trainer.save_model(options.output_dir)
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(options.output_dir)
-    return options.output_dir
+    try:
+        arguments = TrainingArguments(
+            output_dir=checkpoint_dir(options),
+            per_device_train_batch_size=options.per_device_batch_size,
+            gradient_accumulation_steps=options.gradient_accumulation_steps,
+            max_steps=options.max_steps,
+            learning_rate=options.learning_rate,
+            warmup_steps=options.warmup_steps,
+            weight_decay=options.weight_decay,
+            logging_steps=options.logging_steps,
+            save_strategy="steps" if options.save_steps else "no",
+            save_steps=options.save_steps or 500,
+            seed=options.seed,
+            bf16=options.bf16,
+            **_checkpointing_argument(options.gradient_checkpointing),
+            deepspeed=options.deepspeed,
+            report_to=[],
+            use_cpu=not torch.cuda.is_available(),
+            dataloader_drop_last=True,
+            ddp_backend=(
+                "gloo"
+                if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+                else None
+            ),
+            ddp_find_unused_parameters=False,
+            disable_tqdm=True,
+        )
+        return make_trainer_class()(
+            model=model,
+            args=arguments,
+            train_dataset=dataset,
+            metrics_file=options.metrics_file,
+            callbacks=[make_controller_callback()(model, options.load_controller_rate), stop],
+        )
+    except ValueError as error:  # transformers' own check of the DeepSpeed config, as one line
+        if "DeepSpeed" not in str(error) and "deepspeed" not in str(error):
+            raise
+        raise OptionError(
+            f"deepspeed ({options.deepspeed!r}) must agree with the flags: "
+            + " ".join(str(error).split())
+        ) from None
+
+
+def _save_model(trainer, model, tokenizer, out: str) -> None:
+    """Every rank takes part (ZeRO-3 gathers the weights); rank 0 writes next to ``out`` and
+    renames when complete."""
+    from megatron_adamoe.hf.tokenization_adamoe import AdaMoETokenizer
+    from megatron_adamoe.storage import atomic_directory
+
+    is_writer = trainer.is_world_process_zero()
+    with atomic_directory(out, "saving the fine-tuned model", shared=True, owner=is_writer) as tmp:
+        # The model files go with the weights (auto_map), so it loads as exports do.
+        type(model.config).register_for_auto_class()
+        type(model).register_for_auto_class("AutoModelForCausalLM")
+        if isinstance(tokenizer, AdaMoETokenizer):  # the project's own: its code goes along
+            type(tokenizer).register_for_auto_class("AutoTokenizer")
+        trainer.save_model(tmp)
+        if is_writer:
+            tokenizer.save_pretrained(tmp)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+
+def _check_vocabulary(dataset, model, model_dir: str) -> None:
+    largest = int(dataset.blocks.max()) if len(dataset) else -1
+    if largest >= model.config.vocab_size:
+        raise OptionError(
+            f"data token ids must be < the model's vocab_size ({model.config.vocab_size}); the "
+            f"tokenizer of {model_dir} gave {largest}: the tokenizer and the model disagree"
+        )
+
+
+def _last_checkpoint(options) -> str:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    found = get_last_checkpoint(checkpoint_dir(options))
+    if found is None:
+        raise OptionError(
+            f"resume needs a checkpoint-N directory in checkpoint_dir "
+            f"({checkpoint_dir(options)!r}); drop --resume to start afresh"
+        )
+    return found
+
+
+def _checkpointing_argument(enabled: bool) -> dict:
+    """TrainingArguments' name for recomputing layers: activation_checkpointing since
+    transformers 5.x, gradient_checkpointing before (now a deprecated alias)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {field.name for field in dataclasses.fields(TrainingArguments)}
+    return {
+        "activation_checkpointing"
+        if "activation_checkpointing" in names
+        else "gradient_checkpointing": enabled
+    }
 
 
 def _zero_stage(path: str) -> int:
+    import json
+
     with open(path) as handle:
         return int((json.load(handle).get("zero_optimization") or {}).get("stage", 0))
 
@@ -329,13 +279,15 @@ def _dtype_kwarg() -> str:
 
 def main(argv: Optional[list] = None) -> int:
     options = build_parser().parse_args(argv)
+    quiet_fine_tuning_noise(options.gradient_accumulation_steps)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
     try:
         out = finetune(options)
     except OptionError as error:
         return report(error, rank, world)
-    logger.info("fine-tuned model written to %s", out)
+    if out is not None:
+        logger.info("fine-tuned model written to %s", out)
     return 0
 
 

@@ -169,6 +169,16 @@ def read_hf_tensors(hf_dir: str) -> dict:
     return tensors
 
 
+def aux_loss_coef_from_mixtral(mixtral: dict) -> float:
+    """Mixtral's ``router_aux_loss_coef`` on AdaMoE's scale. transformers' Mixtral computes one
+    load-balancing loss over all layers' routing pooled, with assignment fractions over T tokens
+    (summing to k); AdaMoE (and Megatron) sum a per-layer loss whose fractions are over k*T
+    assignments. So Mixtral's loss is about k / L times AdaMoE's sum over L layers, and the same
+    pressure needs c * k / L (at m = 0 exactly so for equal layers)."""
+    coef = float(mixtral.get("router_aux_loss_coef", 0.001))
+    return coef * mixtral["num_experts_per_tok"] / mixtral["num_hidden_layers"]
+
+
 def pretrain_arguments(
     config: dict, num_null_experts: int, topk: int, tp: int, ep: int, pp: int
 ) -> PretrainArguments:
@@ -201,6 +211,11 @@ def pretrain_arguments(
         else None,
         adamoe_router_mode=config.get("router_mode", "topk"),
         adamoe_topp_threshold=config.get("router_topp_threshold"),
+        # The source's coefficient on Megatron's per-layer scale (AdaMoE's is already on it).
+        moe_aux_loss_coeff=float(config.get("router_aux_loss_coef", 0.01))
+        if is_adamoe
+        else aux_loss_coef_from_mixtral(config),
+        adamoe_aux_loss_coeff_schedule=None,
         moe_router_dtype=ROUTER_DTYPE_FROM_HF[config.get("router_dtype", "float32")]
         if is_adamoe
         else "fp32",

@@ -4,7 +4,9 @@ The tensors keep Mixtral's names; each router gains m null rows (``null_router_i
 the AdaMoE authors' choice, or ``random``; the rules of ``import-hf``). The output directory holds
 ``config.json`` (``AdaMoEForCausalLM`` with ``auto_map``), the model files, safetensors shards and
 Mixtral's tokenizer files as they were. With m = 0 the AdaMoE model computes Mixtral's logits.
-Written under a temporary name and renamed when complete.
+Mixtral's settings carry over; the one that changes is ``router_aux_loss_coef``, rescaled to the
+same pressure on AdaMoE's loss (``aux_loss_coef_from_mixtral``; logged). Written under a
+temporary name and renamed when complete.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from megatron_adamoe.errors import OptionError
 from megatron_adamoe.hf.configuration_adamoe import AdaMoEHFConfig
 from megatron_adamoe.hf.import_hf import (
     _add_null_router_rows,
+    aux_loss_coef_from_mixtral,
     check_output_and_null_init,
     read_hf_config,
     read_hf_tensors,
@@ -41,6 +44,13 @@ TOKENIZER_FILES = (
 def adamoe_config(mixtral: dict, num_null_experts: int, topk: int) -> AdaMoEHFConfig:
     heads = mixtral["num_attention_heads"]
     rope = mixtral.get("rope_parameters") or {}
+    total = mixtral["num_local_experts"] + num_null_experts
+    if not isinstance(topk, int) or not 1 <= topk <= total:
+        raise OptionError(
+            f"topk ({topk}) must be in [1, n + m = {total}] (n = {mixtral['num_local_experts']} "
+            f"true experts of the Mixtral model, m = {num_null_experts} null experts); lower "
+            "--topk or add --num-null-experts"
+        )
     return AdaMoEHFConfig(
         vocab_size=mixtral["vocab_size"],
         hidden_size=mixtral["hidden_size"],
@@ -58,6 +68,7 @@ def adamoe_config(mixtral: dict, num_null_experts: int, topk: int) -> AdaMoEHFCo
         num_experts_per_tok=topk,
         router_dtype="float32",
         output_router_logits=bool(mixtral.get("output_router_logits", False)),
+        router_aux_loss_coef=aux_loss_coef_from_mixtral(mixtral),
         tie_word_embeddings=bool(mixtral.get("tie_word_embeddings", False)),
         bos_token_id=mixtral.get("bos_token_id"),
         eos_token_id=mixtral.get("eos_token_id"),
@@ -111,10 +122,16 @@ def mixtral_to_adamoe(
             if os.path.isfile(os.path.join(hf_dir, name)):
                 shutil.copyfile(os.path.join(hf_dir, name), os.path.join(temporary, name))
     logger.info(
-        "converted %s -> %s (m = %d null experts, top-%d)",
+        "converted %s -> %s (m = %d null experts, top-%d); router_aux_loss_coef %.4g: Mixtral's "
+        "%.4g on its pooled loss = %.4g x k (%d) / layers (%d) on AdaMoE's per-layer sum",
         hf_dir,
         out,
         num_null_experts,
         config.num_experts_per_tok,
+        config.router_aux_loss_coef,
+        float(mixtral.get("router_aux_loss_coef", 0.001)),
+        float(mixtral.get("router_aux_loss_coef", 0.001)),
+        mixtral["num_experts_per_tok"],
+        mixtral["num_hidden_layers"],
     )
     return out

@@ -41,12 +41,16 @@ ADAMOE_CHECKED = {*ROUTING_NAMES["options"].values(), "moe_router_load_balancing
 def resolve(args: PretrainArguments) -> PretrainArguments:
     """The run's effective options, a new object: ``moe_aux_loss_coeff`` (null: 0.01, or 0 under
     ``adamoe_aux_loss_coeff_schedule``) and ``global_batch_size`` (null: one micro-batch per
-    data-parallel rank) filled in."""
+    data-parallel rank) filled in, and ``tokenizer_model`` made absolute (checkpoints record it,
+    and tools that read them run from anywhere)."""
     coeff = args.moe_aux_loss_coeff
     if coeff is None:
         coeff = 0.0 if args.adamoe_aux_loss_coeff_schedule else 0.01
     batch = args.global_batch_size or args.micro_batch_size * args.data_parallel_size
-    return dataclasses.replace(args, moe_aux_loss_coeff=coeff, global_batch_size=batch)
+    tokenizer = args.tokenizer_model and os.path.abspath(args.tokenizer_model)
+    return dataclasses.replace(
+        args, moe_aux_loss_coeff=coeff, global_batch_size=batch, tokenizer_model=tokenizer
+    )
 
 
 def validate(args: PretrainArguments, check_io: bool = True, check_topology: bool = True) -> None:
@@ -366,6 +370,7 @@ def _validate_io(args: PretrainArguments, fail) -> None:
             "be an existing sentencepiece .model file",
             "pass the model tools/preprocess_data.py wrote",
         )
+    _check_token_ids(args)
     if args.skip_train and not args.eval_interval:
         fail(
             "skip_train",
@@ -374,3 +379,26 @@ def _validate_io(args: PretrainArguments, fail) -> None:
         )
     if args.save_interval is not None and args.save is None:
         fail("save_interval", "come with a save directory", "set save or drop save_interval")
+
+
+def _check_token_ids(args: PretrainArguments) -> None:
+    """Every token id of the data is one the tokenizer knows (an id past the vocabulary would
+    crash the embedding minutes into the run)."""
+    import sentencepiece
+
+    try:
+        vocab = sentencepiece.SentencePieceProcessor(model_file=args.tokenizer_model).vocab_size()
+    except (OSError, RuntimeError):
+        return  # not a sentencepiece model: the run's tokenizer loading names it
+    for prefix in args.data_path:
+        if isinstance(prefix, (int, float)):
+            continue
+        cache = args.data_cache_path or os.path.join(str(prefix), "cache", "GPTDataset_indices")
+        largest = indexed.max_token_id(str(prefix), cache)
+        if largest >= vocab:
+            raise OptionError(
+                f"data_path ({str(prefix)!r}) must hold token ids < the tokenizer's vocabulary "
+                f"({vocab}, {args.tokenizer_model}); its largest is {largest}: the data was made "
+                "with another tokenizer; rebuild it with tools/preprocess_data.py "
+                "--tokenizer-model, or pass the tokenizer it was made with"
+            )

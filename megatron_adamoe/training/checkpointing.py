@@ -166,6 +166,41 @@ def check_resumable(directory: str, args: PretrainArguments) -> None:
                 f"({saved[name]!r}) to load {directory}; set it back, or start a new run with "
                 "another save directory"
             )
+    _check_selection_biases(saved, args, directory)
+
+
+def _selection_biases(options) -> dict:
+    """{bias: the option that keeps it} of a run: the load controller's null bias (null experts
+    with a target, a target schedule or expert bias) and expert bias. A checkpoint holds them
+    as router buffers, which a run without them neither loads nor keeps."""
+    get = options.get if isinstance(options, dict) else lambda name: getattr(options, name, None)
+    biases = {}
+    if get("moe_router_enable_expert_bias"):
+        biases["expert bias"] = "moe_router_enable_expert_bias"
+    if get("adamoe_num_null_experts") and (
+        get("adamoe_target_load") is not None
+        or get("adamoe_target_load_schedule") is not None
+        or get("moe_router_enable_expert_bias")
+    ):
+        biases["null bias"] = (
+            "adamoe_target_load_schedule"
+            if get("adamoe_target_load_schedule") is not None
+            else "adamoe_target_load"
+        )
+    return biases
+
+
+def _check_selection_biases(saved: dict, args: PretrainArguments, directory: str) -> None:
+    """A run without the checkpoint's learned selection biases would silently drop them (the
+    routing, and so the load, would change): name the option that keeps them."""
+    missing = set(_selection_biases(saved)) - set(_selection_biases(args))
+    for bias in sorted(missing):
+        option = _selection_biases(saved)[bias]
+        raise OptionError(
+            f"{option} ({getattr(args, option)!r}) must be set as the checkpoint's run set it "
+            f"({saved.get(option)!r}) to load {directory}: it holds a learned {bias}, which "
+            "this run would drop; set it back (or start a new run with another save directory)"
+        )
 
 
 def _saved_options(directory: str) -> dict:

@@ -98,3 +98,58 @@ def test_mixtral_to_adamoe_rejects_bad_inputs_with_one_line(tmp_path):
     )
     assert again.returncode == 2 and "must be ['MixtralForCausalLM']" in again.stderr
     assert not list(tmp_path.glob("*.tmp-*"))
+
+
+def test_topk_past_the_experts_is_one_line_and_settings_carry_over(tmp_path):
+    import json
+
+    import pytest
+
+    tiny_mixtral(tmp_path / "mixtral")
+    bad = convert(
+        "mixtral-to-adamoe",
+        "--hf",
+        tmp_path / "mixtral",
+        "--out",
+        tmp_path / "x",
+        "--num-null-experts",
+        str(N),
+        "--topk",
+        str(2 * N + 1),
+        check=False,
+    )
+    assert bad.returncode == 2 and bad.stderr.strip() == (
+        f"error: topk ({2 * N + 1}) must be in [1, n + m = {2 * N}] (n = {N} true experts of the "
+        f"Mixtral model, m = {N} null experts); lower --topk or add --num-null-experts"
+    )
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob("*.tmp-*"))
+    convert(
+        "mixtral-to-adamoe",
+        "--hf",
+        tmp_path / "mixtral",
+        "--out",
+        tmp_path / "ada",
+        "--num-null-experts",
+        str(N),
+    )
+    source = json.loads((tmp_path / "mixtral" / "config.json").read_text())
+    converted = json.loads((tmp_path / "ada" / "config.json").read_text())
+    for key in (
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_key_value_heads",
+        "max_position_embeddings",
+        "rms_norm_eps",
+        "tie_word_embeddings",
+        "num_experts_per_tok",
+        "bos_token_id",
+        "eos_token_id",
+    ):
+        assert converted[key] == source[key], key
+    # The one setting that changes, by the scale of the loss it weighs: Mixtral's loss pools
+    # the L layers' routing (fractions of T tokens, summing to k), AdaMoE's sums per-layer
+    # losses (fractions of k*T): Mixtral's coefficient c becomes c * k / L.
+    assert converted["router_aux_loss_coef"] == pytest.approx(
+        source["router_aux_loss_coef"] * K / source["num_hidden_layers"]
+    )

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -33,31 +35,30 @@ def model_and_data(tmp_path_factory):
     return root
 
 
-def _finetune(root, name, launcher, *extra):
-    out, metrics = root / name, root / f"{name}.jsonl"
+def _command(root, name, launcher, *extra, steps=STEPS) -> list[str]:
     common = [
         "--model",
         str(root / "model"),
         "--data",
         str(root / "train.jsonl"),
         "--output-dir",
-        str(out),
+        str(root / name),
         "--seq-length",
         "32",
         "--max-steps",
-        str(STEPS),
+        str(steps),
         "--learning-rate",
         "1e-3",
         "--logging-steps",
         "1",
         "--metrics-file",
-        str(metrics),
+        str(root / f"{name}.jsonl"),
         "--per-device-batch-size",
         "1",
         *extra,
     ]
     if launcher == "torchrun":
-        command = [
+        return [
             sys.executable,
             "-m",
             "torch.distributed.run",
@@ -69,8 +70,8 @@ def _finetune(root, name, launcher, *extra):
             "megatron_adamoe.hf.finetune",
             *common,
         ]
-    elif launcher == "deepspeed":
-        command = [
+    if launcher == "deepspeed":
+        return [
             os.path.join(os.path.dirname(sys.executable), "deepspeed"),
             "--num_gpus",
             "2",
@@ -80,18 +81,72 @@ def _finetune(root, name, launcher, *extra):
             "megatron_adamoe.hf.finetune",
             *common,
         ]
-    else:
-        command = [sys.executable, "-m", "megatron_adamoe.hf.finetune", *common]
+    return [sys.executable, "-m", "megatron_adamoe.hf.finetune", *common]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _records(root, name) -> list[dict]:
+    return [json.loads(line) for line in open(root / f"{name}.jsonl")]
+
+
+def _finetune(root, name, launcher, *extra, steps=STEPS):
     done = subprocess.run(
-        command,
+        _command(root, name, launcher, *extra, steps=steps),
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=900,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env=ENV,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-    return out, [json.loads(line) for line in open(metrics)]
+    return root / name, _records(root, name)
+
+
+def _ranks_of(out) -> list[int]:
+    """PIDs of adamoe-finetune processes writing ``out`` (ranks and launchers)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                words = handle.read().split(b"\0")
+        except OSError:
+            continue
+        if b"megatron_adamoe.hf.finetune" in words and str(out).encode() in words:
+            found.append(int(entry))
+    return found
+
+
+def _stop_after_a_step(root, name, launcher, *extra, steps) -> int:
+    """Start a run, SIGTERM its launcher once it has logged a step, and return the step of the
+    checkpoint its ranks saved, after checking that no rank is left."""
+    logged = len(_records(root, name)) if (root / f"{name}.jsonl").exists() else 0
+    process = subprocess.Popen(
+        _command(root, name, launcher, *extra, steps=steps),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=ENV,
+    )
+    deadline = time.time() + 300
+    while process.poll() is None and time.time() < deadline:
+        if (root / f"{name}.jsonl").exists() and len(_records(root, name)) > logged:
+            process.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    output = process.communicate(timeout=120)[0]
+    for _ in range(120):  # the ranks save, then exit on their own
+        if not _ranks_of(root / name):
+            break
+        time.sleep(0.5)
+    assert not _ranks_of(root / name), output[-3000:]
+    assert "stopped by SIGTERM after step" in output, output[-3000:]
+    assert not (root / name).exists()  # no model: the run did not finish
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return int(get_last_checkpoint(str(root / f"{name}-checkpoints")).rsplit("-", 1)[1])
 
 
 def test_zero2_and_zero3_train_as_one_process_does(model_and_data):
@@ -112,7 +167,16 @@ def test_zero2_and_zero3_train_as_one_process_does(model_and_data):
             os.path.join(REPO, "configs/deepspeed/zero3.json"),
             "--gradient-checkpointing",
         ),
-        "single": _finetune(root, "single", "python", "--gradient-accumulation-steps", "2"),
+        # The documented one-process command: DeepSpeed in a one-process world (no MPI).
+        "single": _finetune(
+            root,
+            "single",
+            "python",
+            "--gradient-accumulation-steps",
+            "2",
+            "--deepspeed",
+            os.path.join(REPO, "configs/deepspeed/zero2.json"),
+        ),
     }
     losses = {
         name: [r["loss"] for r in records if "loss" in r] for name, (_, records) in runs.items()
@@ -172,3 +236,30 @@ def test_aux_loss_is_the_null_aware_loss_of_ops_on_the_router_logits(model_and_d
     assert all(block.null_bias.item() != 0 for block in blocks)
     assert output.aux_loss > 0
     torch.testing.assert_close(output.aux_loss, expected)
+
+
+def test_sigterm_to_either_launcher_saves_and_resume_is_bit_for_bit(model_and_data):
+    """SIGTERM to the deepspeed launcher (which exits without passing it on: each rank sees it
+    gone) and to torchrun (which passes it on): every rank finishes its step, the checkpoint of
+    that step is saved, nothing is left running; --resume then continues, and the run ends with
+    the losses and weights of an uninterrupted one, bit for bit."""
+    from safetensors.torch import load_file
+
+    root, steps = model_and_data, 24
+    zero3 = ("--deepspeed", os.path.join(REPO, "configs/deepspeed/zero3.json"))
+    reference, reference_records = _finetune(root, "reference", "deepspeed", *zero3, steps=steps)
+    first = _stop_after_a_step(root, "resumed", "deepspeed", *zero3, steps=steps)
+    second = _stop_after_a_step(root, "resumed", "torchrun", *zero3, "--resume", steps=steps)
+    assert 1 <= first < second < steps
+    resumed, records = _finetune(root, "resumed", "deepspeed", *zero3, "--resume", steps=steps)
+    losses = {r["step"]: r["loss"] for r in records if "loss" in r}
+    expected = {r["step"]: r["loss"] for r in reference_records if "loss" in r}
+    assert sorted(losses) == sorted(expected) == list(range(1, steps + 1))
+    assert losses == expected
+    weights, reference_weights = (
+        load_file(resumed / "model.safetensors"),
+        load_file(reference / "model.safetensors"),
+    )
+    assert weights.keys() == reference_weights.keys()
+    assert all(torch.equal(weights[k], reference_weights[k]) for k in weights)
+    assert not (root / "reference-checkpoints").exists()  # none asked for: no empty place left

@@ -182,6 +182,27 @@ def test_resume_with_a_changed_shape_option_names_it(synthetic_corpus, tmp_path)
         )
 
 
+def test_resume_without_the_target_load_that_learned_the_null_bias_names_it(
+    synthetic_corpus, tmp_path
+):
+    """The checkpoint's run kept its load with a learned null bias; a run without the target
+    would load without it (the routing, so the load, changes) and said nothing."""
+    save = tmp_path / "ckpt"
+    _train_saved(synthetic_corpus, save, "--adamoe-target-load", "0.6", iters=3)
+    result = run_pretrain(synthetic_corpus, "--train-iters", "6", "--save", str(save), check=False)
+    assert result.returncode != 0
+    _check_rank_lines(
+        result,
+        f"error: adamoe_target_load (None) must be set as the checkpoint's run set it (0.6) to "
+        f"load {save}/iter_0000003: it holds a learned null bias, which this run would drop; "
+        "set it back (or start a new run with another save directory)",
+    )
+    resumed = run_pretrain(
+        synthetic_corpus, "--train-iters", "4", "--save", str(save), "--adamoe-target-load", "0.6"
+    )
+    assert "resuming at iteration 3" in resumed.stdout
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 3 MiB tmpfs (a disk that fills up), mounted for the test; needs CAP_SYS_ADMIN."""

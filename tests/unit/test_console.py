@@ -48,3 +48,30 @@ def test_known_warnings_are_ignored_and_others_shown():
         warnings.warn("Apex is not installed. Falling back to Torch Norm", UserWarning)
         warnings.warn("something new upstream", UserWarning)
     assert [str(w.message) for w in caught] == ["something new upstream"]
+
+
+def test_accelerates_accumulation_notice_is_dropped_only_when_it_agrees_with_the_run():
+    """Under DeepSpeed the HF Trainer hands accelerate 1 and accumulates itself, and accelerate
+    then calls any N > 1 a mismatch; the line goes when N is the run's own value."""
+    from accelerate import PartialState
+    from accelerate.logging import get_logger
+
+    from megatron_adamoe.console import quiet_fine_tuning_noise
+
+    quiet_fine_tuning_noise(4)
+    PartialState(cpu=True)  # one process, as the Trainer starts it
+    collect = _Collect()
+    accelerate = logging.getLogger("accelerate.accelerator")
+    accelerate.addHandler(collect)
+    try:
+        logger = get_logger("accelerate.accelerator")  # accelerate's own adapter ("[RANK 0] ")
+        for steps in (4, 3):
+            logger.warning(
+                f"Gradient accumulation steps mismatch: GradientAccumulationPlugin has 1, "
+                f"DeepSpeed config has {steps}. Using DeepSpeed's value.",
+                main_process_only=False,
+            )
+    finally:
+        accelerate.removeHandler(collect)
+        PartialState._reset_state()  # the Trainers of later tests start their own
+    assert len(collect.lines) == 1 and "DeepSpeed config has 3." in collect.lines[0]

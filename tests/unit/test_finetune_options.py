@@ -12,7 +12,8 @@ from megatron_adamoe.hf.finetune import build_parser, check
 def _options(tmp_path, *extra):
     model = tmp_path / "model"
     model.mkdir(exist_ok=True)
-    (model / "config.json").write_text("{}")
+    if not (model / "config.json").exists():
+        (model / "config.json").write_text('{"architectures": ["AdaMoEForCausalLM"]}')
     return build_parser().parse_args(
         ["--model", str(model), "--data", "x.jsonl", "--output-dir", str(tmp_path / "out"), *extra]
     )
@@ -46,3 +47,101 @@ def test_the_deepspeed_launchers_local_rank_is_accepted(tmp_path):
     options = _options(tmp_path, "--local_rank=1")
     check(options)
     assert options.local_rank == 1
+
+
+def _check_error(options, world_size: int = 1) -> str:
+    with pytest.raises(OptionError) as error:
+        check(options, world_size)
+    assert "\n" not in str(error.value)
+    return str(error.value)
+
+
+def test_bad_inputs_before_any_work_are_one_line_each(tmp_path):
+    """What used to end in a traceback (or train first): each is one line naming the input."""
+    import json
+
+    options = _options(tmp_path)
+    model_config = tmp_path / "model" / "config.json"
+    model_config.write_text(json.dumps({"architectures": ["MixtralForCausalLM"]}))
+    assert _check_error(options) == (
+        f"model ({str(tmp_path / 'model')!r}) must be an AdaMoE model (its config.json says "
+        f"MixtralForCausalLM); convert it first: adamoe-convert mixtral-to-adamoe --hf "
+        f"{tmp_path / 'model'} --out {tmp_path / 'model'}-adamoe --num-null-experts 8 --topk 3"
+    )
+    model_config.write_text(
+        json.dumps({"architectures": ["AdaMoEForCausalLM"], "max_position_embeddings": 256})
+    )
+    assert _check_error(_options(tmp_path, "--seq-length", "512")) == (
+        "seq_length (512) must be <= the model's max_position_embeddings (256); lower --seq-length"
+    )
+    model_config.write_text(json.dumps({"architectures": ["AdaMoEForCausalLM"]}))
+    broken = tmp_path / "ds.json"
+    broken.write_text('{"train_micro_batch_size_per_gpu": "auto",\n  "zero_optimization": {,}}')
+    assert _check_error(_options(tmp_path, "--deepspeed", str(broken))) == (
+        f"deepspeed ({str(broken)!r}) must be valid JSON: Expecting property name enclosed in "
+        "double quotes at line 2, column 25; fix the file"
+    )
+    fixed = tmp_path / "fixed.json"
+    fixed.write_text('{"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": "auto"}')
+    assert _check_error(_options(tmp_path, "--deepspeed", str(fixed)), world_size=2) == (
+        f"deepspeed ({str(fixed)!r}) train_micro_batch_size_per_gpu (4) must equal "
+        '--per-device-batch-size (1) or be "auto"; set it to "auto" (the flags then decide) or '
+        "change the flags"
+    )
+    (tmp_path / "a_file").write_text("")
+    under_a_file = str(tmp_path / "a_file" / "out")
+    assert _check_error(
+        build_parser().parse_args(
+            ["--model", str(tmp_path / "model"), "--data", "x", "--output-dir", under_a_file]
+        )
+    ) == (
+        f"output_dir ({str(tmp_path / 'a_file')!r}) must be a writable directory (File exists); "
+        "the fine-tuned model is written there; pick a writable place"
+    )
+    (tmp_path / "out").mkdir()
+    assert _check_error(options).startswith(
+        f"output_dir ({str(tmp_path / 'out')!r}) must not exist yet"
+    )
+    (tmp_path / "out").rmdir()
+    assert _check_error(_options(tmp_path, "--resume")) == (
+        f"resume needs a checkpoint in checkpoint_dir ({str(tmp_path / 'out')}-checkpoints"
+        "'), which is empty; drop --resume to start, or point --checkpoint-dir at the run's "
+        "checkpoints"
+    ).replace(f"({str(tmp_path / 'out')}-", f"('{tmp_path / 'out'}-")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_malformed_jsonl_line_names_its_file_and_line(tmp_path):
+    from megatron_adamoe.data.corpus import iter_documents
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "one"}\n\n{"text": "two"}\n{"text": "three", oops}\n')
+    with pytest.raises(OptionError) as error:
+        list(iter_documents([str(data)]))
+    assert str(error.value) == (
+        f"{data}:4 must be one JSON object per line: Expecting property name enclosed in double "
+        "quotes at column 19; fix that line"
+    )
+
+
+def test_mixtrals_aux_coefficient_keeps_its_pressure_on_adamoes_loss():
+    """transformers' own Mixtral loss (pooled over layers) against AdaMoE's per-layer sum, at
+    m = 0 with identical layers, where the rescaled coefficient makes them equal exactly."""
+    import torch
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    from megatron_adamoe.hf.import_hf import aux_loss_coef_from_mixtral
+    from megatron_adamoe.ops.losses import null_aware_load_balancing_loss
+
+    layers, experts, topk, coef = 4, 8, 2, 0.02
+    logits = torch.randn(32, experts, generator=torch.Generator().manual_seed(0))
+    mixtral = coef * load_balancing_loss_func((logits,) * layers, experts, topk)
+    picks = torch.zeros_like(logits).scatter(1, torch.topk(logits, topk).indices, 1.0)
+    per_layer = null_aware_load_balancing_loss(
+        torch.softmax(logits, -1), picks.sum(0), 32, topk, 0, 1.0
+    )
+    converted = aux_loss_coef_from_mixtral(
+        {"router_aux_loss_coef": coef, "num_experts_per_tok": topk, "num_hidden_layers": layers}
+    )
+    assert converted == pytest.approx(coef * topk / layers)
+    torch.testing.assert_close(converted * layers * per_layer, mixtral)

@@ -148,3 +148,45 @@ def test_yaml_syntax_error_is_one_line_with_its_place(tmp_path):
         f"config ('{path}') must be valid YAML: expected ',' or ']', but got ':' at line 3, "
         "column 11; fix the file"
     )
+
+
+def test_token_ids_past_the_tokenizers_vocabulary_are_refused_before_the_run(tmp_path, corpus):
+    """Data made with a larger vocabulary than the run's tokenizer would crash the embedding a
+    minute into the run (a 231-line IndexError): the largest id is checked up front, and the
+    tokenizer path is made absolute so that tools reading the checkpoint find it anywhere."""
+    import sentencepiece as spm
+
+    from megatron_adamoe.data.corpus import synthetic_documents
+
+    (tmp_path / "text.txt").write_text("\n".join(synthetic_documents(60, seed=0)))
+    spm.SentencePieceTrainer.train(
+        input=str(tmp_path / "text.txt"),
+        model_prefix=str(tmp_path / "sp"),
+        vocab_size=150,
+        model_type="bpe",
+        minloglevel=2,
+    )
+    fits = write_indexed_dataset(str(tmp_path / "fits"), [400] * 60, vocab_size=150)
+    too_big = write_indexed_dataset(str(tmp_path / "big"), [400] * 60, vocab_size=200)
+    expected_largest = int(np.fromfile(too_big + ".bin", dtype=np.uint16).max())
+    assert expected_largest >= 150
+    options = {"tokenizer_model": "sp.model", "save": str(tmp_path / "ckpt")}
+    os.chdir(tmp_path)  # a relative tokenizer path, as a user types it
+    try:
+        args = load_arguments(CPU_CONFIG, {**options, "data_path": [fits]}, 2)
+        assert args.tokenizer_model == str(tmp_path / "sp.model")
+        with pytest.raises(OptionError) as info:
+            load_arguments(CPU_CONFIG, {**options, "data_path": [too_big]}, 2)
+    finally:
+        os.chdir(REPO)
+    assert str(info.value) == (
+        f"data_path ('{too_big}') must hold token ids < the tokenizer's vocabulary (150, "
+        f"sp.model); its largest is {expected_largest}: the data was made with another "
+        "tokenizer; rebuild it with tools/preprocess_data.py --tokenizer-model, or pass the "
+        "tokenizer it was made with"
+    )
+    # The scan is remembered per file in the dataset cache, and redone when the file changes.
+    assert data_check.max_token_id(too_big, str(tmp_path / "cache")) == expected_largest
+    assert (tmp_path / "cache" / "adamoe_max_token_id.txt").is_file()
+    write_indexed_dataset(too_big, [400] * 60, vocab_size=100)
+    assert data_check.max_token_id(too_big, str(tmp_path / "cache")) < 100

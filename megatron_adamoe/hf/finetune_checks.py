@@ -1,0 +1,153 @@
+"""adamoe-finetune's checks before any work starts: every bad flag, model, DeepSpeed config and
+place is one line naming the input and the fix (``OptionError``), raised by whichever rank
+meets it, before the output or checkpoint directory is touched."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from megatron_adamoe.errors import OptionError
+from megatron_adamoe.storage import check_writable
+
+ADAMOE_ARCHITECTURE = "AdaMoEForCausalLM"
+# DeepSpeed's batch keys and the flags that set them (under "auto" the HF Trainer fills them).
+_BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+
+
+def check(options, world_size: int = 1) -> None:
+    """Everything that can be known before training: flags, the model directory, the DeepSpeed
+    config, the sequence length against the model's positions, the output and checkpoint places.
+    Reads no data (``data`` reports its own file and line)."""
+    _check_numbers(options)
+    config = read_model_config(options.model)
+    positions = config.get("max_position_embeddings")
+    if positions is not None and options.seq_length > positions:
+        raise OptionError(
+            f"seq_length ({options.seq_length}) must be <= the model's max_position_embeddings "
+            f"({positions}); lower --seq-length"
+        )
+    if options.deepspeed is not None:
+        check_deepspeed_config(options, world_size)
+    if os.path.exists(options.output_dir):
+        raise OptionError(
+            f"output_dir ({options.output_dir!r}) must not exist yet: the fine-tuned model is "
+            "written next to it and renamed when complete; pick a new path"
+        )
+    check_writable(
+        "output_dir",
+        os.path.dirname(os.path.abspath(options.output_dir)),
+        "the fine-tuned model is written there; pick a writable place",
+    )
+    check_writable(
+        "checkpoint_dir",
+        checkpoint_dir(options),
+        "training checkpoints go there; pick a writable place with --checkpoint-dir",
+    )
+    if options.resume and not os.listdir(checkpoint_dir(options)):
+        raise OptionError(
+            f"resume needs a checkpoint in checkpoint_dir ({checkpoint_dir(options)!r}), which is "
+            "empty; drop --resume to start, or point --checkpoint-dir at the run's checkpoints"
+        )
+
+
+def checkpoint_dir(options) -> str:
+    """Where the Trainer's checkpoints go: ``--checkpoint-dir``, else ``<output-dir>-checkpoints``
+    (the output directory itself only ever holds a complete model)."""
+    return options.checkpoint_dir or f"{options.output_dir.rstrip(os.sep)}-checkpoints"
+
+
+def _check_numbers(options) -> None:
+    for name in (
+        "seq_length",
+        "per_device_batch_size",
+        "gradient_accumulation_steps",
+        "max_steps",
+        "logging_steps",
+    ):
+        if getattr(options, name) < 1:
+            raise OptionError(
+                f"{name} ({getattr(options, name)}) must be >= 1; pass a positive "
+                f"--{name.replace('_', '-')}"
+            )
+    for name in ("learning_rate", "load_controller_rate"):
+        if getattr(options, name) <= 0:
+            raise OptionError(
+                f"{name} ({getattr(options, name)}) must be > 0; pass a positive "
+                f"--{name.replace('_', '-')}"
+            )
+    if options.aux_loss_coef is not None and options.aux_loss_coef < 0:
+        raise OptionError(
+            f"aux_loss_coef ({options.aux_loss_coef}) must be >= 0; use 0 to turn "
+            "the load-balancing loss off"
+        )
+    if options.save_steps is not None and options.save_steps < 1:
+        raise OptionError(
+            f"save_steps ({options.save_steps}) must be >= 1; pass a positive --save-steps, or "
+            "drop it (a checkpoint is still written when the run is stopped by SIGTERM)"
+        )
+
+
+def read_model_config(model: str) -> dict:
+    """The model directory's config.json, which must describe an AdaMoE model."""
+    path = os.path.join(model, "config.json")
+    if not os.path.isfile(path):
+        raise OptionError(
+            f"model ({model!r}) must be an HF model directory with config.json; run "
+            "adamoe-convert export-hf or mixtral-to-adamoe"
+        )
+    try:
+        with open(path) as handle:
+            config = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise OptionError(
+            f"{path} must be valid JSON: {error.msg} at line {error.lineno}, column "
+            f"{error.colno}; fix the file"
+        ) from None
+    architectures = config.get("architectures") or [config.get("model_type")]
+    if ADAMOE_ARCHITECTURE not in architectures and config.get("model_type") != "adamoe":
+        raise OptionError(
+            f"model ({model!r}) must be an AdaMoE model (its config.json says "
+            f"{architectures[0]}); convert it first: adamoe-convert mixtral-to-adamoe --hf "
+            f"{model} --out {model.rstrip(os.sep)}-adamoe --num-null-experts 8 --topk 3"
+        )
+    return config
+
+
+def check_deepspeed_config(options, world_size: int) -> None:
+    """The DeepSpeed config exists, parses, and its batch sizes agree with the flags."""
+    path = options.deepspeed
+    if not os.path.isfile(path):
+        raise OptionError(
+            f"deepspeed ({path!r}) must be an existing DeepSpeed config; see configs/deepspeed/"
+        )
+    try:
+        with open(path) as handle:
+            config = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise OptionError(
+            f"deepspeed ({path!r}) must be valid JSON: {error.msg} at line {error.lineno}, "
+            f"column {error.colno}; fix the file"
+        ) from None
+    flags = {
+        "train_micro_batch_size_per_gpu": (
+            options.per_device_batch_size,
+            "--per-device-batch-size",
+        ),
+        "gradient_accumulation_steps": (
+            options.gradient_accumulation_steps,
+            "--gradient-accumulation-steps",
+        ),
+        "train_batch_size": (
+            options.per_device_batch_size * options.gradient_accumulation_steps * world_size,
+            "--per-device-batch-size x --gradient-accumulation-steps x processes",
+        ),
+    }
+    for key in _BATCH_KEYS:
+        value = config.get(key, "auto")
+        wanted, flag = flags[key]
+        if value != "auto" and value != wanted:
+            raise OptionError(
+                f"deepspeed ({path!r}) {key} ({value!r}) must equal {flag} ({wanted}) or be "
+                f'"auto"; set it to "auto" (the flags then decide) or change the flags'
+            )

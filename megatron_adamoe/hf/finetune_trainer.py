@@ -1,0 +1,140 @@
+"""The HF Trainer as adamoe-finetune runs it: AdaMoE's logging, the load controller's step, and a
+clean stop on SIGTERM (a checkpoint of the step, then exit). transformers is imported on use."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import torch
+
+
+def moe_blocks(model) -> list:
+    from megatron_adamoe.hf.modeling_adamoe import AdaMoESparseMoeBlock
+
+    return [m for m in model.modules() if isinstance(m, AdaMoESparseMoeBlock)]
+
+
+def _all_reduce(values: torch.Tensor, op=None) -> torch.Tensor:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(values, **({"op": op} if op is not None else {}))
+    return values
+
+
+def make_trainer_class():
+    from transformers import Trainer
+
+    class AdaMoETrainer(Trainer):
+        """The HF Trainer plus AdaMoE's logging: the aux loss (the mean per MoE layer, the scale
+        Megatron's "load balancing loss" is logged on; the loss the model adds is the sum over
+        layers times the coefficient) and the measured load per MoE layer, summed over every
+        micro-batch and rank since the last log."""
+
+        loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
+
+        def __init__(self, *args, metrics_file=None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.metrics_file = metrics_file
+            self.num_moe_layers = max(1, len(moe_blocks(self.model)))
+            self.window = None  # [aux sum, micro-batches, per layer: true picks, tokens, empty]
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            outputs = model(**inputs, output_router_logits=True)
+            blocks = moe_blocks(model)
+            stats = torch.tensor(
+                [float(outputs.aux_loss.detach()), 1.0]
+                + [value for block in blocks for value in block.last_counts],
+                dtype=torch.float64,
+            )
+            self.window = stats if self.window is None else self.window + stats
+            return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+        def log(self, logs: dict, *args, **kwargs) -> None:
+            if self.window is not None and "loss" in logs:
+                totals = _all_reduce(self.window.clone())
+                layers = totals[2:].view(-1, 3)
+                logs["aux_loss"] = float(totals[0] / totals[1]) / self.num_moe_layers
+                logs["load"] = [round(float(p / max(t, 1)), 4) for p, t, _ in layers]
+                logs["empty_expert_batches"] = int(layers[:, 2].sum())
+                self.window = None
+                if self.metrics_file and self.is_world_process_zero():
+                    with open(self.metrics_file, "a") as handle:
+                        handle.write(json.dumps({"step": self.state.global_step, **logs}) + "\n")
+            super().log(logs, *args, **kwargs)
+
+        def _get_train_sampler(self, *args, **kwargs):
+            return torch.utils.data.SequentialSampler(self.train_dataset)  # pre-shuffled blocks
+
+    return AdaMoETrainer
+
+
+def make_controller_callback():
+    from transformers import TrainerCallback
+
+    class LoadControllerCallback(TrainerCallback):
+        """After each optimizer step: every MoE block's [true picks, tokens] of the step, summed
+        over ranks, moves its null bias by rate x (load - target) (megatron_adamoe.mcore's
+        controller, in HF form): the same on every rank."""
+
+        def __init__(self, model, rate: float) -> None:
+            self.blocks = [
+                b for b in moe_blocks(model) if getattr(b, "null_bias", None) is not None
+            ]
+            targets = model.config.router_target_load
+            self.targets = targets if isinstance(targets, list) else [targets] * len(self.blocks)
+            self.rate = rate
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if not self.blocks:
+                return
+            counts = _all_reduce(
+                torch.stack(
+                    [
+                        b.step_counts
+                        if b.step_counts is not None
+                        else torch.zeros(2, dtype=torch.float64)
+                        for b in self.blocks
+                    ]
+                ).to(self.blocks[0].null_bias.device)
+            )
+            with torch.no_grad():
+                for block, (picks, tokens), target in zip(self.blocks, counts, self.targets):
+                    if tokens > 0:
+                        block.null_bias += self.rate * (float(picks / tokens) - target)
+                    block.step_counts = None
+
+    return LoadControllerCallback
+
+
+def make_stop_callback():
+    from transformers import TrainerCallback
+
+    class StopOnSignal(TrainerCallback):
+        """SIGTERM (from the launcher, SLURM, or ``finetune_launch.watch_launchers`` when the
+        launcher is gone): the step in progress finishes, every rank learns of it through one
+        all-reduce per step (so all stop after the same step), the Trainer saves a checkpoint of
+        that step and stops. ``stopped_at``: the step, or None."""
+
+        def __init__(self, signum: int = signal.SIGTERM) -> None:
+            self.received, self.stopped_at, self.signum = False, None, signum
+            self.previous = signal.signal(signum, self._handle)
+
+        def _handle(self, signum, frame) -> None:
+            self.received = True
+
+        def on_step_end(self, args, state, control, **kwargs):
+            flag = torch.tensor([int(self.received)], dtype=torch.int32)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                if torch.distributed.get_backend() == "nccl":
+                    flag = flag.cuda()
+                flag = _all_reduce(flag, torch.distributed.ReduceOp.MAX)
+            if int(flag.item()):
+                self.stopped_at = state.global_step
+                control.should_save = True
+                control.should_training_stop = True
+            return control
+
+        def restore(self) -> None:
+            signal.signal(self.signum, self.previous)
+
+    return StopOnSignal
