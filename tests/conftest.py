@@ -45,12 +45,12 @@ def single_rank():
 @pytest.fixture
 def megatron_env(single_rank):
     """Per test: fixed seed, train mode, and Megatron's MoE metrics tracker emptied."""
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+    from megatron_adamoe.mcore._compat import clear_moe_tracker
 
     torch.manual_seed(1234)
-    get_moe_layer_wise_logging_tracker().clear()
+    clear_moe_tracker()
     yield
-    get_moe_layer_wise_logging_tracker().clear()
+    clear_moe_tracker()
 
 
 @pytest.fixture(scope="session")

@@ -107,13 +107,14 @@ def _tear_down() -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state
     from megatron.core.rerun_state_machine import destroy_rerun_state_machine
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    from megatron_adamoe.mcore._compat import clear_moe_tracker
 
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
     destroy_rerun_state_machine()
-    get_moe_layer_wise_logging_tracker().clear()
+    clear_moe_tracker()
     gc.collect()
 
 

@@ -94,11 +94,13 @@ def run_pretrain(
     timeout=TIMEOUT_S,
     leftovers=None,
     torchrun=False,
+    python=None,
 ):
     """Run the entry point with ``config`` (the CPU default), SMALL and ``overrides`` on
     ``nproc`` ranks of the rank pool, or (``torchrun``) under torchrun. torchrun only:
     ``max_restarts``; ``leftovers``, a list that receives the command lines of processes of this
-    run still alive two seconds after it ended (they are killed either way)."""
+    run still alive two seconds after it ended (they are killed either way); ``python``, another
+    interpreter (another environment) to run it with."""
     data_path, tokenizer = corpus
     argv = [
         "--config",
@@ -109,8 +111,8 @@ def run_pretrain(
         *(["--tokenizer-model", tokenizer] if tokenizer else []),
         *overrides,
     ]
-    if torchrun:
-        result = _torchrun(argv, nproc, max_restarts, env, timeout, leftovers)
+    if torchrun or python:
+        result = _torchrun(argv, nproc, max_restarts, env, timeout, leftovers, python)
     else:
         assert not max_restarts and leftovers is None, "restarts and leftovers need torchrun=True"
         result = rank_pool().run(argv, nproc=nproc, env=env, timeout=timeout)
@@ -142,9 +144,9 @@ def close_rank_pool() -> None:
         _POOL = None
 
 
-def _torchrun(argv, nproc, max_restarts, env, timeout, leftovers):
+def _torchrun(argv, nproc, max_restarts, env, timeout, leftovers, python=None):
     command = [
-        sys.executable,
+        python or sys.executable,
         "-m",
         "torch.distributed.run",
         "--nproc-per-node",

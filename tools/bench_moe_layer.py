@@ -103,10 +103,10 @@ def build_layers(args, ep=1):
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
     )
-    from megatron.core.transformer.spec_utils import build_module
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from megatron_adamoe import AdaMoEConfig, get_adamoe_gpt_layer_spec
+    from megatron_adamoe.mcore._compat import build_mlp
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     common = dict(
@@ -134,7 +134,7 @@ def build_layers(args, ep=1):
         if args.te
         else get_gpt_layer_local_spec(num_experts=args.num_experts)
     )
-    stock = build_module(stock_spec.submodules.mlp, config=stock_config)
+    stock = build_mlp(stock_spec.submodules.mlp, stock_config)
     adamoe_config = AdaMoEConfig(
         moe_router_topk=args.moe_router_topk,
         adamoe_num_null_experts=args.adamoe_num_null_experts,
@@ -143,7 +143,7 @@ def build_layers(args, ep=1):
     adamoe_spec = get_adamoe_gpt_layer_spec(
         num_experts=args.num_experts, use_transformer_engine=args.te, moe_grouped_gemm=args.te
     )
-    adamoe = build_module(adamoe_spec.submodules.mlp, config=adamoe_config)
+    adamoe = build_mlp(adamoe_spec.submodules.mlp, adamoe_config)
     adamoe.experts.load_state_dict(stock.experts.state_dict())
     for layer in (stock, adamoe):
         layer.set_layer_number(1)

@@ -97,6 +97,7 @@ def null_expert_topk_routing(
     scaling_factor: Optional[float] = None,
     selection_bias_X: Optional[torch.Tensor] = None,
     topp_threshold: Optional[float] = None,
+    cast_after_scaling: bool = False,
 ) -> NullExpertRouting:
     """Top-k (or top-p) routing over true and null experts.
 
@@ -113,7 +114,10 @@ def null_expert_topk_routing(
     this performs the same operations, in the same order, as Megatron-Core's
     ``topk_routing_with_score_function`` with a softmax score function and
     ``use_pre_softmax=False``; with "none" it matches ``use_pre_softmax=True``. The outputs are
-    then bit-identical.
+    then bit-identical. Precision follows the version's order: each softmax is taken in float32;
+    by default its result is cast to the logits' dtype at once and scaled in that dtype
+    (megatron-core 0.16, 0.17); ``cast_after_scaling`` keeps float32 through the scaling and casts
+    last (0.18 on). The two differ only for non-float32 logits with a scaling factor.
     """
     assert logits_TX.dim() == 2, f"expected [T, X] logits, got shape {tuple(logits_TX.shape)}"
     num_tokens, num_experts = logits_TX.shape
@@ -122,8 +126,12 @@ def null_expert_topk_routing(
     stock = selection_bias_X is None and topp_threshold is None
     used_TK = None  # top-p leaves slots unused; None = all K used
 
+    def softmax(values: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(values, dim=-1, dtype=torch.float32)
+        return probs if cast_after_scaling else probs.type_as(logits_TX)
+
     if weight_norm == "none":
-        scores_TX = torch.softmax(logits_TX, dim=-1, dtype=torch.float32).type_as(logits_TX)
+        scores_TX = softmax(logits_TX)
         if stock:
             weights_TK, top_indices_TK = torch.topk(scores_TX, k=topk, dim=1)
         else:
@@ -143,7 +151,7 @@ def null_expert_topk_routing(
                 top_logits_TK = top_logits_TK.masked_fill(~used_TK, float("-inf"))
         is_null_TK = top_indices_TK >= num_true_experts
         # Softmax over the K picks = p_i / sum_{j in S} p_j (the partition function cancels).
-        selected_TK = torch.softmax(top_logits_TK, dim=-1, dtype=torch.float32).type_as(logits_TX)
+        selected_TK = softmax(top_logits_TK)
         identity_weight_T = (selected_TK * is_null_TK).sum(dim=-1)
         if weight_norm == "all_selected":
             weights_TK = selected_TK
@@ -155,7 +163,7 @@ def null_expert_topk_routing(
             all_null_T = dropped_TK.all(dim=-1, keepdim=True)
             masked_TK = top_logits_TK.masked_fill(dropped_TK, float("-inf"))
             masked_TK = torch.where(all_null_T, torch.zeros_like(masked_TK), masked_TK)
-            weights_TK = torch.softmax(masked_TK, dim=-1, dtype=torch.float32).type_as(logits_TX)
+            weights_TK = softmax(masked_TK)
     weights_TK = weights_TK.masked_fill(is_null_TK, 0.0)
     if used_TK is not None:
         weights_TK = weights_TK.masked_fill(~used_TK, 0.0)
@@ -163,6 +171,10 @@ def null_expert_topk_routing(
     if scaling_factor:
         weights_TK = weights_TK * scaling_factor
         identity_weight_T = identity_weight_T * scaling_factor
+    weights_TK, identity_weight_T = (
+        weights_TK.type_as(logits_TX),
+        identity_weight_T.type_as(logits_TX),
+    )
 
     probs_TX = torch.zeros_like(logits_TX).scatter(1, top_indices_TK, weights_TK)
     picked_TK = (

@@ -156,6 +156,12 @@ class AdaMoEConfig(TransformerConfig):
                 "AdaMoE is dropless: padding to "
                 "capacity ships pad rows over the all-to-all; leave it False",
             ),
+            (  # megatron-core 0.19 on
+                "moe_expert_rank_capacity_factor",
+                None,
+                "be None",
+                "AdaMoE is dropless: a per-rank capacity drops tokens; leave it unset",
+            ),
             ("moe_router_padding_for_quantization", False, "be False", pad_rows),
             ("moe_router_padding_for_fp8", False, "be False", pad_rows),
             ("moe_router_num_groups", None, "be None", no_groups),
@@ -183,7 +189,7 @@ class AdaMoEConfig(TransformerConfig):
             ("external_cuda_graph", False, "be False", no_graphs),
         ]
         for field, fine, rule, fix in unsupported:
-            if getattr(self, field) != fine:
+            if getattr(self, field, fine) != fine:  # a field this version lacks is fine
                 raise OptionError(f"{field} ({getattr(self, field)!r}) must {rule}; {fix}")
         if self.adamoe_null_expert_type == "identity" and self.overlap_moe_expert_parallel_comm:
             raise OptionError(

@@ -2,7 +2,8 @@
 
 Nothing here runs on import. ``enable_cpu_mode()`` applies every adaptation (idempotent) and
 ``disable_cpu_mode()`` restores the originals. Entry points, tests and the CPU demo call it
-explicitly. Each adaptation names the upstream code (megatron-core 0.16.1) it stands in for.
+explicitly. Each adaptation names the upstream code (megatron-core 0.16.1, or the later version
+that needs it) it stands in for.
 
 Still CUDA-only after this: GPU weight initialisation (build with ``use_cpu_initialization=True``),
 GroupedMLP / TEGroupedMLP experts, fused permutation and the flex dispatcher; a
@@ -33,6 +34,20 @@ class _NoStream:
 
 def _cpu_current_device() -> torch.device:
     return torch.device("cpu")
+
+
+class _CpuStream(_NoStream):
+    """Stands in for ``torch.cuda.current_stream()``: CPU work is in order, nothing to wait for."""
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+
+def _cpu_current_stream(device=None) -> _CpuStream:
+    return _CpuStream()
 
 
 def _maybe_dtoh_and_synchronize_cpu(self, point: str, tokens_per_expert=None):
@@ -177,6 +192,10 @@ def enable_cpu_mode() -> None:
     #    collective outputs and GlobalMemoryBuffer: on CPU they all belong on the CPU.
     if not torch.cuda.is_available():
         _patch("current_device", torch.cuda, "current_device", _cpu_current_device)
+    # 1b. megatron-core 0.19's _ParamAndGradBucketGroup.start_grad_sync takes
+    #    `torch.cuda.current_stream()` to wait on CUDA-graph gradient events (none on CPU).
+    if not torch.cuda.is_available():
+        _patch("current_stream", torch.cuda, "current_stream", _cpu_current_stream)
     # 2. MoEAlltoAllTokenDispatcher.__init__: `torch.cuda.Stream()` when the class attribute
     #    `cuda_dtoh_stream` is None. A placeholder makes it skip the CUDA call.
     if MoEAlltoAllTokenDispatcher.cuda_dtoh_stream is None:
@@ -230,9 +249,13 @@ def enable_cpu_mode() -> None:
             (schedules, "forward_backward_no_pipelining"),
             (schedules, "forward_backward_pipelining_without_interleaving"),
             (state_dict_saver, "verify_global_md_reuse"),
+            # from megatron-core 0.19: the grad-norm group flag
+            (megatron_optimizer.MegatronOptimizer, "has_grad_norm_group"),
         ]
         for owner, attribute in wrapped:
-            original = getattr(owner, attribute)
+            original = getattr(owner, attribute, None)
+            if original is None:  # not in this megatron-core version
+                continue
             if not getattr(original, "__wrapped_for_cpu__", False):
                 name = f"cuda_on_cpu:{getattr(owner, '__name__', owner)}.{attribute}"
                 _patch(name, owner, attribute, _cuda_on_cpu(original))

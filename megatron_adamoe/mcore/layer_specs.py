@@ -18,17 +18,20 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
 from megatron_adamoe.errors import OptionError
+from megatron_adamoe.mcore._compat import moe_module_class, moe_submodules, replace_moe_module
 from megatron_adamoe.mcore.config import AdaMoEConfig
 from megatron_adamoe.mcore.moe_layer import AdaMoELayer
 from megatron_adamoe.mcore.norms import SequenceParallelTorchNorm
 from megatron_adamoe.mcore.router import AdaMoERouter
 
 
-def to_adamoe_moe_spec(moe_spec: ModuleSpec) -> ModuleSpec:
-    """A stock MoELayer spec -> the same spec with AdaMoELayer and AdaMoERouter."""
-    assert moe_spec.module is MoELayer, f"expected a MoELayer spec, got {moe_spec.module}"
-    submodules = dataclasses.replace(moe_spec.submodules, router=AdaMoERouter)
-    return dataclasses.replace(moe_spec, module=AdaMoELayer, submodules=submodules)
+def to_adamoe_moe_spec(moe_spec):
+    """A stock MoELayer spec (a ModuleSpec up to megatron-core 0.16, a partial from 0.17) -> the
+    same spec with AdaMoELayer and AdaMoERouter."""
+    module = moe_module_class(moe_spec)
+    assert module is MoELayer, f"expected a MoELayer spec, got {module}"
+    submodules = dataclasses.replace(moe_submodules(moe_spec), router=AdaMoERouter)
+    return replace_moe_module(moe_spec, AdaMoELayer, submodules)
 
 
 def to_adamoe_layer_spec(layer_spec: ModuleSpec) -> ModuleSpec:
@@ -44,7 +47,7 @@ def to_adamoe_layer_spec(layer_spec: ModuleSpec) -> ModuleSpec:
         if getattr(submodules, name, None) is WrappedTorchNorm:
             submodules = dataclasses.replace(submodules, **{name: SequenceParallelTorchNorm})
     mlp = getattr(submodules, "mlp", None)
-    if isinstance(mlp, ModuleSpec) and mlp.module is MoELayer:
+    if moe_module_class(mlp) is MoELayer:
         keys_map = {
             old: new
             for old, new in submodules.sharded_state_dict_keys_map.items()

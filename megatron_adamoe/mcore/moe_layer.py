@@ -19,8 +19,9 @@ class AdaMoELayer(MoELayer):
     The router must be an :class:`AdaMoERouter` (``MoESubmodules.router``). Identity null experts
     add ``identity_weight * x`` to the routed output locally, with no communication.
 
-    Note: Megatron's TransformerLayer passes ``pg_collection`` only to modules that *are* MoELayer,
-    so inside a TransformerLayer this layer uses the process groups of ``parallel_state``.
+    Note: megatron-core 0.16's TransformerLayer passes ``pg_collection`` only to modules that *are*
+    MoELayer, so inside its TransformerLayer this layer uses the process groups of
+    ``parallel_state``; from 0.17 every MLP builder gets the layer's ``pg_collection``.
     """
 
     def __init__(
@@ -29,8 +30,11 @@ class AdaMoELayer(MoELayer):
         submodules: Optional[MoESubmodules] = None,
         layer_number: Optional[int] = None,
         pg_collection=None,
+        **upstream_kwargs,
     ):
         """Mirrors MoELayer.__init__, then replaces the stock token dispatcher.
+        ``upstream_kwargs``: what newer megatron-core passes on (0.17+: ``is_mtp_layer``,
+        ``name``).
 
         MoELayer picks its dispatcher class from ``moe_token_dispatcher_type`` with no hook, so the
         stock one is built and then swapped for the AdaMoE subclass of the same type (all-to-all,
@@ -42,7 +46,7 @@ class AdaMoELayer(MoELayer):
             raise TypeError("AdaMoELayer needs MoESubmodules(router=AdaMoERouter, ...)")
         if pg_collection is None:
             pg_collection = get_default_pg_collection()
-        super().__init__(config, submodules, layer_number, pg_collection)
+        super().__init__(config, submodules, layer_number, pg_collection, **upstream_kwargs)
         dispatcher_class = DISPATCHERS.get(config.moe_token_dispatcher_type)
         if dispatcher_class is not None:
             self.token_dispatcher = dispatcher_class(

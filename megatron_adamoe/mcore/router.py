@@ -10,10 +10,10 @@ from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_regi
 from megatron.core.transformer.moe.moe_utils import (
     apply_random_logits,
     get_tokens_per_expert_and_token_count,
-    save_to_aux_losses_tracker,
 )
 from megatron.core.transformer.moe.router import TopKRouter
 
+from megatron_adamoe.mcore._compat import PROBS_CAST_AFTER_SCALING, record_moe_metric
 from megatron_adamoe.mcore.config import AdaMoEConfig
 from megatron_adamoe.ops.losses import null_aware_load_balancing_loss
 from megatron_adamoe.ops.routing import NullExpertRouting, null_expert_topk_routing, routing_stats
@@ -54,11 +54,12 @@ class AdaMoERouter(TopKRouter):
     (``megatron_adamoe.set_adamoe_training_step``).
     """
 
-    def __init__(self, config: AdaMoEConfig, pg_collection=None) -> None:
-        """Mirrors TopKRouter.__init__; with m > 0 the gate is re-created over n + m rows."""
+    def __init__(self, config: AdaMoEConfig, pg_collection=None, **upstream_kwargs) -> None:
+        """Mirrors TopKRouter.__init__; with m > 0 the gate is re-created over n + m rows.
+        ``upstream_kwargs``: what newer megatron-core passes on (0.17+: ``is_mtp_layer``)."""
         if not isinstance(config, AdaMoEConfig):
             raise TypeError(f"AdaMoERouter needs an AdaMoEConfig, got {type(config).__name__}")
-        super().__init__(config=config, pg_collection=pg_collection)
+        super().__init__(config=config, pg_collection=pg_collection, **upstream_kwargs)
         self.num_null_experts = config.adamoe_num_null_experts
         self.num_experts_with_nulls = config.adamoe_num_experts_with_nulls
         if self.num_null_experts > 0:
@@ -174,6 +175,7 @@ class AdaMoERouter(TopKRouter):
             scaling_factor=self.config.moe_router_topk_scaling_factor,
             selection_bias_X=self.selection_bias(),
             topp_threshold=self.config.adamoe_topp_threshold,
+            cast_after_scaling=PROBS_CAST_AFTER_SCALING,
         )
         probs = routing.probs_TE
         if self.training and torch.is_grad_enabled() and self.is_aux_loss_tracked():
@@ -241,7 +243,7 @@ class AdaMoERouter(TopKRouter):
                     1.0,
                     target_load,
                 )
-            save_to_aux_losses_tracker(
+            record_moe_metric(
                 "load_balancing_loss",
                 unit_loss,
                 self.layer_number,
@@ -299,7 +301,7 @@ class AdaMoERouter(TopKRouter):
             if self.load_controlled:  # the same on every rank: its share of the group's sum
                 values[NULL_BIAS_METRIC] = self.null_bias[0] / self.tp_cp_group.size()
             for name, value in values.items():
-                save_to_aux_losses_tracker(
+                record_moe_metric(
                     name,
                     value,
                     self.layer_number,

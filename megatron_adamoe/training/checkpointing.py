@@ -43,6 +43,7 @@ from megatron_adamoe.checkpoint_files import (
     write_atomically,
 )
 from megatron_adamoe.errors import OptionError
+from megatron_adamoe.mcore._compat import unreadable_checkpoint_format
 from megatron_adamoe.options import PretrainArguments, resolved_yaml
 from megatron_adamoe.storage import storage_problem
 
@@ -158,6 +159,9 @@ def check_resumable(directory: str, args: PretrainArguments) -> None:
         raise OptionError(
             f"checkpoint ({directory!r}) must be complete to load ({problem}); {hint}"
         )
+    newer = unreadable_checkpoint_format(directory)
+    if newer:
+        raise OptionError(f"checkpoint ({directory!r}) must be in a format this run reads: {newer}")
     saved = _saved_options(directory)
     for name in SHAPE_OPTIONS:
         if name in saved and saved[name] != getattr(args, name):

@@ -12,9 +12,9 @@ from typing import Optional
 
 import numpy as np
 import torch.distributed as dist
-from megatron.core.transformer.moe.moe_utils import track_moe_metrics
 
 from megatron_adamoe.mcore import adamoe_metric_names
+from megatron_adamoe.mcore._compat import report_moe_metrics
 from megatron_adamoe.mcore.router import NULL_BIAS_METRIC, k_eff_metric_names
 from megatron_adamoe.options import PretrainArguments
 from megatron_adamoe.training import metrics
@@ -55,7 +55,7 @@ class Reporter:
         ``extra``: more per-iteration values for the metrics file and TensorBoard."""
         args, writer, step = self.args, self.writer, position.iteration
         moe_losses: dict = {}
-        track_moe_metrics(
+        report_moe_metrics(
             loss_scale=1.0 / args.num_microbatches,
             iteration=step,
             writer=writer,

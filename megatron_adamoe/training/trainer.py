@@ -22,11 +22,11 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.rerun_state_machine import get_rerun_state_machine
 from megatron.core.transformer.module import Float16Module
-from megatron.core.utils import get_batch_on_this_cp_rank
 
 from megatron_adamoe.data import corpus
 from megatron_adamoe.errors import TrainingHalted
 from megatron_adamoe.mcore import finalize_model_grads_with_load_control, set_adamoe_training_step
+from megatron_adamoe.mcore._compat import batch_on_this_cp_rank
 from megatron_adamoe.mcore.checkpoint_writer import start_write_results_queue
 from megatron_adamoe.options import PretrainArguments
 from megatron_adamoe.training import checkpointing, data, distributed, metrics
@@ -303,7 +303,7 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 
 def forward_step(data_iterator, model):
-    batch = get_batch_on_this_cp_rank(next(data_iterator))  # this rank's chunks under CP > 1
+    batch = batch_on_this_cp_rank(next(data_iterator))  # this rank's chunks under CP > 1
     output = model(
         batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"]
     )

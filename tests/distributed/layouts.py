@@ -184,7 +184,7 @@ def _run_layout(case, layout, weights, x, grad_out, references, name):
 def padded_load_metric_worker(rank, world_size, case):
     """TP = 2 with sequence parallel and uneven padding: the tracker's load is the mean over the
     valid tokens of the whole group. Returns (logged load, dense-reference load)."""
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+    from megatron_adamoe.mcore._compat import clear_moe_tracker, moe_tracker
 
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
     layer = build_adamoe_layer(
@@ -198,9 +198,9 @@ def padded_load_metric_worker(rank, world_size, case):
     padded_BS[:, 1 : seq_len // 2] = True  # rank 0 keeps one position per sequence, rank 1 all
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     seq = slice(tp_rank * seq_len // 2, (tp_rank + 1) * seq_len // 2)
-    get_moe_layer_wise_logging_tracker().clear()
+    clear_moe_tracker()
     layer(x[seq].clone().requires_grad_(True), padding_mask=padded_BS[:, seq])
-    logged = get_moe_layer_wise_logging_tracker()["adamoe/load"]["values"][0].clone()
+    logged = moe_tracker()["adamoe/load"]["values"][0].clone()
     dist.all_reduce(logged, group=parallel_state.get_tensor_model_parallel_group())
 
     valid_tokens = x.transpose(0, 1)[~padded_BS]

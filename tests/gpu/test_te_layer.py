@@ -24,10 +24,10 @@ from megatron.core.models.gpt.gpt_layer_specs import (  # noqa: E402
     get_gpt_layer_with_transformer_engine_spec,
 )
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed  # noqa: E402
-from megatron.core.transformer.spec_utils import build_module  # noqa: E402
 from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
 
 from megatron_adamoe import AdaMoEConfig, get_adamoe_gpt_layer_spec  # noqa: E402
+from megatron_adamoe.mcore._compat import build_mlp  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -89,7 +89,7 @@ def _layer(config, grouped: bool, stock: bool = False):
         spec = get_gpt_layer_with_transformer_engine_spec(num_experts=N, moe_grouped_gemm=grouped)
     else:
         spec = get_adamoe_gpt_layer_spec(N, use_transformer_engine=True, moe_grouped_gemm=grouped)
-    layer = build_module(spec.submodules.mlp, config=config).cuda()
+    layer = build_mlp(spec.submodules.mlp, config).cuda()
     layer.set_layer_number(1)
     return layer
 

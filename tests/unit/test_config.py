@@ -208,6 +208,27 @@ PINNED = {
 }
 
 
+def test_newer_megatron_core_capacity_and_balancing_options_are_refused():
+    """0.19's per-rank capacity and quantile balancing act on stock routing only."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    assert "moe_router_load_balancing_type ('quantile_balancing') must be one of" in _message(
+        dict(moe_router_load_balancing_type="quantile_balancing")
+    )
+    if "moe_expert_rank_capacity_factor" not in TransformerConfig.__dataclass_fields__:
+        pytest.skip("megatron-core < 0.19 has no moe_expert_rank_capacity_factor")
+    assert _message(dict(moe_expert_rank_capacity_factor=1.5)) == (
+        "moe_expert_rank_capacity_factor (1.5) must be None; AdaMoE is dropless: a per-rank "
+        "capacity drops tokens; leave it unset"
+    )
+
+
+def _message(overrides) -> str:
+    with pytest.raises(ValueError) as error:
+        adamoe_config(**overrides)
+    return str(error.value)
+
+
 @pytest.mark.parametrize("name", list(PINNED))
 def test_pinned_messages(name):
     overrides, message = PINNED[name]
