@@ -14,6 +14,9 @@ null bias keeps its load at ``router_target_load`` with the controller
 (``--load-controller-rate``). Logs: loss, aux loss (per MoE layer) and the measured load per
 layer (averaged over ranks), to stdout and ``--metrics-file``.
 
+``--method mo-lora`` adds AdaMoE LoRA experts to a frozen dense model instead (paper section
+4.1; docs/finetuning.md) and writes only the adapters.
+
 Checkpoints (the Trainer's own, with optimizer, scheduler and RNG state) go to
 ``--checkpoint-dir`` (default ``<output-dir>-checkpoints``) every ``--save-steps`` and when the
 run is stopped by SIGTERM (from the launcher or SLURM; or when the launcher is gone); ``--resume``
@@ -51,7 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 1)[1],
     )
     add = parser.add_argument
-    add("--model", required=True, help="an AdaMoE HF directory (export-hf, mixtral-to-adamoe)")
+    add(
+        "--model",
+        required=True,
+        help="an AdaMoE HF directory (export-hf, mixtral-to-adamoe); a dense one for mo-lora",
+    )
+    add(
+        "--method",
+        choices=("full", "mo-lora"),
+        default="full",
+        help="full: every weight of an AdaMoE model; mo-lora: AdaMoE LoRA experts on a frozen "
+        "dense model (paper section 4.1; only the adapters are written)",
+    )
     add("--data", required=True, nargs="+", help=".jsonl or text files")
     add("--json-key", default="text")
     add("--output-dir", required=True, help="where the fine-tuned HF model is written (new)")
@@ -74,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--aux-loss-coef",
         type=float,
         default=None,
-        help="load-balancing coefficient per MoE layer (default: the model's)",
+        help="load-balancing coefficient per MoE layer (default: the model's; mo-lora: 0.001)",
     )
     add(
         "--load-controller-rate",
@@ -86,6 +100,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--gradient-checkpointing",
         action="store_true",
         help="recompute each decoder layer in the backward pass (less memory, more compute)",
+    )
+    add("--mo-lora-experts", type=int, default=4, help="mo-lora: n LoRA experts per linear")
+    add("--mo-lora-null-experts", type=int, default=4, help="mo-lora: m null experts")
+    add("--mo-lora-topk", type=int, default=2, help="mo-lora: k picks over n + m")
+    add("--mo-lora-weight-norm", default="true_experts", help="mo-lora: weight normalisation")
+    add("--lora-rank", type=int, default=8)
+    add("--lora-alpha", type=float, default=16.0)
+    add("--lora-dropout", type=float, default=0.05)
+    add(
+        "--lora-target-modules",
+        nargs="+",
+        default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        help="mo-lora: the linears to wrap, by name",
     )
     add("--logging-steps", type=int, default=10)
     add("--seed", type=int, default=1234)
@@ -133,7 +160,13 @@ def _finetune_checked(options) -> Optional[str]:
         options.model, **{_dtype_kwarg(): torch.bfloat16 if options.bf16 else torch.float32}
     )
     _check_vocabulary(dataset, model, options.model)
-    if options.aux_loss_coef is not None:
+    if options.method == "mo-lora":
+        from megatron_adamoe.adapters import apply_mo_lora
+        from megatron_adamoe.hf.finetune_checks import mo_lora_config
+
+        torch.manual_seed(options.seed)  # the same adapters on every rank and in every run
+        apply_mo_lora(model, mo_lora_config(options))
+    elif options.aux_loss_coef is not None:
         model.config.router_aux_loss_coef = options.aux_loss_coef
     watch_launchers()
     stop = make_stop_callback()()
@@ -149,7 +182,10 @@ def _finetune_checked(options) -> Optional[str]:
             checkpoint_dir(options),
         )
         return None
-    _save_model(trainer, model, tokenizer, options.output_dir)
+    if options.method == "mo-lora":
+        _save_adapters(trainer, model, options.output_dir)
+    else:
+        _save_model(trainer, model, tokenizer, options.output_dir)
     return options.output_dir
 
 
@@ -163,7 +199,8 @@ def _trainer(options, model, dataset, stop):
 
         from megatron_adamoe.hf.modeling_adamoe import AdaMoESparseMoeBlock
 
-        set_z3_leaf_modules(model, [AdaMoESparseMoeBlock])  # gather each MoE block whole
+        if options.method == "full":  # gather each MoE block whole: experts on varying rows
+            set_z3_leaf_modules(model, [AdaMoESparseMoeBlock])
     try:
         arguments = TrainingArguments(
             output_dir=checkpoint_dir(options),
@@ -191,12 +228,15 @@ def _trainer(options, model, dataset, stop):
             ddp_find_unused_parameters=False,
             disable_tqdm=True,
         )
-        return make_trainer_class()(
+        callbacks = [stop]
+        if options.method == "full":
+            callbacks.insert(0, make_controller_callback()(model, options.load_controller_rate))
+        return make_trainer_class(options.method)(
             model=model,
             args=arguments,
             train_dataset=dataset,
             metrics_file=options.metrics_file,
-            callbacks=[make_controller_callback()(model, options.load_controller_rate), stop],
+            callbacks=callbacks,
         )
     except ValueError as error:  # transformers' own check of the DeepSpeed config, as one line
         if "DeepSpeed" not in str(error) and "deepspeed" not in str(error):
@@ -225,6 +265,18 @@ def _save_model(trainer, model, tokenizer, out: str) -> None:
             tokenizer.save_pretrained(tmp)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()
+
+
+def _save_adapters(trainer, model, out: str) -> None:
+    """Mo-LoRA: the adapters only (routers and LoRA experts), beside the unchanged base. Every
+    rank takes part in gathering the state (ZeRO-3 partitions it); rank 0 writes."""
+    from megatron_adamoe.adapters.mo_lora_state import save_mo_lora
+
+    state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    if trainer.is_world_process_zero():
+        save_mo_lora(model, out, state_dict=state)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 def _check_vocabulary(dataset, model, model_dir: str) -> None:
@@ -287,7 +339,8 @@ def main(argv: Optional[list] = None) -> int:
     except OptionError as error:
         return report(error, rank, world)
     if out is not None:
-        logger.info("fine-tuned model written to %s", out)
+        what = "Mo-LoRA adapters" if options.method == "mo-lora" else "fine-tuned model"
+        logger.info("%s written to %s", what, out)
     return 0
 
 

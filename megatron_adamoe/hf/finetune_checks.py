@@ -20,7 +20,11 @@ def check(options, world_size: int = 1) -> None:
     config, the sequence length against the model's positions, the output and checkpoint places.
     Reads no data (``data`` reports its own file and line)."""
     _check_numbers(options)
-    config = read_model_config(options.model)
+    if getattr(options, "method", "full") == "mo-lora":
+        config = read_dense_model_config(options.model)
+        mo_lora_config(options)  # its own one-line checks
+    else:
+        config = read_model_config(options.model)
     positions = config.get("max_position_embeddings")
     if positions is not None and options.seq_length > positions:
         raise OptionError(
@@ -112,6 +116,43 @@ def read_model_config(model: str) -> dict:
             f"{model} --out {model.rstrip(os.sep)}-adamoe --num-null-experts 8 --topk 3"
         )
     return config
+
+
+def read_dense_model_config(model: str) -> dict:
+    """The model directory's config.json, which must describe a dense causal LM (Mo-LoRA adds
+    the experts)."""
+    path = os.path.join(model, "config.json")
+    if not os.path.isfile(path):
+        raise OptionError(
+            f"model ({model!r}) must be an HF model directory with config.json (a dense causal "
+            "LM: Llama, Mistral, Qwen2, ...)"
+        )
+    with open(path) as handle:
+        config = json.load(handle)
+    architectures = config.get("architectures") or [config.get("model_type")]
+    if ADAMOE_ARCHITECTURE in architectures or config.get("num_local_experts"):
+        raise OptionError(
+            f"model ({model!r}) must be a dense model for --method mo-lora (its config.json "
+            f"says {architectures[0]}, a MoE model); fine-tune MoE models with --method full"
+        )
+    return config
+
+
+def mo_lora_config(options):
+    """The MoLoRAConfig of the flags (its checks name the settings)."""
+    from megatron_adamoe.adapters import MoLoRAConfig
+
+    return MoLoRAConfig(
+        num_experts=options.mo_lora_experts,
+        num_null_experts=options.mo_lora_null_experts,
+        topk=options.mo_lora_topk,
+        rank=options.lora_rank,
+        alpha=options.lora_alpha,
+        dropout=options.lora_dropout,
+        weight_norm=options.mo_lora_weight_norm,
+        aux_loss_coef=0.001 if options.aux_loss_coef is None else options.aux_loss_coef,
+        target_modules=tuple(options.lora_target_modules),
+    )
 
 
 def check_deepspeed_config(options, world_size: int) -> None:

@@ -21,7 +21,8 @@ def _all_reduce(values: torch.Tensor, op=None) -> torch.Tensor:
     return values
 
 
-def make_trainer_class():
+def make_trainer_class(method: str = "full"):
+    """The Trainer class of a fine-tuning method: "full" (AdaMoE models) or "mo-lora"."""
     from transformers import Trainer
 
     class AdaMoETrainer(Trainer):
@@ -65,7 +66,49 @@ def make_trainer_class():
         def _get_train_sampler(self, *args, **kwargs):
             return torch.utils.data.SequentialSampler(self.train_dataset)  # pre-shuffled blocks
 
-    return AdaMoETrainer
+    class MoLoRATrainer(AdaMoETrainer):
+        """Mo-LoRA on a dense model: the LM loss plus the authors' aux loss
+        (``adapters.mo_lora_aux_loss``); logs aux_loss and, per decoder layer, the load (true
+        LoRA experts per token and linear) and the k_eff histogram, averaged over the window's
+        micro-batches and the ranks."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.num_moe_layers = 1  # aux_loss is logged as added (summed over layers)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            from megatron_adamoe.adapters import mo_lora_aux_loss, routing_statistics
+            from megatron_adamoe.adapters.mo_lora_loss import empty_experts
+
+            outputs = model(**inputs)
+            aux_loss = mo_lora_aux_loss(self.model)
+            statistics = routing_statistics(self.model)
+            stats = torch.tensor(
+                [float(aux_loss.detach()), 1.0, float(empty_experts(self.model))]
+                + [v for layer in statistics.values() for v in (layer["load"], *layer["k_eff"])],
+                dtype=torch.float64,
+            )
+            self.window = stats if self.window is None else self.window + stats
+            loss = outputs.loss + aux_loss.to(outputs.loss.dtype)
+            return (loss, outputs) if return_outputs else loss
+
+        def log(self, logs: dict, *args, **kwargs) -> None:
+            if self.window is not None and "loss" in logs:
+                totals = _all_reduce(self.window.clone())
+                count = float(totals[1])
+                width = 2 + self.model.mo_lora_config.topk
+                layers = (totals[3:] / count).view(-1, width)
+                logs["aux_loss"] = float(totals[0] / count)
+                logs["empty_expert_calls"] = int(totals[2])
+                logs["load"] = [round(float(row[0]), 4) for row in layers]
+                logs["k_eff"] = [[round(float(v), 4) for v in row[1:]] for row in layers]
+                self.window = None
+                if self.metrics_file and self.is_world_process_zero():
+                    with open(self.metrics_file, "a") as handle:
+                        handle.write(json.dumps({"step": self.state.global_step, **logs}) + "\n")
+            Trainer.log(self, logs, *args, **kwargs)
+
+    return MoLoRATrainer if method == "mo-lora" else AdaMoETrainer
 
 
 def make_controller_callback():

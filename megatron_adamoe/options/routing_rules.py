@@ -42,6 +42,16 @@ ROUTING_NAMES = {
         "topp_threshold": "adamoe_topp_threshold",
         "target_load": "adamoe_target_load",
     },
+    "mo_lora": {  # megatron_adamoe.adapters.MoLoRAConfig
+        "num_experts": "num_experts",
+        "num_null_experts": "num_null_experts",
+        "topk": "topk",
+        "null_expert_type": "null_expert_type",
+        "weight_norm": "weight_norm",
+        "router_mode": "router_mode",
+        "topp_threshold": "topp_threshold",
+        "target_load": "target_load",
+    },
     "hf": {
         "num_experts": "num_local_experts",
         "num_null_experts": "num_null_experts",

@@ -9,17 +9,16 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
+from tests.deepspeed.finetune_runs import ENV, STEPS, finetune_command, read_records, run_finetune
 from tests.hf_models import tiny_adamoe
-from tests.runs import REPO, free_port
+from tests.runs import REPO
 
 pytestmark = pytest.mark.distributed
-STEPS = 4
 
 
 @pytest.fixture(scope="module")
@@ -33,75 +32,6 @@ def model_and_data(tmp_path_factory):
             handle.write(json.dumps({"text": text}) + "\n")
     tiny_adamoe(str(root / "model"), "\n".join(documents))
     return root
-
-
-def _command(root, name, launcher, *extra, steps=STEPS) -> list[str]:
-    common = [
-        "--model",
-        str(root / "model"),
-        "--data",
-        str(root / "train.jsonl"),
-        "--output-dir",
-        str(root / name),
-        "--seq-length",
-        "32",
-        "--max-steps",
-        str(steps),
-        "--learning-rate",
-        "1e-3",
-        "--logging-steps",
-        "1",
-        "--metrics-file",
-        str(root / f"{name}.jsonl"),
-        "--per-device-batch-size",
-        "1",
-        *extra,
-    ]
-    if launcher == "torchrun":
-        return [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
-            "--master-port",
-            str(free_port()),
-            "-m",
-            "megatron_adamoe.hf.finetune",
-            *common,
-        ]
-    if launcher == "deepspeed":
-        return [
-            os.path.join(os.path.dirname(sys.executable), "deepspeed"),
-            "--num_gpus",
-            "2",
-            "--master_port",
-            str(free_port()),
-            "--module",
-            "megatron_adamoe.hf.finetune",
-            *common,
-        ]
-    return [sys.executable, "-m", "megatron_adamoe.hf.finetune", *common]
-
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def _records(root, name) -> list[dict]:
-    return [json.loads(line) for line in open(root / f"{name}.jsonl")]
-
-
-def _finetune(root, name, launcher, *extra, steps=STEPS):
-    done = subprocess.run(
-        _command(root, name, launcher, *extra, steps=steps),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=ENV,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-    return root / name, _records(root, name)
 
 
 def _ranks_of(out) -> list[int]:
@@ -121,9 +51,9 @@ def _ranks_of(out) -> list[int]:
 def _stop_after_a_step(root, name, launcher, *extra, steps) -> int:
     """Start a run, SIGTERM its launcher once it has logged a step, and return the step of the
     checkpoint its ranks saved, after checking that no rank is left."""
-    logged = len(_records(root, name)) if (root / f"{name}.jsonl").exists() else 0
+    logged = len(read_records(root, name)) if (root / f"{name}.jsonl").exists() else 0
     process = subprocess.Popen(
-        _command(root, name, launcher, *extra, steps=steps),
+        finetune_command(root, name, launcher, *extra, steps=steps),
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -132,7 +62,7 @@ def _stop_after_a_step(root, name, launcher, *extra, steps) -> int:
     )
     deadline = time.time() + 300
     while process.poll() is None and time.time() < deadline:
-        if (root / f"{name}.jsonl").exists() and len(_records(root, name)) > logged:
+        if (root / f"{name}.jsonl").exists() and len(read_records(root, name)) > logged:
             process.send_signal(signal.SIGTERM)
             break
         time.sleep(0.02)
@@ -152,14 +82,14 @@ def _stop_after_a_step(root, name, launcher, *extra, steps) -> int:
 def test_zero2_and_zero3_train_as_one_process_does(model_and_data):
     root = model_and_data
     runs = {
-        "zero2": _finetune(
+        "zero2": run_finetune(
             root,
             "zero2",
             "torchrun",
             "--deepspeed",
             os.path.join(REPO, "configs/deepspeed/zero2.json"),
         ),
-        "zero3": _finetune(  # with gradient checkpointing: the same losses, less memory
+        "zero3": run_finetune(  # with gradient checkpointing: the same losses, less memory
             root,
             "zero3",
             "deepspeed",
@@ -168,7 +98,7 @@ def test_zero2_and_zero3_train_as_one_process_does(model_and_data):
             "--gradient-checkpointing",
         ),
         # The documented one-process command: DeepSpeed in a one-process world (no MPI).
-        "single": _finetune(
+        "single": run_finetune(
             root,
             "single",
             "python",
@@ -247,11 +177,11 @@ def test_sigterm_to_either_launcher_saves_and_resume_is_bit_for_bit(model_and_da
 
     root, steps = model_and_data, 24
     zero3 = ("--deepspeed", os.path.join(REPO, "configs/deepspeed/zero3.json"))
-    reference, reference_records = _finetune(root, "reference", "deepspeed", *zero3, steps=steps)
+    reference, reference_records = run_finetune(root, "reference", "deepspeed", *zero3, steps=steps)
     first = _stop_after_a_step(root, "resumed", "deepspeed", *zero3, steps=steps)
     second = _stop_after_a_step(root, "resumed", "torchrun", *zero3, "--resume", steps=steps)
     assert 1 <= first < second < steps
-    resumed, records = _finetune(root, "resumed", "deepspeed", *zero3, "--resume", steps=steps)
+    resumed, records = run_finetune(root, "resumed", "deepspeed", *zero3, "--resume", steps=steps)
     losses = {r["step"]: r["loss"] for r in records if "loss" in r}
     expected = {r["step"]: r["loss"] for r in reference_records if "loss" in r}
     assert sorted(losses) == sorted(expected) == list(range(1, steps + 1))

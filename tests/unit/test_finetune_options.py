@@ -145,3 +145,26 @@ def test_mixtrals_aux_coefficient_keeps_its_pressure_on_adamoes_loss():
     )
     assert converted == pytest.approx(coef * topk / layers)
     torch.testing.assert_close(converted * layers * per_layer, mixtral)
+
+
+def test_mo_lora_method_checks_its_model_and_settings(tmp_path):
+    """--method mo-lora takes a dense model (a MoE one is one line naming --method full) and its
+    Mo-LoRA flags give MoLoRAConfig's one-line errors."""
+    import json
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    check(_options(tmp_path, "--method", "mo-lora"))
+    assert _check_error(_options(tmp_path, "--method", "mo-lora", "--mo-lora-topk", "9")) == (
+        "topk (9) must be an integer in [1, num_experts + num_null_experts = 8]; lower it or "
+        "add null experts (k counts picks over true and null experts)"
+    )
+    assert _check_error(_options(tmp_path, "--method", "mo-lora", "--lora-rank", "0")) == (
+        "rank (0) must be a positive integer; e.g. 8"
+    )
+    (model / "config.json").write_text(json.dumps({"architectures": ["AdaMoEForCausalLM"]}))
+    assert _check_error(_options(tmp_path, "--method", "mo-lora")) == (
+        f"model ({str(model)!r}) must be a dense model for --method mo-lora (its config.json "
+        "says AdaMoEForCausalLM, a MoE model); fine-tune MoE models with --method full"
+    )
