@@ -91,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="load-balancing coefficient per MoE layer (default: the model's; mo-lora: 0.001)",
     )
     add(
+        "--aux-loss-coef-schedule",
+        default=None,
+        help="the coefficient over optimizer steps, in the pretraining options' grammar, e.g. "
+        "'piecewise:0.01,STEPS_PER_EPOCH:0.001' (tight in epoch 1, loose in epoch 2: paper "
+        "section 3.4; the run logs its steps per epoch)",
+    )
+    add(
         "--load-controller-rate",
         type=float,
         default=0.01,
@@ -168,6 +175,15 @@ def _finetune_checked(options) -> Optional[str]:
         apply_mo_lora(model, mo_lora_config(options))
     elif options.aux_loss_coef is not None:
         model.config.router_aux_loss_coef = options.aux_loss_coef
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    batch = options.per_device_batch_size * options.gradient_accumulation_steps * world
+    logger.info(
+        "%d blocks of %d tokens: %d optimizer steps per epoch (global batch %d)",
+        len(dataset),
+        options.seq_length,
+        len(dataset) // batch,
+        batch,
+    )
     watch_launchers()
     stop = make_stop_callback()()
     try:
@@ -192,7 +208,12 @@ def _finetune_checked(options) -> Optional[str]:
 def _trainer(options, model, dataset, stop):
     from transformers import TrainingArguments
 
-    from megatron_adamoe.hf.finetune_trainer import make_controller_callback, make_trainer_class
+    from megatron_adamoe.hf.finetune_checks import aux_loss_schedule
+    from megatron_adamoe.hf.finetune_trainer import (
+        make_aux_schedule_callback,
+        make_controller_callback,
+        make_trainer_class,
+    )
 
     if options.deepspeed is not None and _zero_stage(options.deepspeed) == 3:
         from deepspeed.utils import set_z3_leaf_modules
@@ -229,6 +250,10 @@ def _trainer(options, model, dataset, stop):
             disable_tqdm=True,
         )
         callbacks = [stop]
+        if options.aux_loss_coef_schedule is not None:
+            callbacks.append(
+                make_aux_schedule_callback()(model, aux_loss_schedule(options), options.method)
+            )
         if options.method == "full":
             callbacks.insert(0, make_controller_callback()(model, options.load_controller_rate))
         return make_trainer_class(options.method)(

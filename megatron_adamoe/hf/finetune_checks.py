@@ -85,11 +85,26 @@ def _check_numbers(options) -> None:
             f"aux_loss_coef ({options.aux_loss_coef}) must be >= 0; use 0 to turn "
             "the load-balancing loss off"
         )
+    if options.aux_loss_coef_schedule is not None:
+        if options.aux_loss_coef is not None:
+            raise OptionError(
+                f"aux_loss_coef_schedule ({options.aux_loss_coef_schedule!r}) must not be "
+                f"combined with aux_loss_coef ({options.aux_loss_coef}); keep only one of them"
+            )
+        aux_loss_schedule(options)
     if options.save_steps is not None and options.save_steps < 1:
         raise OptionError(
             f"save_steps ({options.save_steps}) must be >= 1; pass a positive --save-steps, or "
             "drop it (a checkpoint is still written when the run is stopped by SIGTERM)"
         )
+
+
+def aux_loss_schedule(options):
+    """The StepSchedule of --aux-loss-coef-schedule (the options' grammar and checks: values
+    >= 0)."""
+    from megatron_adamoe.options.schedule import StepSchedule
+
+    return StepSchedule.parse(options.aux_loss_coef_schedule, "aux_loss_coef_schedule")
 
 
 def read_model_config(model: str) -> dict:

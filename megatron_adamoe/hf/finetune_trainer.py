@@ -149,6 +149,27 @@ def make_controller_callback():
     return LoadControllerCallback
 
 
+def make_aux_schedule_callback():
+    from transformers import TrainerCallback
+
+    class AuxLossScheduleCallback(TrainerCallback):
+        """Before each optimizer step: the load-balancing coefficient of --aux-loss-coef-schedule
+        at that step (0-based), on every rank: the AdaMoE model's ``router_aux_loss_coef`` or
+        the Mo-LoRA ``aux_loss_coef``."""
+
+        def __init__(self, model, schedule, method: str) -> None:
+            self.model, self.schedule, self.method = model, schedule, method
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            value = float(self.schedule(state.global_step))
+            if self.method == "mo-lora":
+                self.model.mo_lora_config.aux_loss_coef = value
+            else:
+                self.model.config.router_aux_loss_coef = value
+
+    return AuxLossScheduleCallback
+
+
 def make_stop_callback():
     from transformers import TrainerCallback
 

@@ -168,3 +168,42 @@ def test_mo_lora_method_checks_its_model_and_settings(tmp_path):
         f"model ({str(model)!r}) must be a dense model for --method mo-lora (its config.json "
         "says AdaMoEForCausalLM, a MoE model); fine-tune MoE models with --method full"
     )
+
+
+def test_aux_loss_schedule_sets_the_coefficient_at_each_step(tmp_path):
+    """Paper section 3.4: a tight coefficient in epoch 1, a loose one in epoch 2, as a
+    piecewise schedule over optimizer steps; the callback sets it before each step."""
+    from types import SimpleNamespace
+
+    from megatron_adamoe.hf.finetune_checks import aux_loss_schedule
+    from megatron_adamoe.hf.finetune_trainer import make_aux_schedule_callback
+
+    options = _options(tmp_path, "--aux-loss-coef-schedule", "piecewise:0.01,50:0.001")
+    check(options)
+    model = SimpleNamespace(
+        config=SimpleNamespace(router_aux_loss_coef=None),
+        mo_lora_config=SimpleNamespace(aux_loss_coef=None),
+    )
+    for method, read in (
+        ("full", lambda: model.config.router_aux_loss_coef),
+        ("mo-lora", lambda: model.mo_lora_config.aux_loss_coef),
+    ):
+        callback = make_aux_schedule_callback()(model, aux_loss_schedule(options), method)
+        seen = []
+        for step in (0, 49, 50, 99):
+            callback.on_step_begin(None, SimpleNamespace(global_step=step), None)
+            seen.append(read())
+        assert seen == [0.01, 0.01, 0.001, 0.001]
+    assert _check_error(_options(tmp_path, "--aux-loss-coef-schedule", "epochwise:0.01")) == (
+        "aux_loss_coef_schedule ('epochwise:0.01') is not a schedule; use 'constant:C', "
+        "'piecewise:C0,STEP1:C1,...' or 'linear:START,END,END_STEP[,START_STEP]'"
+    )
+    assert _check_error(
+        _options(tmp_path, "--aux-loss-coef-schedule", "constant:0.1", "--aux-loss-coef", "0.1")
+    ) == (
+        "aux_loss_coef_schedule ('constant:0.1') must not be combined with aux_loss_coef (0.1); "
+        "keep only one of them"
+    )
+    assert _check_error(_options(tmp_path, "--aux-loss-coef-schedule", "constant:-1")) == (
+        "aux_loss_coef_schedule ('constant:-1') has a negative value; values must be >= 0"
+    )
