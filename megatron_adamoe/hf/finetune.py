@@ -38,6 +38,7 @@ from typing import Optional
 
 import torch
 
+from megatron_adamoe.adapters.mo_lora import DEFAULT_TARGETS
 from megatron_adamoe.console import quiet_fine_tuning_noise
 from megatron_adamoe.errors import OptionError, report
 from megatron_adamoe.hf.finetune_checks import check, checkpoint_dir
@@ -118,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--lora-target-modules",
         nargs="+",
-        default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        default=list(DEFAULT_TARGETS),
         help="mo-lora: the linears to wrap, by name",
     )
     add("--logging-steps", type=int, default=10)
