@@ -50,7 +50,8 @@ def _launch(corpus, *overrides, env=None):
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "GPUS_PER_NODE": "2", **(env or {})},
+        # The interpreter under test (else the script picks .venv, or a PYTHON make exported).
+        env={**os.environ, "GPUS_PER_NODE": "2", "PYTHON": sys.executable, **(env or {})},
     )
 
 

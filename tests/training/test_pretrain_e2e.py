@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 import pytest
 import yaml
@@ -380,7 +381,7 @@ def test_launch_script_rejects_bad_inputs_with_one_line(synthetic_corpus, name):
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "GPUS_PER_NODE": "2"},
+        env={**os.environ, "GPUS_PER_NODE": "2", "PYTHON": sys.executable},  # the one under test
     )
     assert result.returncode == 2
     lines = [
