@@ -33,21 +33,33 @@ def logits_by_layer(model) -> dict[str, torch.Tensor]:
     return {layer: torch.cat(parts, dim=0) for layer, parts in layers.items()}
 
 
-def mo_lora_aux_loss(model) -> torch.Tensor:
+def layer_routings(model) -> dict[str, tuple]:
+    """{decoder layer: (its concatenated router logits [T, X], their routing)} of the last
+    forward: routed once, for the aux loss and the statistics alike."""
+    config = model.mo_lora_config
+    return {
+        layer: (
+            logits_TX,
+            null_expert_topk_routing(
+                logits_TX, config.topk, config.num_experts, weight_norm=config.weight_norm
+            ),
+        )
+        for layer, logits_TX in logits_by_layer(model).items()
+    }
+
+
+def mo_lora_aux_loss(model, routings: dict | None = None) -> torch.Tensor:
     """aux_loss_coef x the sum over decoder layers of Eq. 6 on the layer's concatenated router
-    logits (of the last forward)."""
+    logits (of the last forward). ``routings``: ``layer_routings(model)`` when already taken."""
     config = model.mo_lora_config
     total = torch.zeros((), dtype=torch.float32)
-    for logits_TX in logits_by_layer(model).values():
-        total = total.to(logits_TX.device) + layer_loss(logits_TX, config)
+    for logits_TX, routing in (routings or layer_routings(model)).values():
+        total = total.to(logits_TX.device) + layer_loss(logits_TX, routing, config)
     return total * config.aux_loss_coef
 
 
-def layer_loss(logits_TX: torch.Tensor, config) -> torch.Tensor:
+def layer_loss(logits_TX: torch.Tensor, routing, config) -> torch.Tensor:
     """Eq. 6 (coefficient 1) of one layer's routing."""
-    routing = null_expert_topk_routing(
-        logits_TX, config.topk, config.num_experts, weight_norm=config.weight_norm
-    )
     return null_aware_load_balancing_loss(
         torch.softmax(logits_TX, dim=-1, dtype=torch.float32),
         routing.routing_map_TX.sum(0),
@@ -67,14 +79,13 @@ def empty_experts(model) -> int:
     )
 
 
-def routing_statistics(model) -> dict[str, dict]:
+def routing_statistics(model, routings: dict | None = None) -> dict[str, dict]:
     """{decoder layer: {"load": true picks per token and linear, "k_eff": fraction of tokens
-    with 0..k true picks}} of the last forward."""
+    with 0..k true picks}} of the last forward (``routings`` as for ``mo_lora_aux_loss``)."""
     config = model.mo_lora_config
     statistics = {}
     with torch.no_grad():
-        for layer, logits_TX in logits_by_layer(model).items():
-            routing = null_expert_topk_routing(logits_TX, config.topk, config.num_experts)
+        for layer, (_, routing) in (routings or layer_routings(model)).items():
             picks_T = routing.routing_map_TE.sum(1)
             histogram = torch.bincount(picks_T, minlength=config.topk + 1).float()
             statistics[layer] = {
@@ -87,6 +98,7 @@ def routing_statistics(model) -> dict[str, dict]:
 __all__ = [
     "MoLoRALinear",
     "empty_experts",
+    "layer_routings",
     "logits_by_layer",
     "mo_lora_aux_loss",
     "routing_statistics",

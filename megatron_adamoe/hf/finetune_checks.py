@@ -107,22 +107,29 @@ def aux_loss_schedule(options):
     return StepSchedule.parse(options.aux_loss_coef_schedule, "aux_loss_coef_schedule")
 
 
-def read_model_config(model: str) -> dict:
-    """The model directory's config.json, which must describe an AdaMoE model."""
-    path = os.path.join(model, "config.json")
-    if not os.path.isfile(path):
-        raise OptionError(
-            f"model ({model!r}) must be an HF model directory with config.json; run "
-            "adamoe-convert export-hf or mixtral-to-adamoe"
-        )
+def _load_json(path: str, subject: str) -> dict:
+    """The JSON file at ``path``; a syntax error is one line naming ``subject``, line and column."""
     try:
         with open(path) as handle:
-            config = json.load(handle)
+            return json.load(handle)
     except json.JSONDecodeError as error:
         raise OptionError(
-            f"{path} must be valid JSON: {error.msg} at line {error.lineno}, column "
+            f"{subject} must be valid JSON: {error.msg} at line {error.lineno}, column "
             f"{error.colno}; fix the file"
         ) from None
+
+
+def _model_config_json(model: str, hint: str) -> dict:
+    """``model``/config.json, which must exist (``hint`` ends the one-line error)."""
+    path = os.path.join(model, "config.json")
+    if not os.path.isfile(path):
+        raise OptionError(f"model ({model!r}) must be an HF model directory with config.json{hint}")
+    return _load_json(path, path)
+
+
+def read_model_config(model: str) -> dict:
+    """The model directory's config.json, which must describe an AdaMoE model."""
+    config = _model_config_json(model, "; run adamoe-convert export-hf or mixtral-to-adamoe")
     architectures = config.get("architectures") or [config.get("model_type")]
     if ADAMOE_ARCHITECTURE not in architectures and config.get("model_type") != "adamoe":
         raise OptionError(
@@ -136,14 +143,7 @@ def read_model_config(model: str) -> dict:
 def read_dense_model_config(model: str) -> dict:
     """The model directory's config.json, which must describe a dense causal LM (Mo-LoRA adds
     the experts)."""
-    path = os.path.join(model, "config.json")
-    if not os.path.isfile(path):
-        raise OptionError(
-            f"model ({model!r}) must be an HF model directory with config.json (a dense causal "
-            "LM: Llama, Mistral, Qwen2, ...)"
-        )
-    with open(path) as handle:
-        config = json.load(handle)
+    config = _model_config_json(model, " (a dense causal LM: Llama, Mistral, Qwen2, ...)")
     architectures = config.get("architectures") or [config.get("model_type")]
     if ADAMOE_ARCHITECTURE in architectures or config.get("num_local_experts"):
         raise OptionError(
@@ -177,14 +177,7 @@ def check_deepspeed_config(options, world_size: int) -> None:
         raise OptionError(
             f"deepspeed ({path!r}) must be an existing DeepSpeed config; see configs/deepspeed/"
         )
-    try:
-        with open(path) as handle:
-            config = json.load(handle)
-    except json.JSONDecodeError as error:
-        raise OptionError(
-            f"deepspeed ({path!r}) must be valid JSON: {error.msg} at line {error.lineno}, "
-            f"column {error.colno}; fix the file"
-        ) from None
+    config = _load_json(path, f"deepspeed ({path!r})")
     flags = {
         "train_micro_batch_size_per_gpu": (
             options.per_device_batch_size,

@@ -78,11 +78,12 @@ def make_trainer_class(method: str = "full"):
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             from megatron_adamoe.adapters import mo_lora_aux_loss, routing_statistics
-            from megatron_adamoe.adapters.mo_lora_loss import empty_experts
+            from megatron_adamoe.adapters.mo_lora_loss import empty_experts, layer_routings
 
             outputs = model(**inputs)
-            aux_loss = mo_lora_aux_loss(self.model)
-            statistics = routing_statistics(self.model)
+            routings = layer_routings(self.model)  # once, for the loss and the statistics
+            aux_loss = mo_lora_aux_loss(self.model, routings)
+            statistics = routing_statistics(self.model, routings)
             stats = torch.tensor(
                 [float(aux_loss.detach()), 1.0, float(empty_experts(self.model))]
                 + [v for layer in statistics.values() for v in (layer["load"], *layer["k_eff"])],
