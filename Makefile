@@ -17,7 +17,7 @@ LOCK_IN := requirements/lock$(LOCK_SUFFIX).in
 TORCH_INDEX ?=
 PIP_INDEX := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 # The extras the lock covers (the GPU extra is never locked: it is built on GPU nodes).
-LOCK_EXTRAS := test study deepspeed lint
+LOCK_EXTRAS := test study deepspeed finetune lint
 
 .PHONY: install lock lock-all data demo baseline hf study test test-fast lint bench bench-hf clean
 
@@ -40,12 +40,14 @@ install: $(STAMP)
 # Re-resolve the whole tree to the newest releases pyproject.toml allows (in a throwaway venv with
 # pip-tools), into this interpreter's lock; `make lock-all` refreshes both (PYTHON312: a Python
 # 3.12). Run it after changing dependencies, or to move to new releases; then run `make test` in
-# both configurations and commit the locks only if they pass.
+# both configurations and commit the locks only if they pass. `make lock-all UPGRADE=` adds new
+# dependencies and keeps every other pin.
+UPGRADE ?= --upgrade
 lock:
 	rm -rf .venv-lock
 	$(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/pip install --quiet pip-tools==7.6.2
-	.venv-lock/bin/pip-compile --quiet --upgrade --strip-extras --allow-unsafe --no-emit-index-url \
+	.venv-lock/bin/pip-compile --quiet $(UPGRADE) --strip-extras --allow-unsafe --no-emit-index-url \
 		--no-emit-find-links $(PIP_INDEX) $(addprefix --extra ,$(LOCK_EXTRAS)) \
 		--output-file $(LOCK) pyproject.toml $(LOCK_IN)
 	rm -rf .venv-lock

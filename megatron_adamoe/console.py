@@ -16,6 +16,8 @@ _KNOWN_WARNINGS = (
     r"`torch.distributed.reduce_scatter_tensor` is deprecated",
     # megatron-core 0.19 warns at import of its multimodal (MIMO) configs, which we never use.
     r"MimoModelConfig is experimental",
+    # PEFT's prepare_model_for_kbit_training (QLoRA) reads transformers 5's deprecated name.
+    r"`is_gradient_checkpointing` is deprecated",
 )
 
 # (logger, message prefix) of Megatron's log lines that say nothing about this run.
@@ -29,6 +31,12 @@ _KNOWN_LOG_LINES = (
     # TransformerLayer warns that it passes no process groups to an MLP that is not exactly
     # MoELayer; AdaMoELayer then takes them from parallel_state, as documented in the README.
     ("megatron.core.transformer.transformer_layer", "Unknown MLP type"),
+    # bitsandbytes (imported by PEFT) tries an optional CPU kernel from the Hugging Face hub at
+    # import; without it (offline here) it uses its own CPU 4-bit kernels.
+    (
+        "bitsandbytes.backends.cpu.ops",
+        "Failed to load CPU gemm_4bit_forward from kernels-community",
+    ),
 )
 
 

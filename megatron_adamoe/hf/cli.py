@@ -5,6 +5,8 @@
         --num-null-experts 8 --topk 3 --tp 1 --ep 8 --pp 4
     adamoe-convert mixtral-to-adamoe --hf path/to/mixtral --out hf/adamoe_mixtral \
         --num-null-experts 8 --topk 3          # HF -> HF, no Megatron (for HF/DeepSpeed tuning)
+    adamoe-convert merge-lora --model hf/adamoe_mixtral --adapter out/qlora \
+        --out hf/adamoe_mixtral_tuned          # (Q)LoRA adapters merged: HF -> HF
 
 A bad input ends with one line, ``error: ...``, and exit status 2.
 """
@@ -83,6 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     hf.add_argument("--seed", type=int, default=0, help="seed of --null-router-init random")
     hf.add_argument("--max-shard-size", default="5GB", help="safetensors shard size")
+    merge = commands.add_parser(
+        "merge-lora", help="AdaMoE HF dir + adamoe-finetune's (Q)LoRA adapters -> HF dir"
+    )
+    merge.add_argument("--model", required=True, help="the AdaMoE HF directory tuned")
+    merge.add_argument(
+        "--adapter", required=True, help="adamoe-finetune --method lora|qlora output"
+    )
+    merge.add_argument("--out", required=True, help="HF model directory to create")
+    merge.add_argument("--max-shard-size", default="5GB", help="safetensors shard size")
     return parser
 
 
@@ -99,6 +110,10 @@ def run(options: argparse.Namespace) -> str:
             options.seed,
             options.max_shard_size,
         )
+    if options.command == "merge-lora":
+        from megatron_adamoe.hf.merge_lora import merge_lora
+
+        return merge_lora(options.model, options.adapter, options.out, options.max_shard_size)
     if options.command == "export-hf":
         from megatron_adamoe.hf.export import export_hf
 

@@ -14,8 +14,12 @@ null bias keeps its load at ``router_target_load`` with the controller
 (``--load-controller-rate``). Logs: loss, aux loss (per MoE layer) and the measured load per
 layer (averaged over ranks), to stdout and ``--metrics-file``.
 
-``--method mo-lora`` adds AdaMoE LoRA experts to a frozen dense model instead (paper section
-4.1; docs/finetuning.md) and writes only the adapters.
+``--method lora|qlora`` trains PEFT LoRA adapters on the router (all n + m rows) and the experts
+of an AdaMoE model (qlora: its base in 4 bits; paper section 4.2) and writes only the adapters
+(``adamoe-convert merge-lora`` merges them); ``--method mo-lora`` adds AdaMoE LoRA experts to a
+frozen dense model (paper section 4.1). ``--config`` reads a recipe (configs/finetune/; flags
+override it); ``--num-epochs`` with ``--aux-loss-coef-per-epoch`` runs the paper's epochs with
+a tight, then a loose coefficient. docs/finetuning.md has both recipes.
 
 Checkpoints (the Trainer's own, with optimizer, scheduler and RNG state) go to
 ``--checkpoint-dir`` (default ``<output-dir>-checkpoints``) every ``--save-steps`` and when the
@@ -38,9 +42,9 @@ from typing import Optional
 
 import torch
 
-from megatron_adamoe.adapters.mo_lora import DEFAULT_TARGETS
 from megatron_adamoe.console import quiet_fine_tuning_noise
 from megatron_adamoe.errors import OptionError, report
+from megatron_adamoe.hf import finetune_flags
 from megatron_adamoe.hf.finetune_checks import check, checkpoint_dir
 from megatron_adamoe.hf.finetune_data import BlockDataset
 
@@ -48,87 +52,12 @@ logger = logging.getLogger("megatron_adamoe.finetune")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="adamoe-finetune",
-        description=__doc__.split("\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],
-    )
-    add = parser.add_argument
-    add(
-        "--model",
-        required=True,
-        help="an AdaMoE HF directory (export-hf, mixtral-to-adamoe); a dense one for mo-lora",
-    )
-    add(
-        "--method",
-        choices=("full", "mo-lora"),
-        default="full",
-        help="full: every weight of an AdaMoE model; mo-lora: AdaMoE LoRA experts on a frozen "
-        "dense model (paper section 4.1; only the adapters are written)",
-    )
-    add("--data", required=True, nargs="+", help=".jsonl or text files")
-    add("--json-key", default="text")
-    add("--output-dir", required=True, help="where the fine-tuned HF model is written (new)")
-    add(
-        "--checkpoint-dir",
-        default=None,
-        help="training checkpoints (default: <output-dir>-checkpoints)",
-    )
-    add("--save-steps", type=int, default=None, help="a checkpoint every N steps")
-    add("--resume", action="store_true", help="continue from the latest checkpoint")
-    add("--deepspeed", default=None, help="a DeepSpeed config (configs/deepspeed/zero{2,3}.json)")
-    add("--seq-length", type=int, default=512)
-    add("--per-device-batch-size", type=int, default=1)
-    add("--gradient-accumulation-steps", type=int, default=1)
-    add("--max-steps", type=int, default=100)
-    add("--learning-rate", type=float, default=1e-5)
-    add("--warmup-steps", type=int, default=0)
-    add("--weight-decay", type=float, default=0.0)
-    add(
-        "--aux-loss-coef",
-        type=float,
-        default=None,
-        help="load-balancing coefficient per MoE layer (default: the model's; mo-lora: 0.001)",
-    )
-    add(
-        "--aux-loss-coef-schedule",
-        default=None,
-        help="the coefficient over optimizer steps, in the pretraining options' grammar, e.g. "
-        "'piecewise:0.01,STEPS_PER_EPOCH:0.001' (tight in epoch 1, loose in epoch 2: paper "
-        "section 3.4; the run logs its steps per epoch)",
-    )
-    add(
-        "--load-controller-rate",
-        type=float,
-        default=0.01,
-        help="null-bias step per unit of load error (models with a null bias)",
-    )
-    add(
-        "--gradient-checkpointing",
-        action="store_true",
-        help="recompute each decoder layer in the backward pass (less memory, more compute)",
-    )
-    add("--mo-lora-experts", type=int, default=4, help="mo-lora: n LoRA experts per linear")
-    add("--mo-lora-null-experts", type=int, default=4, help="mo-lora: m null experts")
-    add("--mo-lora-topk", type=int, default=2, help="mo-lora: k picks over n + m")
-    add("--mo-lora-weight-norm", default="true_experts", help="mo-lora: weight normalisation")
-    add("--lora-rank", type=int, default=8)
-    add("--lora-alpha", type=float, default=16.0)
-    add("--lora-dropout", type=float, default=0.05)
-    add(
-        "--lora-target-modules",
-        nargs="+",
-        default=list(DEFAULT_TARGETS),
-        help="mo-lora: the linears to wrap, by name",
-    )
-    add("--logging-steps", type=int, default=10)
-    add("--seed", type=int, default=1234)
-    add("--bf16", action="store_true", help="bf16 (GPU)")
-    add("--metrics-file", default=None, help="JSON lines, one per logging step (rank 0)")
-    # The deepspeed launcher passes --local_rank=N (it also sets LOCAL_RANK, which is read).
-    add("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    return parser
+    return finetune_flags.build_parser(__doc__)
+
+
+def parse_flags(argv: Optional[list] = None):
+    """The options of ``argv`` (and of its ``--config`` recipe)."""
+    return finetune_flags.parse_flags(build_parser(), argv)
 
 
 def finetune(options) -> Optional[str]:
@@ -149,7 +78,7 @@ def finetune(options) -> Optional[str]:
 
 
 def _finetune_checked(options) -> Optional[str]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from megatron_adamoe.data.corpus import iter_documents
     from megatron_adamoe.hf.finetune_launch import watch_launchers
@@ -164,27 +93,24 @@ def _finetune_checked(options) -> Optional[str]:
     dataset = BlockDataset(
         iter_documents(options.data, options.json_key), tokenizer, options.seq_length, options.seed
     )
-    model = AutoModelForCausalLM.from_pretrained(
-        options.model, **{_dtype_kwarg(): torch.bfloat16 if options.bf16 else torch.float32}
-    )
+    model = _load_model(options)
     _check_vocabulary(dataset, model, options.model)
+    _set_steps(options, len(dataset))
     if options.method == "mo-lora":
         from megatron_adamoe.adapters import apply_mo_lora
         from megatron_adamoe.hf.finetune_checks import mo_lora_config
 
         torch.manual_seed(options.seed)  # the same adapters on every rank and in every run
         apply_mo_lora(model, mo_lora_config(options))
-    elif options.aux_loss_coef is not None:
-        model.config.router_aux_loss_coef = options.aux_loss_coef
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    batch = options.per_device_batch_size * options.gradient_accumulation_steps * world
-    logger.info(
-        "%d blocks of %d tokens: %d optimizer steps per epoch (global batch %d)",
-        len(dataset),
-        options.seq_length,
-        len(dataset) // batch,
-        batch,
-    )
+    else:
+        if options.aux_loss_coef is not None:
+            model.config.router_aux_loss_coef = options.aux_loss_coef
+        if options.method in ("lora", "qlora"):
+            from megatron_adamoe.adapters.peft_lora import apply_lora
+            from megatron_adamoe.hf.finetune_checks import lora_config
+
+            torch.manual_seed(options.seed)
+            model = apply_lora(model, lora_config(options), quantized=options.method == "qlora")
     watch_launchers()
     stop = make_stop_callback()()
     try:
@@ -201,6 +127,8 @@ def _finetune_checked(options) -> Optional[str]:
         return None
     if options.method == "mo-lora":
         _save_adapters(trainer, model, options.output_dir)
+    elif options.method in ("lora", "qlora"):
+        _save_lora(trainer, model, options.output_dir)
     else:
         _save_model(trainer, model, tokenizer, options.output_dir)
     return options.output_dir
@@ -221,7 +149,7 @@ def _trainer(options, model, dataset, stop):
 
         from megatron_adamoe.hf.modeling_adamoe import AdaMoESparseMoeBlock
 
-        if options.method == "full":  # gather each MoE block whole: experts on varying rows
+        if options.method != "mo-lora":  # gather each MoE block whole: experts on varying rows
             set_z3_leaf_modules(model, [AdaMoESparseMoeBlock])
     try:
         arguments = TrainingArguments(
@@ -255,7 +183,7 @@ def _trainer(options, model, dataset, stop):
             callbacks.append(
                 make_aux_schedule_callback()(model, aux_loss_schedule(options), options.method)
             )
-        if options.method == "full":
+        if options.method != "mo-lora":
             callbacks.insert(0, make_controller_callback()(model, options.load_controller_rate))
         return make_trainer_class(options.method)(
             model=model,
@@ -276,16 +204,12 @@ def _trainer(options, model, dataset, stop):
 def _save_model(trainer, model, tokenizer, out: str) -> None:
     """Every rank takes part (ZeRO-3 gathers the weights); rank 0 writes next to ``out`` and
     renames when complete."""
-    from megatron_adamoe.hf.tokenization_adamoe import AdaMoETokenizer
+    from megatron_adamoe.hf.merge_lora import register_auto_classes
     from megatron_adamoe.storage import atomic_directory
 
     is_writer = trainer.is_world_process_zero()
     with atomic_directory(out, "saving the fine-tuned model", shared=True, owner=is_writer) as tmp:
-        # The model files go with the weights (auto_map), so it loads as exports do.
-        type(model.config).register_for_auto_class()
-        type(model).register_for_auto_class("AutoModelForCausalLM")
-        if isinstance(tokenizer, AdaMoETokenizer):  # the project's own: its code goes along
-            type(tokenizer).register_for_auto_class("AutoTokenizer")
+        register_auto_classes(model, tokenizer)
         trainer.save_model(tmp)
         if is_writer:
             tokenizer.save_pretrained(tmp)
@@ -303,6 +227,67 @@ def _save_adapters(trainer, model, out: str) -> None:
         save_mo_lora(model, out, state_dict=state)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def _save_lora(trainer, model, out: str) -> None:
+    """PEFT's adapter files and the routers' buffers (the controller's null bias moved), written
+    next to ``out`` by rank 0 and renamed when complete; every rank gathers (ZeRO-3)."""
+    from megatron_adamoe.adapters.peft_lora import save_lora
+    from megatron_adamoe.storage import atomic_directory
+
+    is_writer = trainer.is_world_process_zero()
+    state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    with atomic_directory(out, "saving the LoRA adapters", shared=True, owner=is_writer) as tmp:
+        if is_writer:
+            save_lora(model, tmp, state_dict=state)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+
+def _load_model(options):
+    """The base model in fp32 (bf16 with --bf16); for qlora its linears in 4 bits (NF4)."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if options.bf16 else torch.float32
+    kwargs = {_dtype_kwarg(): dtype}
+    if options.method == "qlora":
+        from megatron_adamoe.adapters.peft_lora import quantization_config
+
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+        kwargs.update(quantization_config=quantization_config(dtype), device_map={"": device})
+    return AutoModelForCausalLM.from_pretrained(options.model, **kwargs)
+
+
+def _set_steps(options, blocks: int) -> None:
+    """Log the steps per epoch; --num-epochs sets max_steps from them and
+    --aux-loss-coef-per-epoch becomes the piecewise schedule over those epochs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    batch = options.per_device_batch_size * options.gradient_accumulation_steps * world
+    per_epoch = blocks // batch
+    logger.info(
+        "%d blocks of %d tokens: %d optimizer steps per epoch (global batch %d)",
+        blocks,
+        options.seq_length,
+        per_epoch,
+        batch,
+    )
+    if options.num_epochs is None:
+        return
+    if per_epoch < 1:
+        raise OptionError(
+            f"num_epochs ({options.num_epochs}) needs at least one step per epoch: the data make "
+            f"{blocks} blocks of {options.seq_length} tokens for a global batch of {batch}; add "
+            "data or lower --seq-length / the batch"
+        )
+    options.max_steps = options.num_epochs * per_epoch
+    coefficients = options.aux_loss_coef_per_epoch
+    if coefficients is not None:
+        pieces = [f"{coefficients[0]}"] + [
+            f"{epoch * per_epoch}:{value}" for epoch, value in enumerate(coefficients[1:], 1)
+        ]
+        options.aux_loss_coef_schedule = "piecewise:" + ",".join(pieces)
+        logger.info("aux-loss coefficient per epoch: %s", options.aux_loss_coef_schedule)
 
 
 def _check_vocabulary(dataset, model, model_dir: str) -> None:
@@ -355,18 +340,25 @@ def _dtype_kwarg() -> str:
     return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 
 
+_WRITES = {
+    "full": "fine-tuned model",
+    "lora": "LoRA adapters",
+    "qlora": "QLoRA adapters",
+    "mo-lora": "Mo-LoRA adapters",
+}
+
+
 def main(argv: Optional[list] = None) -> int:
-    options = build_parser().parse_args(argv)
-    quiet_fine_tuning_noise(options.gradient_accumulation_steps)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
     try:
+        options = parse_flags(argv)
+        quiet_fine_tuning_noise(options.gradient_accumulation_steps)
         out = finetune(options)
     except OptionError as error:
         return report(error, rank, world)
     if out is not None:
-        what = "Mo-LoRA adapters" if options.method == "mo-lora" else "fine-tuned model"
-        logger.info("%s written to %s", what, out)
+        logger.info("%s written to %s", _WRITES[options.method], out)
     return 0
 
 

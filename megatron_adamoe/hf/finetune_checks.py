@@ -20,11 +20,19 @@ def check(options, world_size: int = 1) -> None:
     config, the sequence length against the model's positions, the output and checkpoint places.
     Reads no data (``data`` reports its own file and line)."""
     _check_numbers(options)
-    if getattr(options, "method", "full") == "mo-lora":
+    method = getattr(options, "method", "full")
+    if method == "mo-lora":
         config = read_dense_model_config(options.model)
         mo_lora_config(options)  # its own one-line checks
     else:
         config = read_model_config(options.model)
+    if method in ("lora", "qlora"):
+        lora_config(options)  # its own one-line checks (the targets: once the model is loaded)
+    if method == "qlora" and options.deepspeed is not None:
+        raise OptionError(
+            f"deepspeed ({options.deepspeed!r}) cannot partition a 4-bit base (method qlora); "
+            "run qlora in one process or under torchrun (DDP), or use --method lora with DeepSpeed"
+        )
     positions = config.get("max_position_embeddings")
     if positions is not None and options.seq_length > positions:
         raise OptionError(
@@ -92,11 +100,36 @@ def _check_numbers(options) -> None:
                 f"combined with aux_loss_coef ({options.aux_loss_coef}); keep only one of them"
             )
         aux_loss_schedule(options)
+    _check_epochs(options)
     if options.save_steps is not None and options.save_steps < 1:
         raise OptionError(
             f"save_steps ({options.save_steps}) must be >= 1; pass a positive --save-steps, or "
             "drop it (a checkpoint is still written when the run is stopped by SIGTERM)"
         )
+
+
+def _check_epochs(options) -> None:
+    epochs = getattr(options, "num_epochs", None)
+    coefficients = getattr(options, "aux_loss_coef_per_epoch", None)
+    if epochs is not None and epochs < 1:
+        raise OptionError(f"num_epochs ({epochs}) must be >= 1; pass a positive --num-epochs")
+    if coefficients is None:
+        return
+    if epochs is None or len(coefficients) != epochs:
+        raise OptionError(
+            f"aux_loss_coef_per_epoch ({' '.join(map(str, coefficients))}) needs --num-epochs "
+            f"{len(coefficients)} (one coefficient per epoch); got num_epochs ({epochs})"
+        )
+    if any(value < 0 for value in coefficients):
+        raise OptionError(
+            f"aux_loss_coef_per_epoch ({' '.join(map(str, coefficients))}) values must be >= 0"
+        )
+    for other in ("aux_loss_coef", "aux_loss_coef_schedule"):
+        if getattr(options, other) is not None:
+            raise OptionError(
+                f"aux_loss_coef_per_epoch must not be combined with {other} "
+                f"({getattr(options, other)}); keep only one of them"
+            )
 
 
 def aux_loss_schedule(options):
@@ -167,6 +200,23 @@ def mo_lora_config(options):
         weight_norm=options.mo_lora_weight_norm,
         aux_loss_coef=0.001 if options.aux_loss_coef is None else options.aux_loss_coef,
         target_modules=tuple(options.lora_target_modules),
+    )
+
+
+def lora_config(options):
+    """PEFT's LoraConfig of the flags (lora, qlora; its checks name the settings); one line when
+    PEFT is missing."""
+    try:
+        import peft  # noqa: F401
+    except ImportError as error:
+        raise OptionError(
+            f"method {options.method} needs PEFT ({error}); install the finetune extra "
+            "(pip install 'megatron-adamoe[finetune]')"
+        ) from None
+    from megatron_adamoe.adapters.peft_lora import lora_settings
+
+    return lora_settings(
+        options.lora_rank, options.lora_alpha, options.lora_dropout, options.lora_target_modules
     )
 
 

@@ -445,6 +445,15 @@ class AdaMoESparseMoeBlock(nn.Module):
         null_Z = null_bias if null_bias is not None else torch.zeros(1, device=device)
         return torch.cat([true_E.float(), null_Z.float().expand(self.num_null_experts)])
 
+    def router_logits(self, x_TH: torch.Tensor) -> torch.Tensor:
+        """[T, X] logits in the router's dtype. A plain gate computes in that dtype (input and
+        weight cast, as Megatron's router does); a wrapped one (a PEFT LoRA layer, a 4-bit
+        layer) runs its own forward, so its adapter counts, and its output is cast."""
+        dtype = self.router_dtype or x_TH.dtype
+        if type(self.gate) is nn.Linear:
+            return F.linear(x_TH.to(dtype), self.gate.weight.to(dtype))
+        return self.gate(x_TH).to(dtype)
+
     def route(self, logits_TX: torch.Tensor) -> NullExpertRouting:
         """This block's routing of router logits (ops.routing, generated above)."""
         return null_expert_topk_routing(
@@ -460,8 +469,7 @@ class AdaMoESparseMoeBlock(nn.Module):
     def forward(self, x_BSH: torch.Tensor):
         """(output [B, S, H], router logits [T, X])."""
         x_TH = x_BSH.reshape(-1, x_BSH.size(-1))
-        dtype = self.router_dtype or x_TH.dtype
-        logits_TX = F.linear(x_TH.to(dtype), self.gate.weight.to(dtype))
+        logits_TX = self.router_logits(x_TH)
         routing = self.route(logits_TX)
         out_TH = torch.zeros_like(x_TH)
         for expert_id, expert in enumerate(self.experts):  # true ids only: nulls never run

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from megatron_adamoe.errors import OptionError
-from megatron_adamoe.hf.finetune import build_parser, check
+from megatron_adamoe.hf.finetune import check, parse_flags
 
 
 def _options(tmp_path, *extra):
@@ -14,7 +14,7 @@ def _options(tmp_path, *extra):
     model.mkdir(exist_ok=True)
     if not (model / "config.json").exists():
         (model / "config.json").write_text('{"architectures": ["AdaMoEForCausalLM"]}')
-    return build_parser().parse_args(
+    return parse_flags(
         ["--model", str(model), "--data", "x.jsonl", "--output-dir", str(tmp_path / "out"), *extra]
     )
 
@@ -91,7 +91,7 @@ def test_bad_inputs_before_any_work_are_one_line_each(tmp_path):
     (tmp_path / "a_file").write_text("")
     under_a_file = str(tmp_path / "a_file" / "out")
     assert _check_error(
-        build_parser().parse_args(
+        parse_flags(
             ["--model", str(tmp_path / "model"), "--data", "x", "--output-dir", under_a_file]
         )
     ) == (
