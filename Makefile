@@ -17,7 +17,7 @@ LOCK_IN := requirements/lock$(LOCK_SUFFIX).in
 TORCH_INDEX ?=
 PIP_INDEX := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 # The extras the lock covers (the GPU extra is never locked: it is built on GPU nodes).
-LOCK_EXTRAS := test study deepspeed finetune lint
+LOCK_EXTRAS := test study deepspeed finetune eval lint
 
 .PHONY: install lock lock-all data demo baseline hf study test test-fast lint bench bench-hf clean
 

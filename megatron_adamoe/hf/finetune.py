@@ -80,7 +80,6 @@ def finetune(options) -> Optional[str]:
 def _finetune_checked(options) -> Optional[str]:
     from transformers import AutoTokenizer
 
-    from megatron_adamoe.data.corpus import iter_documents
     from megatron_adamoe.hf.finetune_launch import watch_launchers
     from megatron_adamoe.hf.finetune_trainer import make_stop_callback
 
@@ -90,9 +89,7 @@ def _finetune_checked(options) -> Optional[str]:
 
         wait_until_built(local_rank)
     tokenizer = AutoTokenizer.from_pretrained(options.model)
-    dataset = BlockDataset(
-        iter_documents(options.data, options.json_key), tokenizer, options.seq_length, options.seed
-    )
+    dataset = _dataset(options, tokenizer)
     model = _load_model(options)
     _check_vocabulary(dataset, model, options.model)
     _set_steps(options, len(dataset))
@@ -191,6 +188,8 @@ def _trainer(options, model, dataset, stop):
             train_dataset=dataset,
             metrics_file=options.metrics_file,
             callbacks=callbacks,
+            supervised=options.data_format == "supervised",
+            data_collator=getattr(dataset, "collate", None),
         )
     except ValueError as error:  # transformers' own check of the DeepSpeed config, as one line
         if "DeepSpeed" not in str(error) and "deepspeed" not in str(error):
@@ -244,6 +243,38 @@ def _save_lora(trainer, model, out: str) -> None:
             torch.distributed.barrier()
 
 
+def _dataset(options, tokenizer):
+    """Blocks of text, or supervised examples (--data-format; auto: by the first record)."""
+    from megatron_adamoe.data.corpus import iter_documents
+    from megatron_adamoe.hf.finetune_data import (
+        SupervisedDataset,
+        is_supervised,
+        read_examples,
+    )
+
+    supervised = options.data_format == "supervised" or (
+        options.data_format == "auto" and is_supervised(options.data)
+    )
+    options.data_format = "supervised" if supervised else "text"
+    if not supervised:
+        return BlockDataset(
+            iter_documents(options.data, options.json_key),
+            tokenizer,
+            options.seq_length,
+            options.seed,
+        )
+    examples = read_examples(options.data, options.mc_template)
+    dataset = SupervisedDataset(examples, tokenizer, options.seq_length, options.seed)
+    if dataset.truncated:
+        logger.warning(
+            "%d of %d prompts lost their first tokens to fit --seq-length %d",
+            dataset.truncated,
+            len(dataset),
+            options.seq_length,
+        )
+    return dataset
+
+
 def _load_model(options):
     """The base model in fp32 (bf16 with --bf16); for qlora its linears in 4 bits (NF4)."""
     from transformers import AutoModelForCausalLM
@@ -266,9 +297,11 @@ def _set_steps(options, blocks: int) -> None:
     batch = options.per_device_batch_size * options.gradient_accumulation_steps * world
     per_epoch = blocks // batch
     logger.info(
-        "%d blocks of %d tokens: %d optimizer steps per epoch (global batch %d)",
+        "%d %s: %d optimizer steps per epoch (global batch %d)",
         blocks,
-        options.seq_length,
+        f"blocks of {options.seq_length} tokens"
+        if options.data_format == "text"
+        else "supervised examples",
         per_epoch,
         batch,
     )
@@ -277,8 +310,8 @@ def _set_steps(options, blocks: int) -> None:
     if per_epoch < 1:
         raise OptionError(
             f"num_epochs ({options.num_epochs}) needs at least one step per epoch: the data make "
-            f"{blocks} blocks of {options.seq_length} tokens for a global batch of {batch}; add "
-            "data or lower --seq-length / the batch"
+            f"{blocks} rows (blocks or examples) for a global batch of {batch}; add data or lower "
+            "--seq-length / the batch"
         )
     options.max_steps = options.num_epochs * per_epoch
     coefficients = options.aux_loss_coef_per_epoch
@@ -291,7 +324,7 @@ def _set_steps(options, blocks: int) -> None:
 
 
 def _check_vocabulary(dataset, model, model_dir: str) -> None:
-    largest = int(dataset.blocks.max()) if len(dataset) else -1
+    largest = dataset.largest_id
     if largest >= model.config.vocab_size:
         raise OptionError(
             f"data token ids must be < the model's vocab_size ({model.config.vocab_size}); the "

@@ -11,6 +11,7 @@ from typing import Optional
 from megatron_adamoe.adapters.mo_lora import DEFAULT_TARGETS
 from megatron_adamoe.adapters.peft_lora import MOE_TARGETS
 from megatron_adamoe.errors import OptionError
+from megatron_adamoe.hf.finetune_data import DEFAULT_MC_TEMPLATE
 
 METHODS = ("full", "lora", "qlora", "mo-lora")
 # Set on the command line or in the recipe, one of the two (checked after parsing).
@@ -39,7 +40,21 @@ def build_parser(doc: str) -> argparse.ArgumentParser:
         "frozen dense model (paper section 4.1). Adapter methods write only the adapters",
     )
     add("--data", nargs="+", help=".jsonl or text files")
-    add("--json-key", default="text")
+    add(
+        "--data-format",
+        choices=("auto", "text", "supervised"),
+        default="auto",
+        help="text: documents cut into blocks, every token in the loss; supervised: JSONL "
+        "prompt/completion or question/choices/answer records, one example per row, the loss on "
+        "the completion only; auto: supervised when the first record has prompt or question",
+    )
+    add("--json-key", default="text", help="text data: the JSONL key of each document")
+    add(
+        "--mc-template",
+        default=DEFAULT_MC_TEMPLATE,
+        help="multiple-choice records: the prompt ({question}, {choices} as lettered lines); "
+        "the completion is ' ' + the answer choice's text (as lm-evaluation-harness scores it)",
+    )
     add("--output-dir", help="where the fine-tuned model or the adapters are written (new)")
     add(
         "--checkpoint-dir",

@@ -33,14 +33,28 @@ def make_trainer_class(method: str = "full"):
 
         loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
 
-        def __init__(self, *args, metrics_file=None, **kwargs):
+        def __init__(self, *args, metrics_file=None, supervised=False, **kwargs):
             super().__init__(*args, **kwargs)
             self.metrics_file = metrics_file
+            self.supervised = supervised  # the loss: per_example_lm_loss over the labels
             self.num_moe_layers = max(1, len(moe_blocks(self.model)))
             self.window = None  # [aux sum, micro-batches, per layer: true picks, tokens, empty]
 
+        def split_labels(self, inputs: dict):
+            """(inputs for the model, labels): supervised data keeps its labels for
+            per_example_lm_loss (the model then computes no loss of its own)."""
+            if not self.supervised:
+                return inputs, None
+            return {k: v for k, v in inputs.items() if k != "labels"}, inputs["labels"]
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            from megatron_adamoe.hf.finetune_data import per_example_lm_loss
+
+            inputs, labels = self.split_labels(inputs)
             outputs = model(**inputs, output_router_logits=True)
+            if labels is not None:
+                coef = self.model.config.router_aux_loss_coef
+                outputs.loss = per_example_lm_loss(outputs.logits, labels) + coef * outputs.aux_loss
             blocks = moe_blocks(model)
             stats = torch.tensor(
                 [float(outputs.aux_loss.detach()), 1.0]
@@ -79,8 +93,12 @@ def make_trainer_class(method: str = "full"):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             from megatron_adamoe.adapters import mo_lora_aux_loss, routing_statistics
             from megatron_adamoe.adapters.mo_lora_loss import empty_experts, layer_routings
+            from megatron_adamoe.hf.finetune_data import per_example_lm_loss
 
+            inputs, labels = self.split_labels(inputs)
             outputs = model(**inputs)
+            if labels is not None:
+                outputs.loss = per_example_lm_loss(outputs.logits, labels)
             routings = layer_routings(self.model)  # once, for the loss and the statistics
             aux_loss = mo_lora_aux_loss(self.model, routings)
             statistics = routing_statistics(self.model, routings)

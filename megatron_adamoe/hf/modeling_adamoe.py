@@ -425,6 +425,7 @@ class AdaMoESparseMoeBlock(nn.Module):
         # alike, so the load, their ratio, is unchanged.)
         self.step_counts = None
         self.last_counts = (0.0, 0.0, 0.0)
+        self.counted_T = None  # [T] bool: the tokens counted (the model's 2-D attention mask)
 
     def selection_bias(self) -> Optional[torch.Tensor]:
         """[X] bias added to the logits to choose experts (as the Megatron router's)."""
@@ -479,7 +480,11 @@ class AdaMoESparseMoeBlock(nn.Module):
         if self.identity_nulls:
             out_TH = out_TH + (routing.identity_weight_T.unsqueeze(-1) * x_TH).to(x_TH.dtype)
         if self.training and torch.is_grad_enabled():
-            self._count(routing.routing_map_TE)
+            counted_T = self.counted_T
+            if counted_T is not None and counted_T.numel() == x_TH.size(0):
+                self._count(routing.routing_map_TE[counted_T])
+            else:
+                self._count(routing.routing_map_TE)
         return out_TH.view_as(x_BSH), logits_TX
 
     @torch.no_grad()
@@ -617,6 +622,14 @@ class AdaMoEModel(AdaMoEPreTrainedModel):
         if position_ids is None:
             position_ids = cache_position.unsqueeze(0).expand(batch, -1)
         mask = self._mask(x_BSH, attention_mask, cache, position_ids, cache_position)
+        counted_T = (
+            attention_mask.reshape(-1).bool()
+            if attention_mask is not None and attention_mask.dim() == 2
+            else None
+        )
+        for layer in self.layers:  # padding is not counted (kept for a recomputed forward)
+            if layer.is_moe:
+                layer.block_sparse_moe.counted_T = counted_T
         position_embeddings = self.rotary_emb(position_ids, x_BSH.dtype)
         layer_cache = cache if use_cache else None
         hidden_states, attentions, router_logits = [], [], []

@@ -178,8 +178,8 @@ def test_epochs_set_the_steps_and_the_per_epoch_coefficients(tmp_path):
     assert options.aux_loss_coef_schedule == "piecewise:0.01,10:0.001"
     too_few = parse_flags(_args(tmp_path, "--num-epochs", "1", "--per-device-batch-size", "4"))
     assert _error(lambda: _set_steps(too_few, blocks=3)) == (
-        "num_epochs (1) needs at least one step per epoch: the data make 3 blocks of 512 tokens "
-        "for a global batch of 4; add data or lower --seq-length / the batch"
+        "num_epochs (1) needs at least one step per epoch: the data make 3 rows (blocks or "
+        "examples) for a global batch of 4; add data or lower --seq-length / the batch"
     )
 
 
