@@ -108,34 +108,7 @@ def _render(record, where: str, template: str) -> tuple[str, str]:
             )
         return prompt, completion
     if isinstance(record, dict) and {"question", "choices", "answer"} <= set(record):
-        choices, answer = record["choices"], record["answer"]
-        if not (
-            isinstance(choices, list)
-            and len(choices) >= 2
-            and all(isinstance(c, str) and c for c in choices)
-        ):
-            raise OptionError(
-                f"{where} choices must be a list of at least 2 non-empty strings; fix that line"
-            )
-        if isinstance(answer, str) and answer in choices:
-            answer = choices.index(answer)
-        if (
-            isinstance(answer, bool)
-            or not isinstance(answer, int)
-            or not 0 <= answer < len(choices)
-        ):
-            raise OptionError(
-                f"{where} answer ({answer!r}) must be a choice's index in "
-                f"[0, {len(choices) - 1}] or its text; fix that line"
-            )
-        lettered = "\n".join(f"{chr(65 + i)}. {c}" for i, c in enumerate(choices))
-        try:
-            prompt = template.format(question=record["question"], choices=lettered)
-        except (KeyError, IndexError, ValueError) as error:
-            raise OptionError(
-                f"mc_template ({template!r}) must use only {{question}} and "
-                f"{{choices}} ({error!r}); fix --mc-template"
-            ) from None
+        prompt, choices, answer = render_choice(record, where, template)
         return prompt, " " + choices[answer]
     raise OptionError(
         f"{where} must be a prompt/completion record or a question/choices/answer record "
@@ -143,18 +116,55 @@ def _render(record, where: str, template: str) -> tuple[str, str]:
     )
 
 
+def render_choice(record: dict, where: str, template: str) -> tuple[str, list, int]:
+    """(prompt, choices, answer index) of a multiple-choice record: the one rendering that
+    fine-tuning trains on and adamoe-eval's local tasks score."""
+    if not isinstance(record, dict) or not {"question", "choices", "answer"} <= set(record):
+        raise OptionError(
+            f"{where} must be a question/choices/answer record (a multiple-choice task); fix "
+            "that line"
+        )
+    choices, answer = record["choices"], record["answer"]
+    if not (
+        isinstance(choices, list)
+        and len(choices) >= 2
+        and all(isinstance(c, str) and c for c in choices)
+    ):
+        raise OptionError(
+            f"{where} choices must be a list of at least 2 non-empty strings; fix that line"
+        )
+    if isinstance(answer, str) and answer in choices:
+        answer = choices.index(answer)
+    if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
+        raise OptionError(
+            f"{where} answer ({answer!r}) must be a choice's index in "
+            f"[0, {len(choices) - 1}] or its text; fix that line"
+        )
+    lettered = "\n".join(f"{chr(65 + i)}. {c}" for i, c in enumerate(choices))
+    try:
+        prompt = template.format(question=record["question"], choices=lettered)
+    except (KeyError, IndexError, ValueError) as error:
+        raise OptionError(
+            f"mc_template ({template!r}) must use only {{question}} and "
+            f"{{choices}} ({error!r}); fix --mc-template"
+        ) from None
+    return prompt, choices, answer
+
+
 class SupervisedDataset(torch.utils.data.Dataset):
     """One example per row: prompt + completion + EOS tokens, labels on the completion (and EOS)
-    only; shuffled once with ``seed``. A prompt too long for ``seq_length`` loses its first
-    tokens (counted in ``truncated``); a completion too long is one line naming its record.
-    Rows are padded per batch by ``collate``."""
+    only. The prompt is tokenized with the tokenizer's default special tokens (a BOS where it
+    adds one), the completion without, as lm-evaluation-harness encodes a context and its
+    continuation. Shuffled once with ``seed``. A prompt too long for ``seq_length`` loses its
+    first tokens (counted in ``truncated``); a completion too long is one line naming its
+    record. Rows are padded per batch by ``collate``."""
 
     def __init__(self, examples, tokenizer, seq_length: int, seed: int) -> None:
         self.truncated = 0
         rows = []
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         for prompt, completion, where in examples:
-            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            prompt_ids = tokenizer(prompt)["input_ids"]  # its default specials (BOS), as lm-eval
             completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + eos
             room = seq_length - len(completion_ids)
             if room < 0:

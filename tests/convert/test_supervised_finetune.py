@@ -45,7 +45,7 @@ def test_supervised_records_train_on_their_completions(tmp_path):
         else:
             prompt = record["question"] + "\nAnswer:"
             completion = " " + record["choices"][record["answer"]]
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        prompt_ids = tokenizer(prompt)["input_ids"]
         target = tokenizer(completion, add_special_tokens=False)["input_ids"]
         target = target + [tokenizer.eos_token_id]
         ids = torch.tensor([prompt_ids + target])

@@ -23,8 +23,9 @@ class CharTokenizer:
 
     eos_token_id, pad_token_id = 2, 0
 
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [ord(c) % 100 + 3 for c in text]}
+    def __call__(self, text, add_special_tokens=True):
+        specials = [1] if add_special_tokens else []  # a BOS, as Llama's tokenizer adds one
+        return {"input_ids": specials + [ord(c) % 100 + 3 for c in text]}
 
 
 def _write(path, records):
@@ -104,13 +105,14 @@ def test_a_template_with_an_unknown_field_is_one_line(tmp_path):
 
 def test_rows_label_the_completion_only_truncate_prompts_and_pad_per_batch():
     tok = CharTokenizer()
-    examples = [("abcdef", "XY", "f:1"), ("ab", "Z", "f:2")]
+    examples = [("abcdef", "XY", "f:1"), ("a", "Z", "f:2")]
     dataset = SupervisedDataset(examples, tok, seq_length=6, seed=0)
     rows = {tuple(dataset[i]["input_ids"]): dataset[i]["labels"] for i in range(2)}
-    ids = lambda text: tok(text)["input_ids"]  # noqa: E731
-    # "abcdef" + "XY" + EOS is 9 > 6: the prompt keeps its last 3 tokens
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    # BOS + "abcdef" + "XY" + EOS is 10 > 6: the prompt keeps its last 3 tokens
     assert rows[tuple(ids("def") + ids("XY") + [2])] == [-100] * 3 + ids("XY") + [2]
-    assert rows[tuple(ids("ab") + ids("Z") + [2])] == [-100] * 2 + ids("Z") + [2]
+    # the prompt with its BOS, the completion without
+    assert rows[tuple([1] + ids("a") + ids("Z") + [2])] == [-100] * 2 + ids("Z") + [2]
     assert dataset.truncated == 1
     batch = dataset.collate([dataset[0], dataset[1]])
     assert batch["input_ids"].shape == (2, 6)
