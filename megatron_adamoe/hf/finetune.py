@@ -8,7 +8,9 @@ ZeRO (``python -m megatron_adamoe.hf.finetune`` / ``adamoe-finetune``): the pape
 Data: ``.jsonl`` (``--json-key``, default "text") or text files, tokenized with the model's own
 tokenizer, each document ended with EOS, concatenated and cut into ``--seq-length`` blocks,
 shuffled once with ``--seed`` and then read in that order (the same blocks in the same steps
-whatever the data-parallel layout). The loss is the LM loss plus ``--aux-loss-coef`` x the
+whatever the data-parallel layout). Supervised JSONL (prompt/completion or
+question/choices/answer records; ``--data-format``) gives one example per row with the loss on
+the completion only, averaged per example (docs/finetuning.md). The loss is the LM loss plus ``--aux-loss-coef`` x the
 null-aware load-balancing loss summed over MoE layers (``output_router_logits``); a model with a
 null bias keeps its load at ``router_target_load`` with the controller
 (``--load-controller-rate``). Logs: loss, aux loss (per MoE layer) and the measured load per
@@ -146,7 +148,9 @@ def _trainer(options, model, dataset, stop):
 
         from megatron_adamoe.hf.modeling_adamoe import AdaMoESparseMoeBlock
 
-        if options.method != "mo-lora":  # gather each MoE block whole: experts on varying rows
+        # full: gather each MoE block whole (trainable experts on varying rows); the adapter
+        # methods train without it (their frozen experts are gathered per call)
+        if options.method == "full":
             set_z3_leaf_modules(model, [AdaMoESparseMoeBlock])
     try:
         arguments = TrainingArguments(
