@@ -72,23 +72,54 @@ def _independent_accuracy(root) -> tuple[float, float]:
     return hits / len(records), hits_norm / len(records)
 
 
-def test_a_local_task_is_scored_as_an_independent_loop_scores_it(model_and_task, capsys, tmp_path):
+def test_a_shipped_task_is_scored_as_an_independent_loop_scores_it(
+    model_and_task, capsys, tmp_path, monkeypatch
+):
+    """configs/tasks/shakespeare_speaker.yaml (its data path relative to the working directory,
+    as make tasks writes it) read by lm-eval; the Load against expert rows counted by hooks of
+    this test on the same forwards."""
+    import shutil
+
+    import megatron_adamoe.evaluation.cli as cli
+    from tests.runs import REPO
+
     root = model_and_task
+    (tmp_path / "data" / "tasks" / "shakespeare").mkdir(parents=True)
+    shutil.copyfile(root / "task.jsonl", tmp_path / "data/tasks/shakespeare/speaker_test.jsonl")
+    monkeypatch.chdir(tmp_path)
+    rows, tokens = {}, {}
+    load_model = cli.load_model
+
+    def counting(*args):
+        model, tokenizer = load_model(*args)
+        for i, layer in enumerate(model.model.layers):
+            block = layer.block_sparse_moe
+            block.register_forward_hook(
+                lambda m, x, y, i=i: tokens.__setitem__(i, tokens.get(i, 0) + y[1].size(0))
+            )
+            for expert in block.experts:
+                expert.register_forward_hook(
+                    lambda m, x, y, i=i: rows.__setitem__(i, rows.get(i, 0) + x[0].size(0))
+                )
+        return model, tokenizer
+
+    monkeypatch.setattr(cli, "load_model", counting)
     out = tmp_path / "results.json"
     status, table, _ = _eval(
-        capsys, "--model", root / "model", "--tasks", f"speaks={root / 'task.jsonl'}",
-        "--baseline-topk", "2", "--output", out,
+        capsys, "--model", root / "model", "--include-path", f"{REPO}/configs/tasks",
+        "--tasks", "shakespeare_speaker", "--baseline-topk", "2", "--output", out,
     )  # fmt: skip
     assert status == 0
-    result = json.loads(out.read_text())["tasks"]["speaks"]
+    result = json.loads(out.read_text())["tasks"]["shakespeare_speaker"]
     acc, acc_norm = _independent_accuracy(root)
     assert (result["acc"], result["acc_norm"]) == (acc, acc_norm)
     assert result["acc_stderr"] > 0 and result["samples"] == 10
-    assert len(result["load"]) == 2 and 0 < result["load_mean"] < 3
+    assert result["load"] == [round(rows[i] / tokens[i], 4) for i in range(2)]
+    assert 0 < result["load_mean"] < 3
     # the null-biased routers pick nulls: fewer expert FLOPs than top-2
     assert result["expert_flops_pct"] == pytest.approx(100 * (result["load_mean"] / 2 - 1))
     assert result["model_flops_pct"] < 0
-    assert table.splitlines()[0] == "|  | speaks | mean |"
+    assert table.splitlines()[0] == "|  | shakespeare_speaker | mean |"
     assert table.splitlines()[3].startswith(f"| Load | {result['load_mean']:.2f} |")
 
 
