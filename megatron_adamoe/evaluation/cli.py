@@ -119,9 +119,10 @@ def load_model(model_dir: str, adapter: Optional[str]):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import megatron_adamoe.hf  # noqa: F401  (registers the AdaMoE Auto classes)
+    from megatron_adamoe.hf.versions import dtype_kwarg
 
     _model_config(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **{dtype_kwarg(): torch.float32})
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if adapter is not None:
         from megatron_adamoe.adapters.mo_lora_state import CONFIG_FILE

@@ -10,11 +10,11 @@ tokenizer, each document ended with EOS, concatenated and cut into ``--seq-lengt
 shuffled once with ``--seed`` and then read in that order (the same blocks in the same steps
 whatever the data-parallel layout). Supervised JSONL (prompt/completion or
 question/choices/answer records; ``--data-format``) gives one example per row with the loss on
-the completion only, averaged per example (docs/finetuning.md). The loss is the LM loss plus ``--aux-loss-coef`` x the
-null-aware load-balancing loss summed over MoE layers (``output_router_logits``); a model with a
-null bias keeps its load at ``router_target_load`` with the controller
-(``--load-controller-rate``). Logs: loss, aux loss (per MoE layer) and the measured load per
-layer (averaged over ranks), to stdout and ``--metrics-file``.
+the completion only, averaged per example (docs/finetuning.md). The loss is the LM loss plus
+``--aux-loss-coef`` x the null-aware load-balancing loss summed over MoE layers
+(``output_router_logits``); a model with a null bias keeps its load at ``router_target_load``
+with the controller (``--load-controller-rate``). Logs: loss, aux loss (per MoE layer) and the
+measured load per layer (averaged over ranks), to stdout and ``--metrics-file``.
 
 ``--method lora|qlora`` trains PEFT LoRA adapters on the router (all n + m rows) and the experts
 of an AdaMoE model (qlora: its base in 4 bits; paper section 4.2) and writes only the adapters
@@ -283,8 +283,10 @@ def _load_model(options):
     """The base model in fp32 (bf16 with --bf16); for qlora its linears in 4 bits (NF4)."""
     from transformers import AutoModelForCausalLM
 
+    from megatron_adamoe.hf.versions import dtype_kwarg
+
     dtype = torch.bfloat16 if options.bf16 else torch.float32
-    kwargs = {_dtype_kwarg(): dtype}
+    kwargs = {dtype_kwarg(): dtype}
     if options.method == "qlora":
         from megatron_adamoe.adapters.peft_lora import quantization_config
 
@@ -368,13 +370,6 @@ def _zero_stage(path: str) -> int:
 
     with open(path) as handle:
         return int((json.load(handle).get("zero_optimization") or {}).get("stage", 0))
-
-
-def _dtype_kwarg() -> str:
-    import transformers
-    from packaging.version import Version
-
-    return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 
 
 _WRITES = {

@@ -36,6 +36,7 @@ def merge_lora(model_dir: str, adapter_dir: str, out: str, max_shard_size: str =
     import megatron_adamoe.hf  # noqa: F401  (registers the AdaMoE Auto classes)
     from megatron_adamoe.adapters.mo_lora_state import CONFIG_FILE as MO_LORA_CONFIG
     from megatron_adamoe.adapters.peft_lora import load_lora
+    from megatron_adamoe.hf.versions import dtype_kwarg
 
     if os.path.exists(out):
         raise OptionError(f"out ({out!r}) must not exist yet; remove it or pick another path")
@@ -50,7 +51,7 @@ def merge_lora(model_dir: str, adapter_dir: str, out: str, max_shard_size: str =
             "token's update depends on its own routing; load them with adapters.load_mo_lora"
         )
     read_model_config(model_dir)  # an AdaMoE model, one line otherwise
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **{dtype_kwarg(): torch.float32})
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     merged = load_lora(model, adapter_dir).merge_and_unload()
     with atomic_directory(out, "merging the adapters") as temporary:
