@@ -67,10 +67,12 @@ def evaluate(options) -> dict:
     from megatron_adamoe.evaluation.tasks import parse_tasks, write_local_task
 
     tasks = parse_tasks(options.tasks)
-    if options.baseline_topk is not None and options.baseline_topk < 1:
-        raise OptionError(
-            f"baseline_topk ({options.baseline_topk}) must be >= 1; e.g. --baseline-topk 2"
-        )
+    for name, least in (("baseline_topk", 1), ("num_fewshot", 0), ("limit", 1)):
+        value = getattr(options, name)
+        if value is not None and value < least:
+            raise OptionError(
+                f"{name} ({value}) must be >= {least}; fix --{name.replace('_', '-')}"
+            )
     with tempfile.TemporaryDirectory() as local:
         for name, path in tasks:
             if path is not None:
@@ -82,6 +84,11 @@ def evaluate(options) -> dict:
                 "picks); e.g. --baseline-topk 2 for a top-2 model converted to AdaMoE"
             )
         model, tokenizer = load_model(options.model, options.adapter)
+        if options.baseline_topk is None and _has_mo_lora_nulls(model):
+            raise OptionError(
+                "baseline_topk must be given for Mo-LoRA adapters with null experts (their k "
+                "counts null picks); e.g. --baseline-topk 2 for plain top-2 MoLA"
+            )
         results = {}
         with LoadMeter(model) as meter:
             lm = _lm(model, tokenizer)
@@ -102,6 +109,16 @@ def evaluate(options) -> dict:
         if all(r.get(key) is not None for r in results.values())
     }
     return {"tasks": results, "overall": overall}
+
+
+def _has_mo_lora_nulls(model) -> bool:
+    from megatron_adamoe.adapters.mo_lora import MoLoRALinear
+
+    return any(
+        m.router.out_features > m.num_experts
+        for m in model.modules()
+        if isinstance(m, MoLoRALinear)
+    )
 
 
 def _model_config(model_dir: str) -> dict:

@@ -24,6 +24,8 @@ def flops_report(
 
     wrapped = [m for m in model.modules() if isinstance(m, MoLoRALinear)]
     if wrapped:
+        if baseline_topk is None and wrapped[0].router.out_features > wrapped[0].num_experts:
+            raise ValueError("Mo-LoRA adapters with null experts need baseline_topk")
         k = baseline_topk or wrapped[0].topk
         ours, base = _mo_lora_flops(model, wrapped, module_loads or {}, k)
     else:

@@ -172,8 +172,9 @@ def test_adapters_are_evaluated_on_their_base(model_and_task, capsys, tmp_path):
         ),
         (
             ["--tasks", "TASK", "--baseline-topk", "0"],
-            "baseline_topk (0) must be >= 1; e.g. --baseline-topk 2",
+            "baseline_topk (0) must be >= 1; fix --baseline-topk",
         ),
+        (["--tasks", "TASK", "--limit", "0"], "limit (0) must be >= 1; fix --limit"),
     ],
 )
 def test_bad_inputs_are_one_line(model_and_task, capsys, args, message):
@@ -208,8 +209,14 @@ def test_mo_lora_adapters_on_a_dense_base_report_their_lora_load(tmp_path, capsy
             handle.write(json.dumps({"question": f"q{i}", "choices": ["a b", "c"], "answer": 0}))
             handle.write("\n")
     out = tmp_path / "r.json"
-    status, _, _ = _eval(capsys, "--model", tmp_path / "llama", "--adapter", tmp_path / "molora",
-                         "--tasks", f"t={tmp_path / 'task.jsonl'}", "--output", out)  # fmt: skip
+    args = ["--model", tmp_path / "llama", "--adapter", tmp_path / "molora",
+            "--tasks", f"t={tmp_path / 'task.jsonl'}", "--output", out]  # fmt: skip
+    status, _, err = _eval(capsys, *args)
+    assert status == 2 and err.strip().endswith(
+        "error: baseline_topk must be given for Mo-LoRA adapters with null experts (their k "
+        "counts null picks); e.g. --baseline-topk 2 for plain top-2 MoLA"
+    )
+    status, _, _ = _eval(capsys, *args, "--baseline-topk", "2")
     assert status == 0
     result = json.loads(out.read_text())["tasks"]["t"]
     assert len(result["load"]) == 2 and all(0 <= load <= 2 for load in result["load"])
