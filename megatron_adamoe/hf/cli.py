@@ -5,6 +5,8 @@
         --num-null-experts 8 --topk 3 --tp 1 --ep 8 --pp 4
     adamoe-convert mixtral-to-adamoe --hf path/to/mixtral --out hf/adamoe_mixtral \
         --num-null-experts 8 --topk 3          # HF -> HF, no Megatron (for HF/DeepSpeed tuning)
+    adamoe-convert add-null-experts --load runs/top2/checkpoints --out ckpt/top2_adamoe \
+        --num-null-experts 4 --topk 3         # Megatron top-k -> Megatron AdaMoE
     adamoe-convert merge-lora --model hf/adamoe_mixtral --adapter out/qlora \
         --out hf/adamoe_mixtral_tuned          # (Q)LoRA adapters merged: HF -> HF
 
@@ -85,6 +87,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     hf.add_argument("--seed", type=int, default=0, help="seed of --null-router-init random")
     hf.add_argument("--max-shard-size", default="5GB", help="safetensors shard size")
+    nulls = commands.add_parser(
+        "add-null-experts", help="Megatron top-k checkpoint -> the same with m null experts"
+    )
+    nulls.add_argument("--load", required=True, help="save directory or an iter_N directory")
+    nulls.add_argument("--out", required=True, help="checkpoint directory to create")
+    nulls.add_argument("--num-null-experts", type=int, required=True, help="m null experts")
+    nulls.add_argument("--topk", type=int, default=None, help="k over n + m (default: the run's)")
+    nulls.add_argument(
+        "--null-router-init",
+        default="tile",
+        choices=("tile", "random"),
+        help="null router rows: tile the true rows (paper) or random",
+    )
+    nulls.add_argument("--seed", type=int, default=0, help="seed of --null-router-init random")
+    nulls.add_argument(
+        "--target-load", type=float, default=None, help="turn on the load controller at this load"
+    )
+    nulls.add_argument(
+        "--null-bias", type=float, default=None, help="the controller's starting null bias (0)"
+    )
     merge = commands.add_parser(
         "merge-lora", help="AdaMoE HF dir + adamoe-finetune's (Q)LoRA adapters -> HF dir"
     )
@@ -109,6 +131,19 @@ def run(options: argparse.Namespace) -> str:
             options.null_router_init,
             options.seed,
             options.max_shard_size,
+        )
+    if options.command == "add-null-experts":
+        from megatron_adamoe.hf.add_null_experts import add_null_experts
+
+        return add_null_experts(
+            options.load,
+            options.out,
+            options.num_null_experts,
+            options.topk,
+            options.null_router_init,
+            options.seed,
+            options.target_load,
+            options.null_bias,
         )
     if options.command == "merge-lora":
         from megatron_adamoe.hf.merge_lora import merge_lora
