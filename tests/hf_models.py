@@ -32,6 +32,40 @@ def tiny_mixtral(directory, seed: int = 0, vocab_size: int = 256):
     return model
 
 
+def tiny_llama_config(vocab_size: int = 256):
+    """A tiny transformers LlamaConfig (2 layers, GQA): the dense base of the Mo-LoRA tests."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+
+
+def one_layer_adamoe_config():
+    """A one-layer AdaMoEHFConfig (n = 2 true, m = 2 null experts, top-2) for in-process tests."""
+    from megatron_adamoe.hf import AdaMoEHFConfig
+
+    return AdaMoEHFConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        moe_intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        num_local_experts=2,
+        num_null_experts=2,
+        num_experts_per_tok=2,
+        max_position_embeddings=32,
+    )
+
+
 def tiny_adamoe(directory, corpus_text: str, null_bias: float = 1.5, seed: int = 0):
     """A random AdaMoE model (n = 4 true + m = 4 null experts, top-3, 2 layers) with a
     sentencepiece tokenizer trained on ``corpus_text``, saved as an HF directory (remote code).

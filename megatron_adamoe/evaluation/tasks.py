@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 
+from megatron_adamoe.data.corpus import iter_jsonl
 from megatron_adamoe.errors import OptionError
 from megatron_adamoe.hf.finetune_data import render_choice
 
@@ -54,18 +55,9 @@ def write_local_task(name: str, path: str, template: str, directory: str) -> Non
     """``directory``/``name``.yaml and its rendered records."""
     rendered = os.path.join(directory, f"{name}.jsonl")
     count = 0
-    with open(path) as source, open(rendered, "w") as out:
-        for number, line in enumerate(source, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise OptionError(
-                    f"{path}:{number} must be one JSON object per line: {error.msg} at column "
-                    f"{error.colno}; fix that line"
-                ) from None
-            query, choices, gold = render_choice(record, f"{path}:{number}", template)
+    with open(rendered, "w") as out:
+        for where, record in iter_jsonl(path):
+            query, choices, gold = render_choice(record, where, template)
             out.write(json.dumps({"query": query, "choices": choices, "gold": gold}) + "\n")
             count += 1
     if not count:

@@ -25,9 +25,9 @@ import torch
 from megatron_adamoe.errors import OptionError
 from megatron_adamoe.hf.export import model_shape
 from megatron_adamoe.hf.import_hf import (
-    _save_megatron,
     check_output_and_null_init,
     null_router_rows,
+    save_megatron,
 )
 from megatron_adamoe.hf.mapping import dist_to_local
 from megatron_adamoe.hf.megatron_checkpoint import (
@@ -100,7 +100,7 @@ def add_null_experts(
         if args.tokenizer_model and os.path.isfile(args.tokenizer_model):
             shutil.copyfile(args.tokenizer_model, os.path.join(temporary, "tokenizer.model"))
             new.tokenizer_model = os.path.join(new.load, "tokenizer.model")
-        _save_megatron(new, local, temporary, vocab_size)
+        save_megatron(new, local, temporary, vocab_size)
     logger.info(
         "added m = %d null experts (%s rows) to %s -> %s, top-%d",
         num_null_experts,

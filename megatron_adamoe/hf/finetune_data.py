@@ -72,7 +72,7 @@ def read_examples(paths, template: str = DEFAULT_MC_TEMPLATE) -> list[tuple[str,
     """(prompt, completion, "file:line") of each JSONL record: ``prompt``/``completion``, or
     ``question``/``choices``/``answer`` (an index or the choice's text) through ``template``.
     A bad record is one line naming the file, the line and the fix."""
-    import json
+    from megatron_adamoe.data.corpus import iter_jsonl
 
     examples = []
     for path in paths:
@@ -80,19 +80,8 @@ def read_examples(paths, template: str = DEFAULT_MC_TEMPLATE) -> list[tuple[str,
             raise OptionError(
                 f"data ({path!r}) must be an existing .jsonl file of supervised records"
             )
-        with open(path) as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{number}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise OptionError(
-                        f"{where} must be one JSON object per line: {error.msg} at column "
-                        f"{error.colno}; fix that line"
-                    ) from None
-                examples.append((*_render(record, where, template), where))
+        for where, record in iter_jsonl(path):
+            examples.append((*_render(record, where, template), where))
     if not examples:
         raise OptionError(f"data ({' '.join(paths)}) holds no records; add some")
     return examples

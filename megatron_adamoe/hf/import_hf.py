@@ -46,9 +46,8 @@ ARCHITECTURES = ("MixtralForCausalLM", "AdaMoEForCausalLM")
 NULL_ROUTER_INITS = ("tile", "random")
 
 
-def check_output_and_null_init(out: str, null_router_init: str, written: str) -> None:
-    """The checks both converters into AdaMoE make first: ``out`` is new and its parent takes
-    ``written`` (written next to it, then renamed); ``null_router_init`` is known."""
+def check_new_output(out: str, written: str) -> None:
+    """``out`` is new and its parent takes ``written`` (written next to it, then renamed)."""
     if os.path.exists(out):
         raise OptionError(f"out ({out!r}) must not exist yet; remove it or pick another path")
     check_writable(
@@ -56,6 +55,12 @@ def check_output_and_null_init(out: str, null_router_init: str, written: str) ->
         os.path.dirname(os.path.abspath(out)),
         f"{written} is written next to it first; pick a writable place",
     )
+
+
+def check_output_and_null_init(out: str, null_router_init: str, written: str) -> None:
+    """The checks the converters into AdaMoE make first: ``check_new_output`` and a known
+    ``null_router_init``."""
+    check_new_output(out, written)
     if null_router_init not in NULL_ROUTER_INITS:
         raise OptionError(
             f"null_router_init ({null_router_init!r}) must be one of "
@@ -304,7 +309,7 @@ def import_hf(
         if os.path.isfile(tokenizer):
             shutil.copyfile(tokenizer, os.path.join(temporary, "tokenizer.model"))
             args.tokenizer_model = os.path.join(args.load, "tokenizer.model")
-        _save_megatron(args, local, temporary, vocab_size)
+        save_megatron(args, local, temporary, vocab_size)
     logger.info(
         "imported %s -> %s (m = %d null experts, top-%d)", hf_dir, out, num_null_experts, topk
     )
@@ -349,7 +354,7 @@ def _check_hf_names(tensors: dict, shape: ModelShape, hf_dir: str) -> None:
         )
 
 
-def _save_megatron(args: PretrainArguments, local: dict, directory: str, vocab_size: int):
+def save_megatron(args: PretrainArguments, local: dict, directory: str, vocab_size: int):
     from megatron_adamoe.hf.megatron_model import (
         build_single_process_model,
         single_process_megatron,

@@ -13,7 +13,8 @@ import torch
 
 from megatron_adamoe.errors import OptionError
 from megatron_adamoe.hf.finetune_checks import read_model_config
-from megatron_adamoe.storage import atomic_directory, check_writable
+from megatron_adamoe.hf.import_hf import check_new_output
+from megatron_adamoe.storage import atomic_directory
 
 logger = logging.getLogger("megatron_adamoe.convert")
 
@@ -38,13 +39,7 @@ def merge_lora(model_dir: str, adapter_dir: str, out: str, max_shard_size: str =
     from megatron_adamoe.adapters.peft_lora import load_lora
     from megatron_adamoe.hf.versions import dtype_kwarg
 
-    if os.path.exists(out):
-        raise OptionError(f"out ({out!r}) must not exist yet; remove it or pick another path")
-    check_writable(
-        "out",
-        os.path.dirname(os.path.abspath(out)),
-        "the merged model is written next to it first; pick a writable place",
-    )
+    check_new_output(out, "the merged model")
     if os.path.isfile(os.path.join(adapter_dir, MO_LORA_CONFIG)):
         raise OptionError(
             f"adapter ({adapter_dir!r}) holds Mo-LoRA adapters, which cannot be merged: each "

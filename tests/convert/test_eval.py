@@ -185,22 +185,14 @@ def test_bad_inputs_are_one_line(model_and_task, capsys, args, message):
 
 
 def test_mo_lora_adapters_on_a_dense_base_report_their_lora_load(tmp_path, capsys):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from megatron_adamoe.adapters import MoLoRAConfig, apply_mo_lora, save_mo_lora
-    from tests.hf_models import save_standard_tokenizer
+    from tests.hf_models import save_standard_tokenizer, tiny_llama_config
 
     save_standard_tokenizer(tmp_path / "llama", "fast")
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    config = tiny_llama_config()
     LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")  # fmt: skip
     model = apply_mo_lora(LlamaForCausalLM(config), MoLoRAConfig(num_null_experts=4, topk=2))
     save_mo_lora(model, str(tmp_path / "molora"))

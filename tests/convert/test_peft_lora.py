@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.conversion import convert
-from tests.hf_models import save_standard_tokenizer, tiny_adamoe
+from tests.hf_models import save_standard_tokenizer, tiny_adamoe, tiny_llama_config
 from tests.runs import REPO
 
 RECIPES = os.path.join(REPO, "configs", "finetune")
@@ -178,23 +178,13 @@ def test_qlora_recipe_runs_on_a_4bit_base_on_cpu_and_merges(model_and_data, tmp_
 
 def test_mo_lora_recipe_twin_runs_on_a_dense_llama(tmp_path, caplog):
     """The CPU twin of the paper's Table 2 recipe on a tiny transformers Llama: 2 epochs."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from megatron_adamoe.data.corpus import synthetic_documents
 
     save_standard_tokenizer(tmp_path / "model", "fast")
     torch.manual_seed(0)
-    LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=256,
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
-    ).save_pretrained(tmp_path / "model")
+    LlamaForCausalLM(tiny_llama_config()).save_pretrained(tmp_path / "model")
     with open(tmp_path / "train.jsonl", "w") as handle:
         for text in synthetic_documents(30, seed=2):
             handle.write(json.dumps({"text": text}) + "\n")

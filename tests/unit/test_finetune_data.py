@@ -146,21 +146,10 @@ def test_per_example_loss_equals_a_loop_over_examples():
 
 
 def test_padding_is_left_out_of_the_moe_load_counts():
-    from megatron_adamoe.hf import AdaMoEForCausalLM, AdaMoEHFConfig
+    from megatron_adamoe.hf import AdaMoEForCausalLM
+    from tests.hf_models import one_layer_adamoe_config
 
-    config = AdaMoEHFConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        moe_intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        num_local_experts=2,
-        num_null_experts=2,
-        num_experts_per_tok=2,
-        max_position_embeddings=32,
-    )
+    config = one_layer_adamoe_config()
     model = AdaMoEForCausalLM(config).train()
     tokens = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
     mask = torch.ones(2, 8, dtype=torch.long)

@@ -185,21 +185,10 @@ def test_epochs_set_the_steps_and_the_per_epoch_coefficients(tmp_path):
 
 def test_lora_targets_must_name_linears_of_the_model():
     from megatron_adamoe.adapters.peft_lora import MOE_TARGETS, check_targets
-    from megatron_adamoe.hf import AdaMoEForCausalLM, AdaMoEHFConfig
+    from megatron_adamoe.hf import AdaMoEForCausalLM
+    from tests.hf_models import one_layer_adamoe_config
 
-    config = AdaMoEHFConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        moe_intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        num_local_experts=2,
-        num_null_experts=2,
-        num_experts_per_tok=2,
-        max_position_embeddings=32,
-    )
+    config = one_layer_adamoe_config()
     model = AdaMoEForCausalLM(config)
     check_targets(model, MOE_TARGETS + ("q_proj", "o_proj"))
     assert _error(lambda: check_targets(model, ["gate", "up_proj"])) == (
