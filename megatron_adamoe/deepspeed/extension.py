@@ -8,6 +8,14 @@ then every run waits on it forever. ``prepare`` builds the op in a child process
 a timeout, after removing a lock no live build holds; ``wait_until_built`` lets the other ranks
 of a job wait for the one that builds. Run ``python -m megatron_adamoe.deepspeed.extension``
 once after installing (``make install`` does).
+
+torch keys its build directory by the op's name only (``~/.cache/torch_extensions/<py>_<cuda>/``),
+so two environments on one machine share it: a build from another virtual environment looks
+ready, and the first rank to load it rebuilds it (its sources moved) in the middle of a job.
+``use_environment_build_root`` puts the builds under the running environment instead
+(``sys.prefix``), unless ``TORCH_EXTENSIONS_DIR`` is set; every function here applies it first,
+and so does anything that calls ``deepspeed.init_distributed`` without them (the tests' spawned
+ranks).
 """
 
 from __future__ import annotations
@@ -30,12 +38,22 @@ _BUILD = (
 )
 
 
+def use_environment_build_root() -> str:
+    """Set ``TORCH_EXTENSIONS_DIR`` to ``<sys.prefix>/torch_extensions`` unless it is set (or the
+    environment is read-only, e.g. a system Python: then torch's default); returns the root.
+    Child processes inherit it."""
+    if "TORCH_EXTENSIONS_DIR" not in os.environ and os.access(sys.prefix, os.W_OK):
+        os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(sys.prefix, "torch_extensions")
+    return os.environ.get("TORCH_EXTENSIONS_DIR", "torch's default")
+
+
 def build_directory() -> Optional[str]:
-    """Where torch builds the op (TORCH_EXTENSIONS_DIR, or ~/.cache/torch_extensions/...);
-    None on an accelerator that has no such op (GPUs use NCCL)."""
+    """Where torch builds the op (under ``use_environment_build_root``); None on an accelerator
+    that has no such op (GPUs use NCCL)."""
     from deepspeed.accelerator import get_accelerator
     from torch.utils.cpp_extension import _get_build_directory
 
+    use_environment_build_root()
     if get_accelerator().create_op_builder("ShareMemCommBuilder") is None:
         return None
     return _get_build_directory(NAME, verbose=False)

@@ -9,12 +9,17 @@ import sys
 
 import pytest
 
+from megatron_adamoe.deepspeed.extension import use_environment_build_root
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="session", autouse=True)
 def deepspeed_extension():
-    """``python -m megatron_adamoe.deepspeed.extension``, as ``make install`` runs it."""
+    """``python -m megatron_adamoe.deepspeed.extension``, as ``make install`` runs it; the build
+    root is set here too, so the ranks tests spawn (which call ``deepspeed.init_distributed``
+    themselves) load the op from this environment's build."""
+    use_environment_build_root()
     done = subprocess.run(
         [sys.executable, "-m", "megatron_adamoe.deepspeed.extension"],
         cwd=REPO,
