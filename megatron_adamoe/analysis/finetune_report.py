@@ -1,0 +1,144 @@
+"""The fine-tuning protocol's report: the table in the paper's Table 1 layout (per task: accuracy
+mean ± standard deviation over seeds, Load, %FLOPs against the top-k baseline) and the
+accuracy-against-FLOPs plot, from the rows ``finetune_study.collect`` reads off the runs."""
+
+from __future__ import annotations
+
+import os
+from statistics import fmean, pstdev
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _values(rows: list[dict], arm: str, task: str, key: str) -> list[float]:
+    return [
+        r[key] for r in rows if r["arm"] == arm and r["task"] == task and r.get(key) is not None
+    ]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return fmean(values), (pstdev(values) if len(values) > 1 else 0.0)
+
+
+def _cells(rows: list[dict], arm: str, task: str) -> list[str]:
+    acc = _values(rows, arm, task, "acc")
+    if not acc:
+        return ["-", "-", "-"]
+    mean, std = _mean_std([100 * a for a in acc])
+    load = _values(rows, arm, task, "load_mean")
+    flops = _values(rows, arm, task, "model_flops_pct")
+    return [
+        f"{mean:.1f} ± {std:.1f} ({len(acc)})",
+        f"{fmean(load):.2f}" if load else "-",
+        f"{fmean(flops):+.1f}" if flops else "-",
+    ]
+
+
+def table(protocol, rows: list[dict]) -> list[str]:
+    """Markdown: one row per arm; per task and on average Acc. (%, mean ± std (seeds)), Load
+    (true experts per token, mean over layers) and %FLOPs (whole model against top-k)."""
+    tasks = list(protocol.tasks)
+    header = ["Arm"] + [f"{t} {c}" for t in [*tasks, "Avg."] for c in ("Acc.", "Load", "%FLOPs")]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for arm in protocol.arms:
+        cells = [arm]
+        for task in tasks:
+            cells += _cells(rows, arm, task)
+        means = [_seed_mean_over_tasks(rows, arm, tasks, k) for k in ("acc", "load_mean")]
+        flops = _seed_mean_over_tasks(rows, arm, tasks, "model_flops_pct")
+        cells += [
+            "-" if means[0] is None else f"{100 * means[0]:.1f}",
+            "-" if means[1] is None else f"{means[1]:.2f}",
+            "-" if flops is None else f"{flops:+.1f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _seed_mean_over_tasks(rows, arm, tasks, key):
+    per_task = [_values(rows, arm, task, key) for task in tasks]
+    if not all(per_task):
+        return None
+    return fmean(fmean(values) for values in per_task)
+
+
+def write_plot(protocol, rows: list[dict], path: str) -> None:
+    """Accuracy against whole-model FLOPs (vs top-k), one panel per task, mean ± std per arm."""
+    tasks = list(protocol.tasks)
+    figure, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
+    colors = plt.get_cmap("tab10")
+    for axis, task in zip(axes[0], tasks):
+        for number, arm in enumerate(protocol.arms):
+            acc = [100 * a for a in _values(rows, arm, task, "acc")]
+            flops = _values(rows, arm, task, "model_flops_pct")
+            if not acc or not flops:
+                continue
+            (acc_mean, acc_std), (x_mean, x_std) = _mean_std(acc), _mean_std(flops)
+            axis.errorbar(
+                x_mean, acc_mean, yerr=acc_std, xerr=x_std, fmt="o", capsize=3,
+                color=colors(number % 10), label=arm,
+            )  # fmt: skip
+        axis.set_title(task)
+        axis.set_xlabel(f"model FLOPs per token vs top-{protocol.baseline_topk} (%)")
+        axis.set_ylabel("accuracy (%)")
+        axis.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8, loc="best")
+    figure.suptitle(f"{protocol.name}: accuracy against compute (mean ± std over seeds)")
+    figure.tight_layout()
+    figure.savefig(path + ".tmp.png", dpi=110)
+    plt.close(figure)
+    os.replace(path + ".tmp.png", path)
+
+
+def render(protocol, rows: list[dict], machine: dict, commands: list[str]) -> str:
+    tasks = ", ".join(f"{t} ({f['eval']})" for t, f in protocol.tasks.items())
+    lines = [
+        f"# {protocol.name}",
+        "",
+        protocol.description.strip(),
+        "",
+        f"Base: arm `{protocol.pretrain['arm']}`, seed {protocol.pretrain['seed']} of "
+        f"`{protocol.pretrain['grid']}`, pretrained as that grid runs it. Tasks: {tasks}. Seeds: "
+        f"{', '.join(map(str, protocol.seeds))} (fine-tuning order and adapter initialisation; "
+        "the base is the same for every seed). Written by `tools/finetune_study.py` from the "
+        "runs' own `eval.json` files (kept under `runs/`).",
+        "",
+        "## Results",
+        "",
+        "Acc.: lm-evaluation-harness `acc` in %, mean ± population std over seeds (number of "
+        "seeds). Load: true experts per token, measured over the evaluated tokens, mean over MoE "
+        f"layers. %FLOPs: whole-model forward FLOPs per token against top-{protocol.baseline_topk} "
+        "with the same experts (negative: fewer). Avg.: the mean over tasks.",
+        "",
+        *table(protocol, rows),
+        "",
+        "![accuracy against FLOPs](accuracy_flops.png)",
+        "",
+    ]
+    if protocol.discussion.strip():
+        lines += ["## What the runs show", "", protocol.discussion.strip(), ""]
+    lines += ["## Arms", ""]
+    for arm, options in protocol.arms.items():
+        settings = ", ".join(f"{k}={v}" for k, v in options.items())
+        lines.append(f"- `{arm}`: {settings}")
+    lines += [
+        "",
+        "Common fine-tuning flags: "
+        + (", ".join(f"{k}={v}" for k, v in protocol.common.items()) or "none"),
+        "",
+        "## Commands",
+        "",
+        "Everything (resumable; rebuild this report alone with `--report-only`), then, as run "
+        "(first task and seed of each arm):",
+        "",
+        "```",
+        *commands,
+        "```",
+        "",
+        "Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()),
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,400 @@
+"""The paper's fine-tuning protocol (Table 1) as a reproducible study: one pretrained base, arms
+of fine-tuning recipes x tasks x seeds, each scored by ``adamoe-eval``.
+
+A protocol file (YAML, e.g. ``configs/study/cpu_table1.yaml``) names the pretraining run that
+makes the base (an arm and seed of a pretraining study grid, run as that grid runs it), the bases
+made from it (``export-hf`` of the checkpoint, or ``add-null-experts`` first), the tasks (a
+fine-tuning JSONL and an lm-eval task), ``adamoe-finetune`` flags common to every arm, the arms
+(a base plus their own flags; ``method: none`` scores the base as it is) and the seeds. Every
+step is one of the project's commands as a user types it, run as a process of its own; a step
+whose output exists is skipped, so rerunning the same command resumes a stopped protocol. The
+report under ``<out>/<name>/`` (``results.csv``, ``accuracy_flops.png``, ``README.md``) keeps
+each run's ``eval.json`` and training metrics, so ``--report-only`` rebuilds it from a clone.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import yaml
+
+from megatron_adamoe.analysis import study
+from megatron_adamoe.analysis.finetune_report import render, write_plot
+from megatron_adamoe.errors import OptionError
+
+REPO = study.REPO
+KEYS = {
+    "name",
+    "description",
+    "pretrain",
+    "bases",
+    "tasks",
+    "include_path",
+    "seeds",
+    "baseline_topk",
+    "common",
+    "arms",
+    "discussion",
+}
+BASE_KEYS = {"num_null_experts", "topk", "null_router_init"}
+RESERVED = {"model", "data", "output_dir", "checkpoint_dir", "seed", "metrics_file", "resume"}
+CSV_COLUMNS = (
+    "arm",
+    "task",
+    "seed",
+    "acc",
+    "acc_stderr",
+    "acc_norm",
+    "load_mean",
+    "expert_flops_pct",
+    "model_flops_pct",
+    "final_train_loss",
+    "wall_s",
+)
+
+
+@dataclass
+class Protocol:
+    name: str
+    path: str
+    pretrain: dict
+    bases: dict[str, dict]
+    tasks: dict[str, dict]
+    include_path: str
+    seeds: list[int]
+    baseline_topk: int
+    common: dict
+    arms: dict[str, dict]
+    description: str = ""
+    discussion: str = ""
+
+    def seeds_of(self, arm: str) -> list[int]:
+        """A ``method: none`` arm is the base scored as it is: one run, seed 0."""
+        return [0] if self.arms[arm].get("method") == "none" else self.seeds
+
+    def runs(self) -> list[tuple[str, str, int]]:
+        """Seed-major, as the pretraining harness orders its runs."""
+        seeds = sorted({s for arm in self.arms for s in self.seeds_of(arm)})
+        return [
+            (arm, task, seed)
+            for seed in seeds
+            for arm in self.arms
+            if seed in self.seeds_of(arm)
+            for task in self.tasks
+        ]
+
+    @staticmethod
+    def run_name(arm: str, task: str, seed: int) -> str:
+        return f"{arm}-{task}-seed{seed}"
+
+
+def load_protocol(path: str) -> Protocol:
+    if not os.path.isfile(path):
+        raise OptionError(f"protocol ({path!r}) must be an existing YAML file; see configs/study/")
+    with open(path) as handle:
+        raw = yaml.safe_load(handle) or {}
+    unknown = sorted(set(raw) - KEYS)
+    if unknown:
+        raise OptionError(f"protocol keys ({', '.join(unknown)}) must be among {sorted(KEYS)}")
+    for key in ("name", "pretrain", "bases", "tasks", "seeds", "arms"):
+        if not raw.get(key):
+            raise OptionError(f"protocol key {key} must be set; fix {path}")
+    pretrain = raw["pretrain"]
+    if set(pretrain) != {"grid", "arm", "seed"}:
+        raise OptionError(f"pretrain ({pretrain}) must name grid, arm and seed; fix {path}")
+    if pretrain["arm"] not in study.load_grid(os.path.join(REPO, pretrain["grid"])).arms:
+        raise OptionError(
+            f"pretrain arm ({pretrain['arm']!r}) must be an arm of {pretrain['grid']}"
+        )
+    for base, settings in raw["bases"].items():
+        bad = sorted(set(settings or {}) - BASE_KEYS)
+        if bad:
+            raise OptionError(
+                f"bases.{base} keys ({', '.join(bad)}) must be among {sorted(BASE_KEYS)} "
+                "(add-null-experts' flags; none: the pretrained model as it is)"
+            )
+    for task, files in raw["tasks"].items():
+        if set(files or {}) != {"train", "eval"}:
+            raise OptionError(f"tasks.{task} must name train (JSONL) and eval (an lm-eval task)")
+    flags = _finetune_flags()
+    for where, options in [("common", raw.get("common") or {}), *raw["arms"].items()]:
+        options = {k: v for k, v in options.items() if k != "base"}
+        bad = sorted((set(options) - flags) | (set(options) & RESERVED))
+        if bad:
+            raise OptionError(
+                f"protocol {where} options ({', '.join(bad)}) must be adamoe-finetune flags the "
+                f"harness does not set itself ({', '.join(sorted(RESERVED))}); fix {path}"
+            )
+    for arm, options in raw["arms"].items():
+        if options.get("base") not in raw["bases"]:
+            raise OptionError(
+                f"arms.{arm}.base ({options.get('base')!r}) must be one of the bases "
+                f"({', '.join(raw['bases'])})"
+            )
+    return Protocol(
+        name=raw["name"],
+        path=path,
+        pretrain=pretrain,
+        bases={name: settings or {} for name, settings in raw["bases"].items()},
+        tasks=raw["tasks"],
+        include_path=raw.get("include_path", "configs/tasks"),
+        seeds=[int(s) for s in raw["seeds"]],
+        baseline_topk=int(raw.get("baseline_topk", 2)),
+        common=raw.get("common") or {},
+        arms=raw["arms"],
+        description=raw.get("description", ""),
+        discussion=raw.get("discussion", ""),
+    )
+
+
+def _finetune_flags() -> set[str]:
+    from megatron_adamoe.hf.finetune_flags import build_parser
+
+    return {action.dest for action in build_parser("flags\n\n")._actions} - {"help", "config"}
+
+
+def _flags(options: dict) -> list[str]:
+    words = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            words.append(flag)
+        elif isinstance(value, list):
+            words += [flag, *map(str, value)]
+        elif value is not None and value is not False:
+            words.append(f"{flag}={value}")  # '=': negative numbers stay values
+    return words
+
+
+# The commands, as a user types them (sys.executable: the same environment).
+def finetune_command(protocol: Protocol, arm: str, task: str, seed: int, run_dir: str, base: str):
+    options = {**protocol.common, **protocol.arms[arm]}
+    options.pop("base")
+    return [
+        sys.executable,
+        "-m",
+        "megatron_adamoe.hf.finetune",
+        "--model",
+        base,
+        "--data",
+        protocol.tasks[task]["train"],
+        "--output-dir",
+        os.path.join(run_dir, "model"),
+        "--seed",
+        str(seed),
+        "--metrics-file",
+        os.path.join(run_dir, "train_metrics.jsonl"),
+        *_flags(options),
+    ]
+
+
+def eval_command(protocol: Protocol, arm: str, task: str, run_dir: str, base: str) -> list[str]:
+    tuned = os.path.join(run_dir, "model")
+    method = protocol.arms[arm].get("method", protocol.common.get("method", "full"))
+    model = ["--model", base] if method == "none" else ["--model", tuned]
+    if method in ("lora", "qlora", "mo-lora"):
+        model = ["--model", base, "--adapter", tuned]
+    return [
+        sys.executable,
+        "-m",
+        "megatron_adamoe.evaluation.cli",
+        *model,
+        "--include-path",
+        protocol.include_path,
+        "--tasks",
+        protocol.tasks[task]["eval"],
+        "--baseline-topk",
+        str(protocol.baseline_topk),
+        "--output",
+        os.path.join(run_dir, "eval.json"),
+    ]
+
+
+def base_commands(protocol: Protocol, base: str, work: str) -> list[list[str]]:
+    convert = [sys.executable, os.path.join(REPO, "tools/convert_checkpoint.py")]
+    checkpoints = os.path.join(work, "pretrain", "checkpoints")
+    out = os.path.join(work, "bases", base)
+    settings = protocol.bases[base]
+    if not settings:
+        return [[*convert, "export-hf", "--load", checkpoints, "--out", out]]
+    converted = out + "-megatron"
+    return [
+        [
+            *convert,
+            "add-null-experts",
+            "--load",
+            checkpoints,
+            "--out",
+            converted,
+            *_flags(settings),
+        ],
+        [*convert, "export-hf", "--load", converted, "--out", out],
+    ]
+
+
+def _step(command: list[str], log_path: str, launch: Callable) -> float:
+    """Run one command, output appended to ``log_path``; one line naming the log on failure."""
+    started = time.time()
+    with open(log_path, "a") as log:
+        log.write(f"$ {' '.join(command)}\n")
+        log.flush()
+        returncode = launch(command, log, lambda: None)
+    if returncode != 0:
+        raise RuntimeError(f"step failed ({returncode}); see {log_path}; rerun to resume")
+    return time.time() - started
+
+
+def run_protocol(
+    protocol: Protocol,
+    runs_dir: str,
+    out_dir: str,
+    progress: bool = True,
+    launch: Callable = study.launch_subprocess,
+) -> None:
+    """The pretraining run, the bases, then every missing (arm, task, seed): fine-tune, score,
+    keep in the report; the report refreshed after each run. Progress with ETA."""
+    from tqdm import tqdm
+
+    work = os.path.join(runs_dir, protocol.name)
+    report_dir = os.path.join(out_dir, protocol.name)
+    os.makedirs(report_dir, exist_ok=True)
+    _pretrain(protocol, work, progress, launch)
+    for base in protocol.bases:
+        if not os.path.isdir(os.path.join(work, "bases", base)):
+            os.makedirs(os.path.join(work, "bases"), exist_ok=True)
+            for command in base_commands(protocol, base, work):
+                target = command[command.index("--out") + 1]
+                if not os.path.isdir(target):
+                    _step(command, os.path.join(work, "bases", f"{base}.log"), launch)
+    todo = [
+        run
+        for run in protocol.runs()
+        if not os.path.isfile(os.path.join(work, "runs", Protocol.run_name(*run), "eval.json"))
+    ]
+    bar = tqdm(total=len(todo), unit="run", disable=not progress, desc=protocol.name)
+    for arm, task, seed in todo:
+        name = Protocol.run_name(arm, task, seed)
+        bar.set_postfix_str(name)
+        run_dir = os.path.join(work, "runs", name)
+        os.makedirs(run_dir, exist_ok=True)
+        base = os.path.join(work, "bases", protocol.arms[arm]["base"])
+        log = os.path.join(run_dir, "run.log")
+        wall = 0.0
+        if protocol.arms[arm].get("method") != "none" and not os.path.isdir(
+            os.path.join(run_dir, "model")
+        ):
+            for stale in ("model-checkpoints", "train_metrics.jsonl"):  # a stopped attempt's
+                path = os.path.join(run_dir, stale)
+                shutil.rmtree(path) if os.path.isdir(path) else None
+                os.remove(path) if os.path.isfile(path) else None
+            wall += _step(finetune_command(protocol, arm, task, seed, run_dir, base), log, launch)
+        wall += _step(eval_command(protocol, arm, task, run_dir, base), log, launch)
+        _keep(run_dir, os.path.join(report_dir, "runs", name), wall)
+        write_report(protocol, out_dir)
+        bar.update(1)
+    bar.close()
+    write_report(protocol, out_dir)
+
+
+def _pretrain(protocol: Protocol, work: str, progress: bool, launch: Callable) -> None:
+    """The base's pretraining run, exactly as its study grid runs that arm and seed."""
+    run_dir = os.path.join(work, "pretrain")
+    if os.path.isfile(os.path.join(run_dir, "done.json")):
+        return
+    from tqdm import tqdm
+
+    grid = study.load_grid(os.path.join(REPO, protocol.pretrain["grid"]))
+    arm, seed = protocol.pretrain["arm"], int(protocol.pretrain["seed"])
+    os.makedirs(run_dir, exist_ok=True)
+    bar = tqdm(total=grid.options(arm).train_iters, unit="it", disable=not progress)
+    bar.set_description(f"pretraining the base ({arm}, seed {seed})")
+    wall = study._run_one(grid, arm, seed, run_dir, bar, launch)
+    bar.close()
+    with open(os.path.join(run_dir, "done.json"), "w") as handle:
+        json.dump({"wall_s": wall, "commit": study._git_commit()}, handle)
+
+
+def _keep(run_dir: str, keep_dir: str, wall_s: float) -> None:
+    """eval.json, the training metrics and the run's wall time next to the report."""
+    os.makedirs(keep_dir, exist_ok=True)
+    for name in ("eval.json", "train_metrics.jsonl"):
+        if os.path.isfile(os.path.join(run_dir, name)):
+            shutil.copyfile(os.path.join(run_dir, name), os.path.join(keep_dir, name))
+    with open(os.path.join(keep_dir, "done.json"), "w") as handle:
+        json.dump({"wall_s": round(wall_s, 1), "commit": study._git_commit()}, handle)
+
+
+def collect(protocol: Protocol, out_dir: str) -> list[dict]:
+    """One row per finished run kept in the report directory, from its own eval.json."""
+    rows = []
+    for arm, task, seed in protocol.runs():
+        keep = os.path.join(out_dir, protocol.name, "runs", Protocol.run_name(arm, task, seed))
+        if not os.path.isfile(os.path.join(keep, "done.json")):
+            continue
+        with open(os.path.join(keep, "eval.json")) as handle:
+            scores = next(iter(json.load(handle)["tasks"].values()))
+        with open(os.path.join(keep, "done.json")) as handle:
+            done = json.load(handle)
+        row = {"arm": arm, "task": task, "seed": seed, "wall_s": done["wall_s"]}
+        row.update({k: scores.get(k) for k in CSV_COLUMNS if k in scores})
+        row["final_train_loss"] = _final_train_loss(os.path.join(keep, "train_metrics.jsonl"))
+        rows.append(row)
+    return rows
+
+
+def _final_train_loss(path: str) -> Optional[float]:
+    if not os.path.isfile(path):
+        return None
+    with open(path) as handle:
+        losses = [json.loads(line).get("loss") for line in handle if line.strip()]
+    losses = [loss for loss in losses if loss is not None]
+    return losses[-1] if losses else None
+
+
+def write_report(protocol: Protocol, out_dir: str) -> Optional[str]:
+    rows = collect(protocol, out_dir)
+    if not rows:
+        return None
+    report_dir = os.path.join(out_dir, protocol.name)
+    path = os.path.join(report_dir, "results.csv")
+    with open(path + ".tmp", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(
+                {
+                    k: f"{row[k]:.6g}" if isinstance(row.get(k), float) else row.get(k)
+                    for k in CSV_COLUMNS
+                }
+            )
+    os.replace(path + ".tmp", path)
+    write_plot(protocol, rows, os.path.join(report_dir, "accuracy_flops.png"))
+    text = render(protocol, rows, study.machine(), commands=_commands(protocol))
+    path = os.path.join(report_dir, "README.md")
+    with open(path + ".tmp", "w") as handle:
+        handle.write(text)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def _commands(protocol: Protocol) -> list[str]:
+    """The commands of the first seed of each arm and task, with the repository's paths."""
+    work = os.path.join("runs/study", protocol.name)
+    lines = [f"python tools/finetune_study.py {os.path.relpath(protocol.path, REPO)}"]
+    for base in protocol.bases:
+        lines += [" ".join(c) for c in base_commands(protocol, base, work)]
+    for arm in protocol.arms:
+        task, seed = next(iter(protocol.tasks)), protocol.seeds_of(arm)[0]
+        run_dir = os.path.join(work, "runs", Protocol.run_name(arm, task, seed))
+        base = os.path.join(work, "bases", protocol.arms[arm]["base"])
+        if protocol.arms[arm].get("method") != "none":
+            lines.append(" ".join(finetune_command(protocol, arm, task, seed, run_dir, base)))
+        lines.append(" ".join(eval_command(protocol, arm, task, run_dir, base)))
+    return [line.replace(sys.executable, "python").replace(REPO + "/", "") for line in lines]

@@ -1,0 +1,130 @@
+"""The fine-tuning protocol harness (tools/finetune_study.py): the steps it runs, in order, as
+the commands a user types; resuming skips what exists; the table holds the mean and spread of
+the runs' own eval.json numbers; --report-only rebuilds the same report from the kept files.
+Each command is answered by a stand-in that writes what the real tool writes (the tools
+themselves are tested in tests/convert and tests/unit/test_eval.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+from statistics import fmean, pstdev
+
+import pytest
+import yaml
+
+from megatron_adamoe.analysis import finetune_study
+from megatron_adamoe.errors import OptionError
+
+PROTOCOL = {
+    "name": "tiny_table1",
+    "pretrain": {"grid": "configs/study/cpu_shakespeare.yaml", "arm": "top2", "seed": 1},
+    "bases": {"top2": {}, "adamoe": {"num_null_experts": 4, "topk": 3}},
+    "tasks": {"next_line": {"train": "train.jsonl", "eval": "shakespeare_next_line"}},
+    "seeds": [1, 2],
+    "common": {"num_epochs": 2, "aux_loss_coef_per_epoch": [0.01, 0.001]},
+    "arms": {
+        "top2-base": {"base": "top2", "method": "none"},
+        "top2-lora": {"base": "top2", "method": "lora", "learning_rate": 1e-3},
+        "adamoe-lora": {"base": "adamoe", "method": "lora", "learning_rate": 1e-3},
+    },
+}
+ACC = {"top2-base": 0.30, "top2-lora": 0.40, "adamoe-lora": 0.45}
+
+
+def _write(tmp_path, **changes) -> str:
+    path = tmp_path / "protocol.yaml"
+    path.write_text(yaml.safe_dump({**PROTOCOL, **changes}))
+    return str(path)
+
+
+class StandIn:
+    """Writes each command's output as the real tool does; records the commands."""
+
+    def __init__(self):
+        self.commands = []
+
+    def __call__(self, command, log, poll) -> int:
+        self.commands.append(command)
+        value = lambda flag: command[command.index(flag) + 1]  # noqa: E731
+        if "megatron_adamoe.hf.finetune" in command:
+            os.makedirs(value("--output-dir"))
+            with open(value("--metrics-file"), "w") as handle:
+                handle.write(json.dumps({"step": 10, "loss": 2.5 + int(value("--seed"))}) + "\n")
+        elif "megatron_adamoe.evaluation.cli" in command:
+            run = os.path.basename(os.path.dirname(value("--output")))
+            arm, seed = run.rsplit("-next_line-seed", 1)
+            acc = ACC[arm] + 0.01 * int(seed)
+            result = {"acc": acc, "load_mean": 1.4 if "adamoe" in arm else 2.0,
+                      "model_flops_pct": -8.0 if "adamoe" in arm else 0.0}  # fmt: skip
+            with open(value("--output"), "w") as handle:
+                json.dump({"tasks": {"shakespeare_next_line": result}, "overall": result}, handle)
+        else:  # tools/convert_checkpoint.py
+            os.makedirs(value("--out"))
+        return 0
+
+
+def test_protocol_runs_every_step_resumes_and_reports(tmp_path, monkeypatch):
+    monkeypatch.setattr(finetune_study.study, "_git_commit", lambda: "abc1234")  # no git,
+    monkeypatch.setattr(finetune_study.study, "machine", lambda: {"cores": 2})  # no uname here
+    protocol = finetune_study.load_protocol(_write(tmp_path))
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    (runs / "tiny_table1" / "pretrain").mkdir(parents=True)  # the base, pretrained
+    (runs / "tiny_table1" / "pretrain" / "done.json").write_text("{}")
+    stand_in = StandIn()
+    finetune_study.run_protocol(protocol, str(runs), str(out), progress=False, launch=stand_in)
+    kinds = [" ".join(c[1:4]) for c in stand_in.commands]
+    assert sum("export-hf" in k for k in kinds) == 2 and sum("add-null" in k for k in kinds) == 1
+    fine_tunes = [c for c in stand_in.commands if "megatron_adamoe.hf.finetune" in c]
+    assert len(fine_tunes) == 4  # two LoRA arms x two seeds; the base arm is scored as it is
+    assert all("--aux-loss-coef-per-epoch" in c and "--num-epochs=2" in c for c in fine_tunes)
+    evals = [c for c in stand_in.commands if "megatron_adamoe.evaluation.cli" in c]
+    assert len(evals) == 5
+    lora_eval = next(c for c in evals if "adamoe-lora-next_line-seed1" in " ".join(c))
+    assert lora_eval[lora_eval.index("--model") + 1].endswith("bases/adamoe")
+    assert lora_eval[lora_eval.index("--adapter") + 1].endswith("adamoe-lora-next_line-seed1/model")
+
+    # A second run finds everything done and starts nothing.
+    again = StandIn()
+    finetune_study.run_protocol(protocol, str(runs), str(out), progress=False, launch=again)
+    assert again.commands == []
+
+    readme = (out / "tiny_table1" / "README.md").read_text()
+    values = [100 * (ACC["adamoe-lora"] + 0.01 * seed) for seed in (1, 2)]
+    expected = f"{fmean(values):.1f} ± {pstdev(values):.1f} (2)"
+    row = next(line for line in readme.splitlines() if line.startswith("| adamoe-lora |"))
+    assert row.split(" | ")[1:4] == [expected, "1.40", "-8.0"]
+    assert (out / "tiny_table1" / "accuracy_flops.png").stat().st_size > 0
+
+    # --report-only from the kept files alone (the work directory gone): the same report.
+    import shutil
+
+    shutil.rmtree(runs)
+    os.remove(out / "tiny_table1" / "README.md")
+    finetune_study.write_report(protocol, str(out))
+    rebuilt = (out / "tiny_table1" / "README.md").read_text()
+    assert rebuilt.split("Machine:")[0] == readme.split("Machine:")[0]
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"arms": {"a": {"base": "no", "method": "lora"}}}, "arms.a.base ('no') must be one of"),
+        ({"common": {"output_dir": "x"}}, "protocol common options (output_dir) must be"),
+        ({"common": {"not_a_flag": 1}}, "protocol common options (not_a_flag) must be"),
+        ({"bases": {"top2": {"tile": 1}}}, "bases.top2 keys (tile) must be among"),
+        ({"pretrain": {"grid": "configs/study/cpu_shakespeare.yaml", "arm": "top9", "seed": 1}},
+         "pretrain arm ('top9') must be an arm of"),
+        ({"tasks": {"t": {"train": "x.jsonl"}}}, "tasks.t must name train (JSONL) and eval"),
+        ({"colour": "blue"}, "protocol keys (colour) must be among"),
+    ],
+)  # fmt: skip
+def test_a_bad_protocol_is_one_line_naming_the_field(tmp_path, changes, message):
+    with pytest.raises(OptionError) as error:
+        finetune_study.load_protocol(_write(tmp_path, **changes))
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+def test_the_shipped_protocol_loads():
+    protocol = finetune_study.load_protocol("configs/study/cpu_table1.yaml")
+    assert len(protocol.runs()) == 2 * (2 + 4 * 3)  # two tasks; two base arms scored once
