@@ -1,4 +1,5 @@
-"""Megatron dist checkpoint (any TP/EP/PP layout) -> Hugging Face AdaMoE model directory.
+"""Megatron dist checkpoint (any TP/EP/PP layout) -> Hugging Face AdaMoE model directory (a
+dense run: a Llama directory, ``export_dense``).
 
 The directory holds ``config.json`` (with ``auto_map``), ``configuration_adamoe.py`` and
 ``modeling_adamoe.py``, sharded ``model-*.safetensors`` with their index,
@@ -157,7 +158,15 @@ def export_hf(
             f"model's {vocab_size} tokens (it has {tokenizer.vocab_size}); pass "
             "the run's tokenizer"
         )
-    config = hf_config(args, vocab_size, tokenizer, shape)
+    if args.is_dense:
+        from transformers import LlamaForCausalLM
+
+        from megatron_adamoe.hf.export_dense import llama_config, llama_names
+
+        config, model_class = llama_config(args, vocab_size, tokenizer), LlamaForCausalLM
+        hf_tensors = llama_names(hf_tensors)
+    else:
+        config, model_class = hf_config(args, vocab_size, tokenizer, shape), AdaMoEForCausalLM
     # The stored dtype, under its name in this transformers (``dtype``; ``torch_dtype`` < 4.56).
     setattr(
         config,
@@ -165,7 +174,7 @@ def export_hf(
         tensors["embedding.word_embeddings.weight"].dtype,
     )
     with torch.device("meta"):
-        model = AdaMoEForCausalLM(config)
+        model = model_class(config)
     if config.tie_word_embeddings:  # Megatron's output layer is the embedding
         hf_tensors["lm_head.weight"] = hf_tensors["model.embed_tokens.weight"]
     load_strictly(model, hf_tensors, what=f"checkpoint {directory}")
@@ -177,8 +186,9 @@ def export_hf(
     model.generation_config.suppress_tokens = padding_ids or None
 
     with atomic_directory(out, "exporting") as temporary:
-        type(config).register_for_auto_class()
-        type(model).register_for_auto_class("AutoModelForCausalLM")
+        if not args.is_dense:  # a dense model is transformers' own Llama
+            type(config).register_for_auto_class()
+            type(model).register_for_auto_class("AutoModelForCausalLM")
         type(tokenizer).register_for_auto_class("AutoTokenizer")
         model.save_pretrained(temporary, max_shard_size=max_shard_size, safe_serialization=True)
         tokenizer.save_pretrained(temporary)

@@ -88,8 +88,20 @@ class AdaMoEConfig(TransformerConfig):
             or self.moe_router_enable_expert_bias
         )
 
+    def is_dense_model(self) -> bool:
+        """Megatron's dense GPT (the options' ``num_experts: 0``): no experts, no expert width
+        and no nulls; a config with only some of these is a broken MoE config, checked as one."""
+        return (
+            self.num_moe_experts is None
+            and self.moe_ffn_hidden_size is None
+            and not self.adamoe_num_null_experts
+        )
+
     def adamoe_moe_layer_numbers(self) -> list[int]:
-        """1-based numbers of the MoE layers under ``moe_layer_freq`` (Megatron's rule)."""
+        """1-based numbers of the MoE layers under ``moe_layer_freq`` (Megatron's rule); none in
+        a dense model."""
+        if not self.num_moe_experts:
+            return []
         return [i + 1 for i in moe_layer_indices(self.num_layers, self.moe_layer_freq)]
 
     def target_load_schedule(self, layer_number: int) -> Optional[StepSchedule]:
@@ -120,6 +132,8 @@ class AdaMoEConfig(TransformerConfig):
     def _validate_adamoe(self) -> None:
         """The AdaMoE rules of a Megatron run (``options.rules.check_adamoe``, which the
         pretraining options call too), then the Megatron settings AdaMoE cannot serve."""
+        if self.is_dense_model():  # no router: nothing of AdaMoE's to check
+            return
         check_adamoe(self, "megatron", len(self.adamoe_moe_layer_numbers()))
         if self.moe_router_pre_softmax and self.adamoe_weight_norm != "none":
             raise OptionError(

@@ -20,7 +20,7 @@ from megatron_adamoe.options.schema import CHOICES, PretrainArguments
 from megatron_adamoe.storage import check_writable
 
 POSITIVE = (
-    "num_layers hidden_size num_attention_heads seq_length num_experts moe_router_topk "
+    "num_layers hidden_size num_attention_heads seq_length moe_router_topk "
     "tensor_model_parallel_size pipeline_model_parallel_size expert_model_parallel_size "
     "context_parallel_size micro_batch_size train_iters log_interval eval_iters "
     "make_vocab_size_divisible_by adamoe_loss_spike_window adamoe_min_load_steps"
@@ -31,7 +31,7 @@ OPTIONAL_POSITIVE = (
     "lr_decay_iters adamoe_flops_baseline_topk exit_interval"
 ).split()
 NON_NEGATIVE = (
-    "adamoe_num_null_experts lr min_lr lr_warmup_iters weight_decay clip_grad "
+    "num_experts adamoe_num_null_experts lr min_lr lr_warmup_iters weight_decay clip_grad "
     "adamoe_loss_spike_factor adamoe_min_load moe_router_bias_update_rate adamoe_dead_grad_steps"
 ).split()
 # Checked by check_adamoe (the routing rules and the aux loss), not by the loops below.
@@ -83,7 +83,9 @@ def validate(args: PretrainArguments, check_io: bool = True, check_topology: boo
             "a loss at most its recent mean is no spike; e.g. 3",
         )
     _validate_moe(args, fail)
-    if args.adamoe_min_load >= min(args.moe_router_topk, args.num_experts):
+    if args.is_dense:
+        _validate_dense(args, fail)
+    elif args.adamoe_min_load >= min(args.moe_router_topk, args.num_experts):
         fail(
             "adamoe_min_load",
             f"be < the most true experts a token can use "
@@ -213,7 +215,8 @@ def _validate_moe(args: PretrainArguments, fail) -> None:
         len(freq) != args.num_layers or any(v not in (0, 1) for v in freq)
     ):
         fail("moe_layer_freq", f"list 0/1 for each of the {args.num_layers} layers", "fix the list")
-    check_adamoe(args, "options", len(args.moe_layer_indices()))
+    if not args.is_dense:
+        check_adamoe(args, "options", len(args.moe_layer_indices()))
     if args.max_position_embeddings is not None and args.max_position_embeddings < args.seq_length:
         fail("max_position_embeddings", f"be >= seq_length ({args.seq_length})", "raise it")
     groups = args.num_query_groups
@@ -265,7 +268,7 @@ def _validate_topology(args: PretrainArguments, fail) -> None:
             "be false when tensor_model_parallel_size is 1",
             "drop --sequence-parallel or raise the TP size",
         )
-    if args.tensor_model_parallel_size > 1 and not args.sequence_parallel:
+    if args.tensor_model_parallel_size > 1 and not args.sequence_parallel and not args.is_dense:
         fail(
             "sequence_parallel",
             "be true when tensor_model_parallel_size > 1 with MoE layers "
@@ -280,6 +283,25 @@ def _validate_topology(args: PretrainArguments, fail) -> None:
             f"({args.micro_batch_size} x {args.data_parallel_size})",
             "change the batch sizes",
         )
+
+
+def _validate_dense(args: PretrainArguments, fail) -> None:
+    """num_experts 0: a dense model, so nothing may ask for experts or routing."""
+    for name, dense_value in (
+        ("adamoe_num_null_experts", 0),
+        ("expert_model_parallel_size", 1),
+        ("adamoe_target_load", None),
+        ("adamoe_target_load_schedule", None),
+        ("adamoe_router_mode", "topk"),
+        ("moe_router_enable_expert_bias", False),
+        ("moe_grouped_gemm", False),
+    ):
+        if getattr(args, name) != dense_value:
+            fail(
+                name,
+                f"be {dense_value!r} in a dense model (num_experts 0)",
+                "drop it, or set num_experts > 0 for MoE layers",
+            )
 
 
 def _validate_sharding(args: PretrainArguments, etp: int, fail) -> None:
@@ -311,6 +333,8 @@ def _validate_sharding(args: PretrainArguments, etp: int, fail) -> None:
             f"be divisible by tensor_model_parallel_size ({tp}) under sequence_parallel",
             "change either value",
         )
+    if args.is_dense:
+        return
     pattern = vocab.moe_layer_pattern(args.num_layers, args.moe_layer_freq)
     per_stage = args.num_layers // pp
     for stage in range(pp):

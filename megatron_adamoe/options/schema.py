@@ -42,7 +42,9 @@ class PretrainArguments:
     make_vocab_size_divisible_by: int = opt(
         128, "pad the vocabulary to a multiple of this x TP", MODEL
     )
-    num_experts: int = opt(4, "n, true experts per MoE layer", MOE)
+    num_experts: int = opt(
+        4, "n, true experts per MoE layer; 0: a dense model (every MLP of ffn_hidden_size)", MOE
+    )
     moe_ffn_hidden_size: Optional[int] = opt(None, "expert FFN width (null: ffn_hidden_size)", MOE)
     moe_router_topk: int = opt(2, "k, picks per token over the n true + m null experts", MOE)
     moe_layer_freq: Union[int, list] = opt(1, "every freq-th layer is MoE, or a 0/1 list", MOE)
@@ -168,7 +170,14 @@ class PretrainArguments:
         return self.global_batch_size // (self.micro_batch_size * self.data_parallel_size)
 
     def moe_layer_indices(self) -> list[int]:
+        if self.is_dense:
+            return []
         return vocab.moe_layer_indices(self.num_layers, self.moe_layer_freq)
+
+    @property
+    def is_dense(self) -> bool:
+        """num_experts 0: no MoE layer (the dense twin of an MoE family, e.g. a Mo-LoRA base)."""
+        return self.num_experts == 0
 
     def padded_vocab_size(self, vocab_size: int) -> int:
         return vocab.padded_vocab_size(

@@ -121,10 +121,10 @@ def _transformer_config(args: PretrainArguments, on_gpu: bool) -> AdaMoEConfig:
         apply_rope_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
-        num_moe_experts=args.num_experts,
-        moe_ffn_hidden_size=(
-            args.moe_ffn_hidden_size or args.ffn_hidden_size or 4 * args.hidden_size
-        ),
+        num_moe_experts=args.num_experts or None,  # 0: dense (Megatron's None)
+        moe_ffn_hidden_size=None
+        if args.is_dense  # Megatron's dense model; its other moe_* settings go unused
+        else args.moe_ffn_hidden_size or args.ffn_hidden_size or 4 * args.hidden_size,
         moe_router_topk=args.moe_router_topk,
         # Megatron's name for adamoe_weight_norm "none" (it requires it with top-1)
         moe_router_pre_softmax=args.adamoe_weight_norm == "none",

@@ -55,21 +55,12 @@ class Reporter:
         ``extra``: more per-iteration values for the metrics file and TensorBoard."""
         args, writer, step = self.args, self.writer, position.iteration
         moe_losses: dict = {}
-        report_moe_metrics(
-            loss_scale=1.0 / args.num_microbatches,
-            iteration=step,
-            writer=writer,
-            wandb_writer=self.wandb_run,
-            total_loss_dict=moe_losses,
-            per_layer_logging=True,
-            track_names=self.track_names,
-            num_layers=args.num_layers,
-            moe_layer_freq=args.moe_layer_freq,
-        )
+        if self.moe_layers:  # a dense model has no router to report
+            self._report_moe(step, writer, moe_losses)
         per_layer = writer.per_layer("adamoe/load")
         loads = {i: per_layer[i] for i in self.moe_layers if i in per_layer}
         flops_ratio = None
-        if len(loads) == len(self.moe_layers):
+        if self.moe_layers and len(loads) == len(self.moe_layers):
             flops_ratio = metrics.flops_ratio_vs_topk(
                 args, self.vocab_size, [loads[i] for i in self.moe_layers]
             )
@@ -119,6 +110,20 @@ class Reporter:
             writer.flush()
             self.window_seconds, self.window_iterations = 0.0, 0
         return loads
+
+    def _report_moe(self, step: int, writer, moe_losses: dict) -> None:
+        """Megatron's MoE metrics (aux losses, the AdaMoE trackers) of this iteration."""
+        report_moe_metrics(
+            loss_scale=1.0 / self.args.num_microbatches,
+            iteration=step,
+            writer=writer,
+            wandb_writer=self.wandb_run,
+            total_loss_dict=moe_losses,
+            per_layer_logging=True,
+            track_names=self.track_names,
+            num_layers=self.args.num_layers,
+            moe_layer_freq=self.args.moe_layer_freq,
+        )
 
     def validation(self, iteration: int, loss: float) -> None:
         self.writer.add_scalar("lm loss validation", loss, iteration)

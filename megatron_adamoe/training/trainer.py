@@ -214,14 +214,17 @@ class Trainer:
     def _log_start(self) -> None:
         args = self.args
         num_params = sum(p.numel() for p in self.model.parameters())
+        model = (
+            f"dense GPT: {args.num_layers} layers, "
+            f"FFN {args.ffn_hidden_size or 4 * args.hidden_size}"
+            if args.is_dense
+            else f"AdaMoE GPT: {args.num_layers} layers (MoE {args.moe_layer_indices()}), "
+            f"n={args.num_experts} true + m={args.adamoe_num_null_experts} null experts, "
+            f"top-{args.moe_router_topk}"
+        )
         logger.info(
-            "AdaMoE GPT: %d layers (MoE %s), n=%d true + m=%d null experts, top-%d; "
-            "%.2fM parameters on this rank; TP=%d PP=%d EP=%d DP=%d; %s",
-            args.num_layers,
-            args.moe_layer_indices(),
-            args.num_experts,
-            args.adamoe_num_null_experts,
-            args.moe_router_topk,
+            "%s; %.2fM parameters on this rank; TP=%d PP=%d EP=%d DP=%d; %s",
+            model,
             num_params / 1e6,
             args.tensor_model_parallel_size,
             args.pipeline_model_parallel_size,

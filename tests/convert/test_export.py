@@ -130,3 +130,28 @@ def test_export_matches_megatron_logits_and_greedy(trained, tmp_path, megatron, 
     torch.testing.assert_close(hf["logits"], expected, atol=1e-4, rtol=0)
     assert hf["generated"].shape == (1, 8 + 16)
     assert torch.equal(hf["generated"], megatron.greedy(reference, prompt, 16, suppressed))
+
+
+@pytest.mark.distributed
+def test_dense_run_exports_as_transformers_llama(trained, tmp_path, megatron):
+    """num_experts 0 (the dense twin), trained at TP = 2 -> export-hf -> transformers' own
+    LlamaForCausalLM (no remote code for the model): Megatron's logits."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    checkpoint = trained(
+        *TP2, "--num-experts", "0", "--adamoe-num-null-experts", "0", "--ffn-hidden-size", "96"
+    )
+    out = tmp_path / "llama"
+    convert("export-hf", "--load", checkpoint, "--out", out)
+    with open(out / "config.json") as handle:
+        config = json.load(handle)
+    assert config["model_type"] == "llama" and "auto_map" not in config
+    assert not (out / "modeling_adamoe.py").exists()
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(model) is LlamaForCausalLM and model.config.intermediate_size == 96
+
+    tokens = torch.randint(0, VOCAB, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(tokens).logits
+    expected = megatron.logits(megatron.load(checkpoint, VOCAB), tokens)
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)

@@ -66,6 +66,7 @@ def test_command_line_overrides_yaml(data):
 SHIPPED = [
     ("cpu_adamoe_tiny.yaml", 2),
     ("cpu_top2_tiny.yaml", 2),
+    ("cpu_dense_tiny.yaml", 2),
     ("cpu_adamoe_target_load.yaml", 2),
     ("gpu_mixtral_8x7b_adamoe.yaml", 64),
     ("gpu_1b_adamoe.yaml", 8),
@@ -82,7 +83,7 @@ def test_every_shipped_config_validates_for_its_world_size(path, world_size, dat
     # Engine, so on CPU the GPU recipes are checked with them off.
     args.moe_permute_fusion = args.moe_grouped_gemm = False
     config = transformer_config(args, on_gpu=False)
-    assert config.num_moe_experts == args.num_experts
+    assert config.num_moe_experts == (args.num_experts or None)  # 0: Megatron's dense model
 
 
 def test_no_config_is_left_out_of_the_validation_test():
@@ -201,6 +202,27 @@ def test_other_rules(data):
     assert _error(CPU_CONFIG, {**data, "adamoe_min_load_steps": 0}) == (
         "adamoe_min_load_steps (0) must be > 0; set a positive value"
     )
+
+
+def test_a_dense_model_refuses_expert_settings(data):
+    dense = {**data, "num_experts": 0, "adamoe_num_null_experts": 0}
+    assert _error(CPU_CONFIG, dense) == (
+        "expert_model_parallel_size (2) must be 1 in a dense model (num_experts 0); drop it, or "
+        "set num_experts > 0 for MoE layers"
+    )
+    dense["expert_model_parallel_size"] = 1
+    assert _error(CPU_CONFIG, {**dense, "adamoe_num_null_experts": 4}) == (
+        "adamoe_num_null_experts (4) must be 0 in a dense model (num_experts 0); drop it, or "
+        "set num_experts > 0 for MoE layers"
+    )
+    assert _error(CPU_CONFIG, {**dense, "adamoe_target_load": 1.0}).startswith(
+        "adamoe_target_load (1.0) must be None in a dense model"
+    )
+    assert _error(CPU_CONFIG, {**dense, "num_experts": -1}) == (
+        "num_experts (-1) must be a positive integer; set it to the true experts"
+    )
+    args = load_arguments(CPU_CONFIG, dense, 2)
+    assert args.is_dense and args.moe_layer_indices() == []
 
 
 def test_missing_config_file():
