@@ -100,8 +100,13 @@ def render(protocol, rows: list[dict], machine: dict, commands: list[str]) -> st
         "",
         protocol.description.strip(),
         "",
-        f"Base: arm `{protocol.pretrain['arm']}`, seed {protocol.pretrain['seed']} of "
-        f"`{protocol.pretrain['grid']}`, pretrained as that grid runs it. Tasks: {tasks}. Seeds: "
+        "Pretrained bases: "
+        + "; ".join(
+            f"{name}: arm `{p['arm']}`, seed {p['seed']} of `{p['grid']}`"
+            + (f" with {p['overrides']}" if p.get("overrides") else "")
+            for name, p in protocol.pretrain.items()
+        )
+        + f", each pretrained as its grid runs it. Tasks: {tasks}. Seeds: "
         f"{', '.join(map(str, protocol.seeds))} (fine-tuning order and adapter initialisation; "
         "the base is the same for every seed). Written by `tools/finetune_study.py` from the "
         "runs' own `eval.json` files (kept under `runs/`).",

@@ -1,9 +1,10 @@
 """The paper's fine-tuning protocol (Table 1) as a reproducible study: one pretrained base, arms
 of fine-tuning recipes x tasks x seeds, each scored by ``adamoe-eval``.
 
-A protocol file (YAML, e.g. ``configs/study/cpu_table1.yaml``) names the pretraining run that
-makes the base (an arm and seed of a pretraining study grid, run as that grid runs it), the bases
-made from it (``export-hf`` of the checkpoint, or ``add-null-experts`` first), the tasks (a
+A protocol file (YAML, e.g. ``configs/study/cpu_table1.yaml``) names the pretraining runs that
+make the bases (an arm and seed of a pretraining study grid, run as that grid runs it, with
+optional overrides, e.g. the dense twin), the bases made from them (``export-hf`` of a
+checkpoint, or ``add-null-experts`` first), the tasks (a
 fine-tuning JSONL and an lm-eval task), ``adamoe-finetune`` flags common to every arm, the arms
 (a base plus their own flags; ``method: none`` scores the base as it is) and the seeds. Every
 step is one of the project's commands as a user types it, run as a process of its own; a step
@@ -15,6 +16,7 @@ each run's ``eval.json`` and training metrics, so ``--report-only`` rebuilds it 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -43,7 +45,8 @@ KEYS = {
     "arms",
     "discussion",
 }
-BASE_KEYS = {"num_null_experts", "topk", "null_router_init"}
+BASE_KEYS = {"from", "num_null_experts", "topk", "null_router_init"}
+PRETRAIN_KEYS = {"grid", "arm", "seed", "overrides"}
 RESERVED = {"model", "data", "output_dir", "checkpoint_dir", "seed", "metrics_file", "resume"}
 CSV_COLUMNS = (
     "arm",
@@ -64,7 +67,7 @@ CSV_COLUMNS = (
 class Protocol:
     name: str
     path: str
-    pretrain: dict
+    pretrain: dict[str, dict]
     bases: dict[str, dict]
     tasks: dict[str, dict]
     include_path: str
@@ -106,19 +109,27 @@ def load_protocol(path: str) -> Protocol:
     for key in ("name", "pretrain", "bases", "tasks", "seeds", "arms"):
         if not raw.get(key):
             raise OptionError(f"protocol key {key} must be set; fix {path}")
-    pretrain = raw["pretrain"]
-    if set(pretrain) != {"grid", "arm", "seed"}:
-        raise OptionError(f"pretrain ({pretrain}) must name grid, arm and seed; fix {path}")
-    if pretrain["arm"] not in study.load_grid(os.path.join(REPO, pretrain["grid"])).arms:
-        raise OptionError(
-            f"pretrain arm ({pretrain['arm']!r}) must be an arm of {pretrain['grid']}"
-        )
+    for name, pretrain in raw["pretrain"].items():
+        if not {"grid", "arm", "seed"} <= set(pretrain or {}) <= PRETRAIN_KEYS:
+            raise OptionError(
+                f"pretrain.{name} ({pretrain}) must name grid, arm and seed (and may give "
+                f"overrides); fix {path}"
+            )
+        if pretrain["arm"] not in study.load_grid(os.path.join(REPO, pretrain["grid"])).arms:
+            raise OptionError(
+                f"pretrain.{name}.arm ({pretrain['arm']!r}) must be an arm of {pretrain['grid']}"
+            )
     for base, settings in raw["bases"].items():
         bad = sorted(set(settings or {}) - BASE_KEYS)
         if bad:
             raise OptionError(
                 f"bases.{base} keys ({', '.join(bad)}) must be among {sorted(BASE_KEYS)} "
-                "(add-null-experts' flags; none: the pretrained model as it is)"
+                "(from: a pretraining run; add-null-experts' flags, or none: the model as it is)"
+            )
+        if (settings or {}).get("from") not in raw["pretrain"]:
+            raise OptionError(
+                f"bases.{base}.from ({(settings or {}).get('from')!r}) must be one of the "
+                f"pretraining runs ({', '.join(raw['pretrain'])})"
             )
     for task, files in raw["tasks"].items():
         if set(files or {}) != {"train", "eval"}:
@@ -141,8 +152,8 @@ def load_protocol(path: str) -> Protocol:
     return Protocol(
         name=raw["name"],
         path=path,
-        pretrain=pretrain,
-        bases={name: settings or {} for name, settings in raw["bases"].items()},
+        pretrain=raw["pretrain"],
+        bases=raw["bases"],
         tasks=raw["tasks"],
         include_path=raw.get("include_path", "configs/tasks"),
         seeds=[int(s) for s in raw["seeds"]],
@@ -219,22 +230,15 @@ def eval_command(protocol: Protocol, arm: str, task: str, run_dir: str, base: st
 
 def base_commands(protocol: Protocol, base: str, work: str) -> list[list[str]]:
     convert = [sys.executable, os.path.join(REPO, "tools/convert_checkpoint.py")]
-    checkpoints = os.path.join(work, "pretrain", "checkpoints")
+    settings = dict(protocol.bases[base])
+    checkpoints = os.path.join(work, "pretrain", settings.pop("from"), "checkpoints")
     out = os.path.join(work, "bases", base)
-    settings = protocol.bases[base]
     if not settings:
         return [[*convert, "export-hf", "--load", checkpoints, "--out", out]]
     converted = out + "-megatron"
     return [
-        [
-            *convert,
-            "add-null-experts",
-            "--load",
-            checkpoints,
-            "--out",
-            converted,
-            *_flags(settings),
-        ],
+        [*convert, "add-null-experts", "--load", checkpoints, "--out", converted]
+        + _flags(settings),
         [*convert, "export-hf", "--load", converted, "--out", out],
     ]
 
@@ -265,7 +269,8 @@ def run_protocol(
     work = os.path.join(runs_dir, protocol.name)
     report_dir = os.path.join(out_dir, protocol.name)
     os.makedirs(report_dir, exist_ok=True)
-    _pretrain(protocol, work, progress, launch)
+    for name in protocol.pretrain:
+        _pretrain(protocol, name, work, progress, launch)
     for base in protocol.bases:
         if not os.path.isdir(os.path.join(work, "bases", base)):
             os.makedirs(os.path.join(work, "bases"), exist_ok=True)
@@ -303,18 +308,25 @@ def run_protocol(
     write_report(protocol, out_dir)
 
 
-def _pretrain(protocol: Protocol, work: str, progress: bool, launch: Callable) -> None:
-    """The base's pretraining run, exactly as its study grid runs that arm and seed."""
-    run_dir = os.path.join(work, "pretrain")
+def _pretrain(protocol: Protocol, name: str, work: str, progress: bool, launch: Callable) -> None:
+    """One pretraining run, exactly as its study grid runs that arm and seed (plus its
+    overrides, as one more arm of that grid)."""
+    run_dir = os.path.join(work, "pretrain", name)
     if os.path.isfile(os.path.join(run_dir, "done.json")):
         return
     from tqdm import tqdm
 
-    grid = study.load_grid(os.path.join(REPO, protocol.pretrain["grid"]))
-    arm, seed = protocol.pretrain["arm"], int(protocol.pretrain["seed"])
+    settings = protocol.pretrain[name]
+    grid = study.load_grid(os.path.join(REPO, settings["grid"]))
+    arm, seed = settings["arm"], int(settings["seed"])
+    if settings.get("overrides"):
+        arm = f"{arm}+{name}"
+        grid = dataclasses.replace(
+            grid, arms={**grid.arms, arm: {**grid.arms[settings["arm"]], **settings["overrides"]}}
+        )
     os.makedirs(run_dir, exist_ok=True)
     bar = tqdm(total=grid.options(arm).train_iters, unit="it", disable=not progress)
-    bar.set_description(f"pretraining the base ({arm}, seed {seed})")
+    bar.set_description(f"pretraining {name} ({arm}, seed {seed})")
     wall = study._run_one(grid, arm, seed, run_dir, bar, launch)
     bar.close()
     with open(os.path.join(run_dir, "done.json"), "w") as handle:

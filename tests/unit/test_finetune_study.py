@@ -18,8 +18,8 @@ from megatron_adamoe.errors import OptionError
 
 PROTOCOL = {
     "name": "tiny_table1",
-    "pretrain": {"grid": "configs/study/cpu_shakespeare.yaml", "arm": "top2", "seed": 1},
-    "bases": {"top2": {}, "adamoe": {"num_null_experts": 4, "topk": 3}},
+    "pretrain": {"top2": {"grid": "configs/study/cpu_shakespeare.yaml", "arm": "top2", "seed": 1}},
+    "bases": {"top2": {"from": "top2"}, "adamoe": {"from": "top2", "num_null_experts": 4}},
     "tasks": {"next_line": {"train": "train.jsonl", "eval": "shakespeare_next_line"}},
     "seeds": [1, 2],
     "common": {"num_epochs": 2, "aux_loss_coef_per_epoch": [0.01, 0.001]},
@@ -69,8 +69,8 @@ def test_protocol_runs_every_step_resumes_and_reports(tmp_path, monkeypatch):
     monkeypatch.setattr(finetune_study.study, "machine", lambda: {"cores": 2})  # no uname here
     protocol = finetune_study.load_protocol(_write(tmp_path))
     runs, out = tmp_path / "runs", tmp_path / "out"
-    (runs / "tiny_table1" / "pretrain").mkdir(parents=True)  # the base, pretrained
-    (runs / "tiny_table1" / "pretrain" / "done.json").write_text("{}")
+    (runs / "tiny_table1" / "pretrain" / "top2").mkdir(parents=True)  # pretrained already
+    (runs / "tiny_table1" / "pretrain" / "top2" / "done.json").write_text("{}")
     stand_in = StandIn()
     finetune_study.run_protocol(protocol, str(runs), str(out), progress=False, launch=stand_in)
     kinds = [" ".join(c[1:4]) for c in stand_in.commands]
@@ -113,8 +113,10 @@ def test_protocol_runs_every_step_resumes_and_reports(tmp_path, monkeypatch):
         ({"common": {"output_dir": "x"}}, "protocol common options (output_dir) must be"),
         ({"common": {"not_a_flag": 1}}, "protocol common options (not_a_flag) must be"),
         ({"bases": {"top2": {"tile": 1}}}, "bases.top2 keys (tile) must be among"),
-        ({"pretrain": {"grid": "configs/study/cpu_shakespeare.yaml", "arm": "top9", "seed": 1}},
-         "pretrain arm ('top9') must be an arm of"),
+        ({"bases": {"top2": {"from": "x"}}}, "bases.top2.from ('x') must be one of the"),
+        ({"pretrain": {"b": {"grid": "configs/study/cpu_shakespeare.yaml", "arm": "top9",
+                             "seed": 1}}}, "pretrain.b.arm ('top9') must be an arm of"),
+        ({"pretrain": {"b": {"arm": "top2"}}}, "pretrain.b ({'arm': 'top2'}) must name grid"),
         ({"tasks": {"t": {"train": "x.jsonl"}}}, "tasks.t must name train (JSONL) and eval"),
         ({"colour": "blue"}, "protocol keys (colour) must be among"),
     ],
@@ -127,4 +129,6 @@ def test_a_bad_protocol_is_one_line_naming_the_field(tmp_path, changes, message)
 
 def test_the_shipped_protocol_loads():
     protocol = finetune_study.load_protocol("configs/study/cpu_table1.yaml")
-    assert len(protocol.runs()) == 2 * (2 + 4 * 3)  # two tasks; two base arms scored once
+    assert len(protocol.runs()) == 2 * (2 + 6 * 3)  # two tasks; two base arms scored once
+    dense = protocol.pretrain["dense"]["overrides"]
+    assert dense["num_experts"] == 0  # the dense twin of the top-2 base, for Mo-LoRA
