@@ -41,17 +41,18 @@ class AdaMoEConfig(TransformerConfig):
 
     adamoe_target_load: Optional[Union[float, list]] = None
     """Target load (true experts per token): a number, or one per MoE layer. A per-layer null
-    logit bias, added for expert selection only, is moved after every global batch by
-    ``adamoe_load_controller_rate`` x (measured load - target); the load-balancing loss takes the
-    target's null share (megatron_adamoe.ops.losses). None: no controller (unless expert bias is
-    on, which then holds the balanced load k n / (n + m))."""
+    logit bias, added for expert selection only, is moved after every global batch to where
+    that batch's load would have met the target (``mcore.load_control``); the load-balancing loss
+    takes the target's null share (megatron_adamoe.ops.losses). None: no controller (unless
+    expert bias is on, which then holds the balanced load k n / (n + m))."""
 
     adamoe_target_load_schedule: Optional[str] = None
     """The target load over training steps (the schedule grammar of
     ``adamoe_aux_loss_coeff_schedule``), e.g. "linear:1.5,1.0,500"; instead of a constant."""
 
-    adamoe_load_controller_rate: float = 0.01
-    """Null-bias change per global batch per unit of load error (logit units)."""
+    adamoe_load_controller_rate: Optional[float] = None
+    """None: the null bias solves for each batch's target (no rate to choose). A number (an
+    expert override): the bias moves by rate x (measured load - target) per global batch."""
 
     adamoe_router_mode: str = "topk"
     """"topk": every token takes k experts over n + m. "topp": the smallest set whose probability

@@ -1,5 +1,7 @@
-"""The target-load controller: after every global batch, each MoE layer's null bias moves by
-``adamoe_load_controller_rate`` x (measured load - target load).
+"""The target-load controller: after every global batch, each MoE layer's null bias moves to
+where that batch's load would have been the target (``ops.load_control``: the true picks counted
+at a ladder of probe offsets of the bias); with ``adamoe_load_controller_rate`` set (an expert
+override) it moves by rate x (measured load - target load) instead.
 
 The load is counted over every token of the global batch: each router accumulates its rank's
 [true assignments, tokens] (``local_load_counts``) over the micro-batches, and the counts are
@@ -18,6 +20,7 @@ from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
 
 from megatron_adamoe.mcore.training_state import adamoe_routers
+from megatron_adamoe.ops.load_control import null_bias_step
 
 
 def update_null_biases(model) -> None:
@@ -27,14 +30,22 @@ def update_null_biases(model) -> None:
         return
     group = parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
     with torch.no_grad():
-        counts_L2 = torch.stack([router.local_load_counts for router in routers])
-        torch.distributed.all_reduce(counts_L2, group=group)
-        for router, (assignments, tokens) in zip(routers, counts_L2):
+        counts_L = torch.stack([router.local_load_counts for router in routers])
+        torch.distributed.all_reduce(counts_L, group=group)
+        for router, counts in zip(routers, counts_L):
+            tokens = float(counts[-1])
             if tokens > 0:  # no training tokens went through (nothing measured): no step
-                error = assignments / tokens - router.current_target_load()
-                router.null_bias += router.config.adamoe_load_controller_rate * error
+                router.null_bias += _step(router, (counts[:-1] / tokens).tolist())
             router.local_load_counts.zero_()
         check_null_biases_agree(routers, group)
+
+
+def _step(router, loads_P: list[float]) -> float:
+    """The null bias's move from the global batch's loads at the router's probe offsets."""
+    target, rate = router.current_target_load(), router.config.adamoe_load_controller_rate
+    if rate is not None:  # the fixed-rate rule (one probe: the routing as it was)
+        return rate * (loads_P[0] - target)
+    return null_bias_step(loads_P, router.load_probe_offsets.tolist(), target)
 
 
 def check_null_biases_agree(routers, group) -> None:

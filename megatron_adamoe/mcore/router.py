@@ -15,6 +15,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_adamoe.mcore._compat import PROBS_CAST_AFTER_SCALING, record_moe_metric
 from megatron_adamoe.mcore.config import AdaMoEConfig
+from megatron_adamoe.ops.load_control import probe_offsets_P, true_picks_at_offsets
 from megatron_adamoe.ops.losses import null_aware_load_balancing_loss
 from megatron_adamoe.ops.routing import NullExpertRouting, null_expert_topk_routing, routing_stats
 
@@ -82,9 +83,22 @@ class AdaMoERouter(TopKRouter):
             self.register_buffer(
                 "null_bias", torch.zeros(1, dtype=torch.float32, device=self.weight.device)
             )
+            # [true picks at each probe offset of the null bias, tokens]: one offset (0, the
+            # routing as it is) under a fixed controller rate, the probe ladder otherwise.
+            self.register_buffer(
+                "load_probe_offsets",
+                torch.zeros(1, device=self.weight.device)
+                if config.adamoe_load_controller_rate is not None
+                else probe_offsets_P(self.weight.device),
+                persistent=False,
+            )
             self.register_buffer(
                 "local_load_counts",
-                torch.zeros(2, dtype=torch.float32, device=self.weight.device),
+                torch.zeros(
+                    self.load_probe_offsets.numel() + 1,
+                    dtype=torch.float32,
+                    device=self.weight.device,
+                ),
                 persistent=False,
             )
 
@@ -181,7 +195,7 @@ class AdaMoERouter(TopKRouter):
         if self.training and torch.is_grad_enabled() and self.is_aux_loss_tracked():
             probs = self._apply_null_aware_aux_loss(probs, logits, routing, padding_mask)
         self._apply_expert_bias(routing.routing_map_TE, padding_mask=padding_mask)
-        self._count_load(routing.routing_map_TE, padding_mask)
+        self._count_load(logits, padding_mask)
         self._record_routing_stats(routing, padding_mask)
         return dataclasses.replace(routing, probs_TE=probs)
 
@@ -199,20 +213,25 @@ class AdaMoERouter(TopKRouter):
         )
         return routing
 
-    def _count_load(self, routing_map_TE: torch.Tensor, padding_mask) -> None:
-        """Accumulate this rank's [true assignments, tokens] for the controller (training only,
-        as upstream counts tokens per expert for the expert bias)."""
+    def _count_load(self, logits_TX: torch.Tensor, padding_mask) -> None:
+        """Accumulate this rank's [true picks at each probe offset of the null bias, tokens] for
+        the controller (training only, as upstream counts tokens per expert for the expert
+        bias); offset 0 is the routing this pass made."""
         if not self.load_controlled or not torch.is_grad_enabled():
             return
         with torch.no_grad():
             if padding_mask is not None:
-                routing_map_TE = routing_map_TE[~padding_mask]
-            self.local_load_counts += torch.stack(
-                [
-                    routing_map_TE.sum().float(),
-                    torch.tensor(float(routing_map_TE.size(0)), device=routing_map_TE.device),
-                ]
+                logits_TX = logits_TX[~padding_mask]
+            picks_P = true_picks_at_offsets(
+                logits_TX,
+                self.topk,
+                self.config.num_moe_experts,
+                self.load_probe_offsets,
+                self.selection_bias(),
+                self.config.adamoe_topp_threshold,
             )
+            tokens = torch.tensor([float(logits_TX.size(0))], device=logits_TX.device)
+            self.local_load_counts += torch.cat([picks_P, tokens])
 
     def _apply_null_aware_aux_loss(self, probs, logits, routing, padding_mask):
         """Mirrors TopKRouter._apply_aux_loss with paper Eq. 6 in place of the Switch loss.

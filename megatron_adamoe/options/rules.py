@@ -168,8 +168,13 @@ def _check_aux_loss(settings) -> None:
 def _check_load_control(settings, limit) -> None:
     """The target schedule (the single target is a routing rule) and the controller's rate."""
     rate = settings.adamoe_load_controller_rate
-    if not isinstance(rate, (int, float)) or isinstance(rate, bool) or rate <= 0:
-        raise OptionError(f"adamoe_load_controller_rate ({rate!r}) must be > 0; e.g. 0.01")
+    if rate is not None and (
+        not isinstance(rate, (int, float)) or isinstance(rate, bool) or rate <= 0
+    ):
+        raise OptionError(
+            f"adamoe_load_controller_rate ({rate!r}) must be > 0, or null for the rate-free "
+            "controller; e.g. 0.01"
+        )
     target, schedule = settings.adamoe_target_load, settings.adamoe_target_load_schedule
     if schedule is None:
         return

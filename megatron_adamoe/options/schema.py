@@ -83,7 +83,12 @@ class PretrainArguments:
     adamoe_target_load_schedule: Optional[str] = opt(
         None, "the target over steps (schedule grammar), instead of a constant", ADAMOE
     )
-    adamoe_load_controller_rate: float = opt(0.01, "null-bias step per unit of load error", ADAMOE)
+    adamoe_load_controller_rate: Optional[float] = opt(
+        None,
+        "null: the null bias solves for each batch's target load; a number (expert override): "
+        "its step per unit of load error",
+        ADAMOE,
+    )
     adamoe_router_mode: str = opt(
         "topk", "topk, or topp (smallest set reaching p, at most k)", ADAMOE
     )

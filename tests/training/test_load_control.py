@@ -14,8 +14,6 @@ from tests.runs import read_metrics, run_pretrain
 pytestmark = pytest.mark.distributed
 
 CONTROL = [
-    "--adamoe-load-controller-rate",
-    "0.3",
     "--moe-aux-loss-coeff",
     "0.01",
     "--adamoe-aux-loss-coeff-schedule",
@@ -48,18 +46,46 @@ def _train(corpus, tmp_path, name, *extra, iters=150, nproc=2):
     return [r for r in read_metrics(metrics) if "lm loss" in r]
 
 
-@pytest.mark.parametrize("target", [1.0, 2.0])  # below and above k n / (n + m) = 1.5
-def test_controller_holds_the_target_load_and_its_bias_settles(synthetic_corpus, tmp_path, target):
-    records = _train(synthetic_corpus, tmp_path, "run", "--adamoe-target-load", str(target))
+# The default controller has no rate to fit: the same settings settle the test tier's 2-layer
+# model and the study's 4-layer model (configs/study/cpu_shakespeare.yaml: hidden 128, experts of
+# FFN 256), below and above the balanced load k n / (n + m) = 1.5.
+MODELS = {
+    "2-layer": [],
+    "4-layer": ["--num-layers", "4", "--hidden-size", "128", "--moe-ffn-hidden-size", "256"],
+}
+
+
+@pytest.mark.parametrize(("model", "target"), [("2-layer", 1.0), ("4-layer", 2.0)])
+def test_controller_holds_the_target_load_and_its_bias_settles(
+    synthetic_corpus, tmp_path, model, target
+):
+    # The collapse guard is on (a layer under load 0.4 for 3 steps stops the run): an
+    # overshoot early on would end it.
+    guard = ["--adamoe-min-load", "0.4", "--adamoe-min-load-steps", "3"]
+    records = _train(
+        synthetic_corpus,
+        tmp_path,
+        model,
+        "--adamoe-target-load",
+        str(target),
+        *MODELS[model],
+        *guard,
+    )
+    layers = len(records[0]["load"])
+    assert layers == (4 if model == "4-layer" else 2)
     tail = records[-30:]
-    per_layer = [fmean(r["load"][layer] for r in tail) for layer in range(2)]
-    assert fmean(per_layer) == pytest.approx(target, rel=0.03), per_layer
-    assert per_layer == [pytest.approx(target, rel=0.05)] * 2
+    per_layer = [fmean(r["load"][layer] for r in tail) for layer in range(layers)]
+    assert per_layer == [pytest.approx(target, rel=0.05)] * layers
+    # From the first steps: steps 5-30 average within 10 % of the target in every layer (one
+    # step's load still varies with its batch: 512 tokens).
+    early = [r["load"] for r in records if 5 <= r["iteration"] <= 30]
+    assert len(early) == 26
+    for layer in range(layers):
+        assert fmean(row[layer] for row in early) == pytest.approx(target, rel=0.1), layer
     # The bias settles, it does not wind up: its mean over the last 30 steps is within 0.15 of
-    # the 30 before (a controller fighting the loss drifts by rate x error per step, 0.3 x 0.1
-    # x 30 = 0.9 over a window), and it stays small against the router's logits.
+    # the 30 before, and it stays small against the router's logits.
     bias = [r["null bias"] for r in records]
-    for layer in range(2):
+    for layer in range(layers):
         late = fmean(b[layer] for b in bias[-30:])
         before = fmean(b[layer] for b in bias[-60:-30])
         assert abs(late - before) < 0.15 and abs(late) < 2.0, (layer, before, late)
@@ -94,8 +120,6 @@ def test_resume_reproduces_loss_and_bias_bit_for_bit(synthetic_corpus, tmp_path)
         *options,
         "--save",
         str(tmp_path / "a"),
-        "--adamoe-load-controller-rate",
-        "0.3",
         "--adamoe-metrics-file",
         str(whole),
     )
@@ -107,8 +131,6 @@ def test_resume_reproduces_loss_and_bias_bit_for_bit(synthetic_corpus, tmp_path)
             *extra,
             "--save",
             str(tmp_path / "b"),
-            "--adamoe-load-controller-rate",
-            "0.3",
             "--adamoe-metrics-file",
             str(split),
         )

@@ -154,7 +154,8 @@ PINNED = {
     ),
     "controller rate": (
         dict(adamoe_target_load=1.0, adamoe_load_controller_rate=0),
-        "adamoe_load_controller_rate (0) must be > 0; e.g. 0.01",
+        "adamoe_load_controller_rate (0) must be > 0, or null for the rate-free controller; "
+        "e.g. 0.01",
     ),
     "groups": (
         dict(moe_router_num_groups=2, moe_router_group_topk=1),

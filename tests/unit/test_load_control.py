@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from megatron_adamoe.mcore.load_control import update_null_biases
+from megatron_adamoe.ops.load_control import null_bias_step, probe_offsets_P, true_picks_at_offsets
 from megatron_adamoe.ops.losses import null_aware_load_balancing_loss
 from tests.builders import adamoe_config, build_adamoe_layer, build_stock_layer, stock_config
 from tests.reference import (
@@ -181,3 +182,62 @@ def test_no_nulls_with_expert_bias_equals_stock_megatron_bit_for_bit(megatron_en
             assert torch.equal(mine, theirs)
         assert torch.equal(ada.router.expert_bias, stock.router.expert_bias)
     assert ada.router.expert_bias.abs().sum() > 0
+
+
+def _loop_true_picks(logits_TX, topk, num_true, bias_X, topp=None):
+    return sum(
+        sum(i < num_true for i in choose_experts(row, topk, bias_X, topp)) for row in logits_TX
+    )
+
+
+@pytest.mark.parametrize("topp", [None, 0.6])
+def test_probe_counts_match_the_per_token_loop(topp):
+    logits_TX = torch.randn(40, 8, generator=torch.Generator().manual_seed(3))
+    bias_X = torch.tensor([0.3, -0.4, 0.1, 0.0, 0.2, 0.2, 0.2, 0.2])
+    offsets_P = probe_offsets_P()
+    picks_P = true_picks_at_offsets(logits_TX, 3, 4, offsets_P, bias_X, topp)
+    for offset, picks in zip(offsets_P.tolist(), picks_P.tolist()):
+        shifted_X = bias_X + torch.tensor([0.0] * 4 + [offset] * 4)
+        assert picks == _loop_true_picks(logits_TX, 3, 4, shifted_X, topp), offset
+    assert picks_P[0] > picks_P[-1]  # the ladder spans loads from many true picks to few
+
+
+def test_null_bias_step_interpolates_clamps_and_prefers_no_move():
+    offsets = [-1.0, -0.5, 0.0, 0.5, 1.0]
+    loads = [2.0, 1.8, 1.4, 1.0, 0.6]
+    assert null_bias_step(loads, offsets, 1.2) == pytest.approx(0.25)
+    assert null_bias_step(loads, offsets, 1.9) == pytest.approx(-0.75)
+    assert null_bias_step(loads, offsets, 2.5) == -1.0  # out of reach: the farthest probe
+    assert null_bias_step(loads, offsets, 0.1) == 1.0
+    flat = [2.0, 1.5, 1.5, 1.5, 1.0]  # a run of probes on the target: no move
+    assert null_bias_step(flat, offsets, 1.5) == 0.0
+    assert null_bias_step([2.0, 1.5, 1.5, 1.2, 1.0], [0.5, 1.0, 1.5, 2.0, 2.5], 1.5) == 1.0
+
+
+@pytest.mark.parametrize("logit_scale", [0.01, 1.0, 10.0])  # a fresh router to a sharp one
+@pytest.mark.parametrize("target", [0.8, 2.2])
+def test_rate_free_step_meets_the_target_on_the_batch(megatron_env, logit_scale, target):
+    """One step (no rate given) moves the null bias to where the same batch, routed by a
+    per-token loop, has the target load, whatever the router's logit scale."""
+    config = adamoe_config(
+        hidden_size=HIDDEN,
+        num_moe_experts=NUM_TRUE,
+        adamoe_num_null_experts=NUM_NULL,
+        moe_router_topk=TOPK,
+        adamoe_target_load=target,
+        moe_aux_loss_coeff=0.0,
+    )
+    assert config.adamoe_load_controller_rate is None
+    layer = build_adamoe_layer(config)
+    layer.router.set_layer_number(1)
+    x = torch.randn(64, 4, HIDDEN, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():  # logits of standard deviation logit_scale
+        layer.router.weight.mul_(logit_scale / (x.view(-1, HIDDEN) @ layer.router.weight.T).std())
+    logits_TX = x.view(-1, HIDDEN) @ layer.router.weight.detach().T
+    tokens = logits_TX.size(0)
+    for _ in range(2):  # the second step starts from the first one's bias
+        layer(x.clone().requires_grad_(True))[0].sum().backward()
+        update_null_biases(layer)
+        bias_X = torch.tensor([0.0] * NUM_TRUE + [layer.router.null_bias.item()] * NUM_NULL)
+        load = _loop_true_picks(logits_TX, TOPK, NUM_TRUE, bias_X) / tokens
+        assert load == pytest.approx(target, abs=0.05), (logit_scale, load)

@@ -130,7 +130,8 @@ RUN_RULES = {
     ),
     "controller rate": (
         dict(adamoe_target_load=1.0, adamoe_load_controller_rate=0.0),
-        "adamoe_load_controller_rate (0.0) must be > 0; e.g. 0.01",
+        "adamoe_load_controller_rate (0.0) must be > 0, or null for the rate-free controller; "
+        "e.g. 0.01",
     ),
     "target schedule range": (
         dict(adamoe_target_load_schedule="linear:1.5,3.5,100"),
