@@ -60,12 +60,13 @@ def _interpolate(points: list[tuple[float, float]], x: float) -> Optional[float]
     return None
 
 
-def frontier(grid, stats: dict) -> list[tuple[str, dict]]:
-    """The top-k arms with results, sorted by measured expert FLOPs."""
+def frontier(grid, stats: dict, group: tuple) -> list[tuple[str, dict]]:
+    """The top-k arms with results in comparison ``group`` (``Grid.group``: expert shape, token
+    budget, start), sorted by measured expert FLOPs."""
     arms = [
         (arm, stats[arm])
         for arm in grid.arms
-        if arm in stats and grid.family(arm) == "top-k" and stats[arm]["rows"]
+        if arm in stats and grid.is_topk(arm) and grid.group(arm) == group and stats[arm]["rows"]
     ]
     return sorted(arms, key=lambda item: item[1]["expert_flops_vs_baseline"][0])
 
@@ -126,6 +127,15 @@ def render(
         f"{len(grid.seeds)} seeds). Produced by the study harness from the runs' own "
         "metrics; rebuild this page with the command below plus `--report-only`.",
         "",
+    ]
+    for other in sorted(set(grid.reused.values())):
+        arms = ", ".join(f"`{arm}`" for arm, name in grid.reused.items() if name == other)
+        lines += [
+            f"Arms {arms} are the runs of the [{other}](../{other}/README.md) grid, reused: the "
+            "same options, seeds, data and validation set (checked by the harness), not rerun.",
+            "",
+        ]
+    lines += [
         "## Reproduce",
         "",
         "```bash",
@@ -148,9 +158,10 @@ def render(
         "",
         f"Mean ± standard deviation over seeds. Load: true experts per token, mean over "
         f"layers and the last {10}% of steps. Expert FLOPs: load / {grid.baseline_topk} "
-        f"(relative to {base}). Model FLOPs: the whole forward pass at the measured "
-        f"per-layer loads, relative to {base}. Time/step: relative to {base}'s median step "
-        "time in its runs.",
+        f"(relative to {base}; for experts of another width, load x width / "
+        f"({grid.baseline_topk} x {grid.baseline_shape()[1]})). Model FLOPs: the whole forward "
+        f"pass at the measured per-layer loads, relative to {base} of the arm's own experts. "
+        f"Time/step: relative to {base}'s median step time in its runs.",
         "",
         "| config | n | m | k | balanced load | seeds | final val loss | best val loss | "
         "measured load | expert FLOPs | model FLOPs | tokens/s | time/step |",
@@ -188,7 +199,11 @@ def render(
 
 def _arm_with_k(grid, stats: dict, k: int) -> Optional[str]:
     for arm, s in stats.items():
-        if grid.family(arm) == "top-k" and s["rows"][0]["k"] == k:
+        if (
+            grid.is_topk(arm)
+            and grid.expert_shape(arm) == grid.baseline_shape()
+            and (s["rows"][0]["k"] == k)
+        ):
             return arm
     return None
 
@@ -210,23 +225,32 @@ def _setup_lines(grid, rows: list[dict]) -> list[str]:
 
 
 def _comparison_lines(grid, stats: dict, base: str, base_tps) -> list[str]:
-    front = frontier(grid, stats)
-    others = [(arm, s) for arm, s in stats.items() if grid.family(arm) != "top-k"]
-    if len(front) < 2 or not others:
-        return ["(Comparisons need at least two top-k arms and one other arm with results.)", ""]
+    fronts = {
+        group: frontier(grid, stats, group)
+        for group in {grid.group(arm) for arm in stats if not grid.is_topk(arm)}
+    }
+    others = [(arm, s) for arm, s in stats.items() if not grid.is_topk(arm)]
+    if not others or not any(fronts.values()):
+        return ["(Comparisons need a top-k arm and another arm with results.)", ""]
     lines = [
         "## Against the top-k frontier",
         "",
         "The top-k arms' (expert FLOPs, validation loss) points, joined by straight lines, "
-        "form the frontier. Each other arm is compared with it at its own measured expert "
-        "FLOPs (loss difference; negative = AdaMoE better) and at its own loss (the expert "
-        "FLOPs top-k would need, interpolated; saving = 1 - AdaMoE's / top-k's).",
+        "form the frontier; each other arm is compared with the frontier of its own expert "
+        "shape (n experts of one FFN width) and training (steps, starting point), at its own "
+        "measured expert FLOPs (loss "
+        "difference; negative = AdaMoE better) and at its own loss (the expert FLOPs top-k "
+        "would need, interpolated; saving = 1 - AdaMoE's / top-k's).",
         "",
         "| config | expert FLOPs | loss − top-k loss at equal FLOPs | > 2 s.e.? | "
         "top-k FLOPs at equal loss | FLOPs saved |",
         "|---|---|---|---|---|---|",
     ]
     for arm, s in others:
+        front = fronts[grid.group(arm)]
+        if len(front) < 2:
+            lines.append(_against_one(grid, arm, s, front))
+            continue
         at_flops = compare_at_equal_flops(s, front)
         how, saving = flops_at_equal_loss(s, front)
         diff = (
@@ -267,6 +291,26 @@ def _comparison_lines(grid, stats: dict, base: str, base_tps) -> list[str]:
                 )
         lines += [""]
     return lines
+
+
+def _against_one(grid, arm: str, s: dict, front: list) -> str:
+    """The row of an arm whose group has fewer than two top-k arms: against the one top-k arm
+    of its group (e.g. an upcycled model against the same model continued as top-k)."""
+    flops = f"{s['expert_flops_vs_baseline'][0]:.3f}"
+    if not front:
+        n, width, steps, _ = grid.group(arm)
+        return f"| {arm} | {flops} | no top-k arm of {n} experts of FFN {width}, {steps} steps |"
+    name, other = front[0]
+    (mean, std, count), (o_mean, o_std, o_count) = s["final_val_loss"], other["final_val_loss"]
+    error = math.sqrt(std**2 / count + o_std**2 / o_count)
+    exceeds = (
+        "-" if min(count, o_count) < 2 else ("yes" if abs(mean - o_mean) > 2 * error else "no")
+    )
+    return (
+        f"| {arm} | {flops} | {mean - o_mean:+.4f} ± {error:.4f} against {name} (the one top-k "
+        f"arm of the same training; expert FLOPs "
+        f"{other['expert_flops_vs_baseline'][0]:.3f}) | {exceeds} | - | - |"
+    )
 
 
 def _timing_lines(grid, stats: dict, base: str, timing: dict) -> list[str]:

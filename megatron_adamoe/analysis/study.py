@@ -23,13 +23,13 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from statistics import fmean, median, pstdev
 from typing import Callable, Optional
 
 import yaml
 
-from megatron_adamoe.analysis import plots, report
+from megatron_adamoe.analysis import continued, plots, report
 from megatron_adamoe.analysis.runs import Run, read_run
 from megatron_adamoe.errors import OptionError
 from megatron_adamoe.options import PretrainArguments, settable_fields
@@ -64,6 +64,8 @@ GRID_KEYS = {
     "common",
     "arms",
     "families",
+    "reuse",
+    "continue_from",
     "discussion",
 }
 
@@ -82,6 +84,8 @@ class Grid:
     families: dict[str, str]
     description: str = ""
     discussion: str = ""
+    reused: dict[str, str] = field(default_factory=dict)  # arm -> its grid's name
+    continued: dict[str, dict] = field(default_factory=dict)  # arm -> its source (continued.py)
 
     def run_name(self, arm: str, seed: int) -> str:
         return f"{arm}-seed{seed}"
@@ -91,19 +95,52 @@ class Grid:
         seeds, and slow periods of a shared machine spread over the arms."""
         return [(arm, seed) for seed in self.seeds for arm in self.arms]
 
-    def options(self, arm: str) -> PretrainArguments:
-        """The arm's resolved options (base config, then common, then the arm's own)."""
+    def options(self, arm: Optional[str]) -> PretrainArguments:
+        """The arm's resolved options (base config, then common, then the arm's own; None: no
+        arm's)."""
         with open(os.path.join(REPO, self.base_config)) as handle:
             values = yaml.safe_load(handle) or {}
         values.update(self.common)
-        values.update(self.arms[arm])
+        values.update(self.arms[arm] if arm is not None else {})
         fields = settable_fields()
         return PretrainArguments(**{k: v for k, v in values.items() if k in fields})
+
+    def own_runs(self) -> list[tuple[str, int]]:
+        """The runs this grid makes (a reused arm's runs were made by its own grid)."""
+        return [(arm, seed) for arm, seed in self.runs() if arm not in self.reused]
+
+    def keep_dir(self, out_dir: str, arm: str) -> str:
+        """Where an arm's finished runs are kept: this grid's report, or the reused grid's."""
+        return os.path.join(out_dir, self.reused.get(arm, self.name), "runs")
 
     def family(self, arm: str) -> str:
         if arm in self.families:
             return self.families[arm]
-        return "top-k" if not self.options(arm).adamoe_num_null_experts else "AdaMoE"
+        return "top-k" if self.is_topk(arm) else "AdaMoE"
+
+    def is_topk(self, arm: str) -> bool:
+        """Stock top-k routing (no null experts): the arms that draw a frontier."""
+        return not self.options(arm).adamoe_num_null_experts
+
+    def expert_shape(self, arm: str) -> tuple[int, int]:
+        """(true experts, expert FFN width): the arms of one shape share a frontier."""
+        return self.options(arm).num_experts, expert_width(self.options(arm))
+
+    def group(self, arm: str) -> tuple:
+        """Arms compared with one frontier: one expert shape, one token budget, one start."""
+        source = self.continued.get(arm)
+        start = (source["grid"], source["arm"]) if source else None
+        return (*self.expert_shape(arm), self.options(arm).train_iters, start)
+
+    def baseline_shape(self) -> tuple[int, int]:
+        """The expert shape of the base config with the common options (top-``baseline_topk``
+        of these experts is the FLOPs baseline)."""
+        options = self.options(None)
+        return options.num_experts, expert_width(options)
+
+
+def expert_width(options: PretrainArguments) -> int:
+    return options.moe_ffn_hidden_size or options.ffn_hidden_size or 4 * options.hidden_size
 
 
 def load_grid(path: str) -> Grid:
@@ -138,7 +175,7 @@ def load_grid(path: str) -> Grid:
             raise OptionError(
                 f"grid option {reserved} must not be set; the harness sets it per run"
             )
-    return Grid(
+    grid = Grid(
         name=raw["name"],
         path=path,
         base_config=raw["base_config"],
@@ -152,16 +189,52 @@ def load_grid(path: str) -> Grid:
         description=raw.get("description", ""),
         discussion=raw.get("discussion", ""),
     )
+    if raw.get("reuse"):
+        _reuse(grid, raw["reuse"], path)
+    if raw.get("continue_from"):
+        grid.continued = continued.check(grid, raw["continue_from"], path, load_grid)
+    return grid
+
+
+def _reuse(grid: Grid, reuse: dict, path: str) -> None:
+    """``reuse: {grid: OTHER.yaml, arms: [...]}``: those arms of another grid join this one with
+    their finished runs, never rerun; each must resolve to the same options and seeds here."""
+    if set(reuse) != {"grid", "arms"}:
+        raise OptionError(f"reuse ({reuse}) must name grid and arms; fix {path}")
+    other = load_grid(os.path.join(REPO, reuse["grid"]))
+    for arm in reuse["arms"]:
+        if arm not in other.arms or arm in grid.arms:
+            raise OptionError(
+                f"reuse arm {arm!r} must be an arm of {reuse['grid']} and not one of {path}'s"
+            )
+        grid.arms[arm] = other.arms[arm]
+        grid.reused[arm] = other.name
+        if grid.options(arm) != other.options(arm) or (grid.seeds, grid.data_seed) != (
+            other.seeds,
+            other.data_seed,
+        ):
+            raise OptionError(
+                f"reuse arm {arm!r} must have the same options, seeds and data here as in "
+                f"{reuse['grid']}; make base_config, common and seeds match, or run it here"
+            )
 
 
 def run_command(
-    grid: Grid, arm: str, seed: int, run_dir: str, port: int, timing_steps: Optional[int] = None
+    grid: Grid,
+    arm: str,
+    seed: int,
+    run_dir: str,
+    port: int,
+    timing_steps: Optional[int] = None,
+    start: Optional[dict] = None,
 ) -> list[str]:
     """The exact command of one run: the launch script under torchrun, as a user types it.
-    ``timing_steps``: a timing run instead (that many steps, no evaluation, no checkpoint)."""
+    ``timing_steps``: a timing run instead (that many steps, no evaluation, no checkpoint).
+    ``start``: where a continued arm starts (``load``, ``finetune``)."""
     overrides = {
         **grid.common,
         **grid.arms[arm],
+        **(start or {}),
         "seed": seed,
         "adamoe_data_seed": grid.data_seed,
         "save": os.path.join(run_dir, "checkpoints"),
@@ -256,10 +329,13 @@ def run_grid(
     study_dir = os.path.join(runs_dir, grid.name)
     report_dir = os.path.join(out_dir, grid.name)
     os.makedirs(report_dir, exist_ok=True)
-    todo = [
+    todo = [  # a run kept in the report is done too (a clone resumes a grid another machine ran)
         (arm, seed)
-        for arm, seed in grid.runs()
-        if not os.path.isfile(os.path.join(study_dir, grid.run_name(arm, seed), "done.json"))
+        for arm, seed in grid.own_runs()
+        if not any(
+            os.path.isfile(os.path.join(where, grid.run_name(arm, seed), "done.json"))
+            for where in (study_dir, grid.keep_dir(out_dir, arm))
+        )
     ]
     steps = {arm: grid.options(arm).train_iters for arm in grid.arms}
     bar = tqdm(
@@ -273,26 +349,45 @@ def run_grid(
         run_dir = os.path.join(study_dir, name)
         os.makedirs(run_dir, exist_ok=True)
         bar.set_postfix_str(f"run {number}/{len(todo)} {name}")
-        wall = _run_one(grid, arm, seed, run_dir, bar, launch)
-        with open(os.path.join(run_dir, "done.json"), "w") as handle:
-            json.dump(
-                {
-                    "wall_s": wall,
-                    "finished": datetime.datetime.now().isoformat(timespec="seconds"),
-                    "commit": _git_commit(),
-                    "machine": machine(),
-                },
-                handle,
-            )
+        start = None
+        if arm in grid.continued:
+
+            def run_source(other, source_arm, source_seed, source_dir, bar):
+                wall = _run_one(other, source_arm, source_seed, source_dir, bar, launch)
+                _mark_done(source_dir, wall)
+
+            start = continued.prepare(grid, arm, seed, run_dir, runs_dir, bar, run_source)
+        _mark_done(run_dir, _run_one(grid, arm, seed, run_dir, bar, launch, start))
         _keep_in_report(run_dir, os.path.join(report_dir, "runs", name))
         write_report(grid, out_dir)
     bar.close()
     write_report(grid, out_dir)
 
 
-def _run_one(grid: Grid, arm: str, seed: int, run_dir: str, bar, launch: Callable) -> float:
+def _mark_done(run_dir: str, wall: float) -> None:
+    with open(os.path.join(run_dir, "done.json"), "w") as handle:
+        json.dump(
+            {
+                "wall_s": wall,
+                "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+                "commit": _git_commit(),
+                "machine": machine(),
+            },
+            handle,
+        )
+
+
+def _run_one(
+    grid: Grid,
+    arm: str,
+    seed: int,
+    run_dir: str,
+    bar,
+    launch: Callable,
+    start: Optional[dict] = None,
+) -> float:
     metrics = os.path.join(run_dir, "metrics.jsonl")
-    command = run_command(grid, arm, seed, run_dir, _free_port())
+    command = run_command(grid, arm, seed, run_dir, _free_port(), start=start)
     attempts_path = os.path.join(run_dir, "attempts.json")
     attempts = json.load(open(attempts_path)) if os.path.isfile(attempts_path) else []
     counted = _iterations_done(metrics)
@@ -409,7 +504,10 @@ def summarize(grid: Grid, arm: str, seed: int, run: Run, done: dict) -> dict:
         "final_val_loss": run.validation[-1][1] if run.validation else None,
         "best_val_loss": min(loss for _, loss in run.validation) if run.validation else None,
         "mean_load": mean_load,
-        "expert_flops_vs_baseline": None if mean_load is None else mean_load / grid.baseline_topk,
+        # true experts per token x their width, against top-k of the baseline's experts
+        "expert_flops_vs_baseline": None
+        if mean_load is None
+        else mean_load * expert_width(options) / (grid.baseline_topk * grid.baseline_shape()[1]),
         "model_flops_vs_baseline": fmean(flops) if flops else None,
         "tokens_per_s": (
             options.global_batch_size * options.seq_length / median(times) if times else None
@@ -421,10 +519,9 @@ def summarize(grid: Grid, arm: str, seed: int, run: Run, done: dict) -> dict:
 
 def collect(grid: Grid, out_dir: str) -> tuple[list[dict], list[Run], dict]:
     """Rows and runs of every finished run kept in the report directory."""
-    keep = os.path.join(out_dir, grid.name, "runs")
     rows, runs, machine_info = [], [], {}
     for arm, seed in grid.runs():
-        run_dir = os.path.join(keep, grid.run_name(arm, seed))
+        run_dir = os.path.join(grid.keep_dir(out_dir, arm), grid.run_name(arm, seed))
         if not os.path.isfile(os.path.join(run_dir, "done.json")):
             continue
         with open(os.path.join(run_dir, "done.json")) as handle:

@@ -13,6 +13,7 @@ import csv
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -132,6 +133,7 @@ def test_study_harness_runs_a_grid_and_reports_it(synthetic_corpus, tmp_path):
 
     # A run that stopped before its done.json resumes from its own checkpoint; the rest is kept.
     os.remove(runs / "tiny" / "ada-seed7" / "done.json")
+    shutil.rmtree(report / "runs" / "ada-seed7")  # kept only once done
     _run_grid(grid, runs, out)
     log = (runs / "tiny" / "ada-seed7" / "train.log").read_text()
     assert "resuming at iteration 6" in log
@@ -151,13 +153,66 @@ def test_study_harness_runs_a_grid_and_reports_it(synthetic_corpus, tmp_path):
     ]
     assert all(float(r["median_step_s"]) > 0 for r in timing)
     text = (report / "README.md").read_text()
-    assert "## Wall clock, timing pass" in text and "| ada | " in text.split("timing pass")[1]
+    assert (
+        "## Wall clock, timing pass" in text
+        and "| ada | " in text.split("## Wall clock, timing pass")[1]
+    )
 
     # The report rebuilds from the kept files alone.
     before = (report / "results.csv").read_text()
     (report / "results.csv").unlink()
     _study(grid, "--out", str(out), "--runs-dir", str(tmp_path / "nowhere"), "--report-only")
     assert (report / "results.csv").read_text() == before
+
+    # A clone has the kept runs but no work directory: nothing is rerun.
+    _run_grid(grid, tmp_path / "clone-runs", out)
+    assert not (tmp_path / "clone-runs" / "tiny" / "top2-seed7").exists()
+    _check_second_grid(tmp_path, grid, runs, out)
+
+
+def _check_second_grid(tmp_path, grid_path, runs, out):
+    """A second grid reusing the first grid's top2 runs (read from the first grid's report, not
+    rerun) and upcycling them (each seed's top2 checkpoint through add-null-experts, then a few
+    steps from it); an arm whose options differ from the reused grid's is refused in one line."""
+    from megatron_adamoe.analysis import study
+    from megatron_adamoe.errors import OptionError
+
+    raw = yaml.safe_load(open(grid_path))
+    upcycled = {**raw["arms"]["ada"], "train_iters": 2, "eval_interval": 2, "save_interval": 2}
+    second = {**raw, "name": "tiny2", "arms": {"ada": raw["arms"]["ada"], "up": upcycled}}
+    second["reuse"] = {"grid": grid_path, "arms": ["top2"]}
+    convert = {"num_null_experts": 4, "topk": 3, "null_router_init": "tile"}
+    second["continue_from"] = {
+        "up": {"grid": grid_path, "arm": "top2", "add_null_experts": convert}
+    }
+    path = tmp_path / "grid2.yaml"
+    path.write_text(yaml.safe_dump(second, sort_keys=False))
+    grid = study.load_grid(str(path))
+    assert grid.reused == {"top2": "tiny"} and grid.own_runs() == [("ada", 7), ("up", 7)]
+    kept = out / "tiny2" / "runs" / "ada-seed7"  # as if this grid had run its own arm
+    kept.mkdir(parents=True)
+    for name in ("done.json", "metrics.jsonl.gz"):
+        (kept / name).write_bytes((out / "tiny" / "runs" / "ada-seed7" / name).read_bytes())
+    study.run_grid(grid, str(runs), str(out), progress=False, launch=_pool_launch)
+    with open(out / "tiny2" / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    first = (out / "tiny" / "results.csv").read_text().splitlines()
+    assert [r["config"] for r in rows] == ["ada", "up", "top2"]
+    assert (out / "tiny2" / "results.csv").read_text().splitlines()[3] in first
+    text = (out / "tiny2" / "README.md").read_text()
+    assert "Arms `top2` are the runs of the [tiny](../tiny/README.md) grid, reused" in text
+    # The upcycled run: converted from tiny's top2 (not rerun), then 2 steps from step 0.
+    assert len(json.loads((runs / "tiny" / "top2-seed7" / "attempts.json").read_text())) == 1
+    log = (runs / "tiny2" / "up-seed7" / "convert.log").read_text()
+    assert "add-null-experts --load " + str(runs / "tiny" / "top2-seed7" / "checkpoints") in log
+    command = json.loads((runs / "tiny2" / "up-seed7" / "attempts.json").read_text())[0]["command"]
+    assert command[command.index("--load") + 1] == str(runs / "tiny2" / "up-seed7" / "converted")
+    assert "--finetune" in command and rows[1]["steps"] == "2"
+    assert "| up | " in text.split("## Against the top-k frontier")[1]
+    second["common"] = {**raw["common"], "lr": 1.0}
+    path.write_text(yaml.safe_dump(second, sort_keys=False))
+    with pytest.raises(OptionError, match="reuse arm 'top2' must have the same options"):
+        study.load_grid(str(path))
 
 
 def test_study_rejects_a_bad_grid_with_one_line(tmp_path):
