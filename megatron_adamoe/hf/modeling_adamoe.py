@@ -98,6 +98,7 @@ def null_expert_topk_routing(
     selection_bias_X: Optional[torch.Tensor] = None,
     topp_threshold: Optional[float] = None,
     cast_after_scaling: bool = False,
+    k_T: Optional[torch.Tensor] = None,
 ) -> NullExpertRouting:
     """Top-k (or top-p) routing over true and null experts.
 
@@ -109,6 +110,10 @@ def null_expert_topk_routing(
     distribution q = softmax(logits + bias), whose q-mass reaches p, at most ``topk`` of them
     (paper appendix C); null picks are dropped as in top-k, and the weights are normalised over
     the chosen experts only.
+
+    ``k_T`` (Ada-K's per-token expert count, 1..``topk``): each token keeps only its first k_T
+    picks (in selection order), as a top-``k_T`` router would, with the weights normalised over
+    those; with top-p, whichever ends first.
 
     With no null experts, no bias and top-k, and weight_norm "true_experts" or "all_selected",
     this performs the same operations, in the same order, as Megatron-Core's
@@ -123,7 +128,7 @@ def null_expert_topk_routing(
     num_tokens, num_experts = logits_TX.shape
     assert 0 < num_true_experts <= num_experts and 0 < topk <= num_experts
     assert weight_norm in WEIGHT_NORMS, weight_norm
-    stock = selection_bias_X is None and topp_threshold is None
+    stock = selection_bias_X is None and topp_threshold is None and k_T is None
     used_TK = None  # top-p leaves slots unused; None = all K used
 
     def softmax(values: torch.Tensor) -> torch.Tensor:
@@ -135,7 +140,9 @@ def null_expert_topk_routing(
         if stock:
             weights_TK, top_indices_TK = torch.topk(scores_TX, k=topk, dim=1)
         else:
-            top_indices_TK, used_TK = _select(logits_TX, topk, selection_bias_X, topp_threshold)
+            top_indices_TK, used_TK = _select(
+                logits_TX, topk, selection_bias_X, topp_threshold, k_T
+            )
             weights_TK = scores_TX.gather(1, top_indices_TK)
             if used_TK is not None:
                 weights_TK = weights_TK * used_TK
@@ -145,7 +152,9 @@ def null_expert_topk_routing(
         if stock:
             top_logits_TK, top_indices_TK = torch.topk(logits_TX, k=topk, dim=1)
         else:
-            top_indices_TK, used_TK = _select(logits_TX, topk, selection_bias_X, topp_threshold)
+            top_indices_TK, used_TK = _select(
+                logits_TX, topk, selection_bias_X, topp_threshold, k_T
+            )
             top_logits_TK = logits_TX.gather(1, top_indices_TK)
             if used_TK is not None:  # unused slots out of every normalisation
                 top_logits_TK = top_logits_TK.masked_fill(~used_TK, float("-inf"))
@@ -194,18 +203,23 @@ def _select(
     topk: int,
     selection_bias_X: Optional[torch.Tensor],
     topp_threshold: Optional[float],
+    k_T: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(indices_TK of the K best experts by biased logits, used_TK: the top-p prefix or None)."""
+    """(indices_TK of the K best experts by biased logits, used_TK: the slots in use, the top-p
+    prefix and the first k_T, or None when all are)."""
     selection_TX = logits_TX.float()
     if selection_bias_X is not None:
         selection_TX = selection_TX + selection_bias_X.float()
     top_TK, indices_TK = torch.topk(selection_TX, k=topk, dim=1)
-    if topp_threshold is None:
-        return indices_TK, None
-    # q-mass of the picks in descending order: a slot is used while the mass before it < p.
-    q_TK = torch.exp(top_TK - torch.logsumexp(selection_TX, dim=-1, keepdim=True))
-    mass_before_TK = q_TK.cumsum(dim=-1) - q_TK
-    return indices_TK, mass_before_TK < topp_threshold
+    used_TK = None
+    if topp_threshold is not None:
+        # q-mass of the picks in descending order: a slot is used while the mass before it < p.
+        q_TK = torch.exp(top_TK - torch.logsumexp(selection_TX, dim=-1, keepdim=True))
+        used_TK = q_TK.cumsum(dim=-1) - q_TK < topp_threshold
+    if k_T is not None:
+        first_TK = torch.arange(topk, device=logits_TX.device) < k_T.unsqueeze(-1)
+        used_TK = first_TK if used_TK is None else used_TK & first_TK
+    return indices_TK, used_TK
 
 
 # --- end of the code from megatron_adamoe/ops/routing.py ---
@@ -455,23 +469,27 @@ class AdaMoESparseMoeBlock(nn.Module):
             return F.linear(x_TH.to(dtype), self.gate.weight.to(dtype))
         return self.gate(x_TH).to(dtype)
 
-    def route(self, logits_TX: torch.Tensor) -> NullExpertRouting:
-        """This block's routing of router logits (ops.routing, generated above)."""
+    def route(
+        self, logits_TX: torch.Tensor, k_T: Optional[torch.Tensor] = None
+    ) -> NullExpertRouting:
+        """This block's routing of router logits (ops.routing, generated above). ``k_T``: each
+        token's own number of picks (Ada-K's allocators) instead of the model's top-k."""
         return null_expert_topk_routing(
             logits_TX,
-            self.topk,
+            self.topk if k_T is None else int(k_T.max()),
             self.num_true_experts,
             self.weight_norm,
             self.scaling_factor,
             self.selection_bias(),
             self.topp_threshold,
+            k_T=k_T,
         )
 
-    def forward(self, x_BSH: torch.Tensor):
-        """(output [B, S, H], router logits [T, X])."""
+    def forward(self, x_BSH: torch.Tensor, k_T: Optional[torch.Tensor] = None):
+        """(output [B, S, H], router logits [T, X]); ``k_T`` as in :meth:`route`."""
         x_TH = x_BSH.reshape(-1, x_BSH.size(-1))
         logits_TX = self.router_logits(x_TH)
-        routing = self.route(logits_TX)
+        routing = self.route(logits_TX, k_T)
         out_TH = torch.zeros_like(x_TH)
         for expert_id, expert in enumerate(self.experts):  # true ids only: nulls never run
             token_ids = torch.nonzero(routing.routing_map_TE[:, expert_id]).squeeze(-1)
