@@ -83,7 +83,7 @@ def _check_numbers(options) -> None:
                 f"--{name.replace('_', '-')}"
             )
     for name in ("learning_rate", "load_controller_rate"):
-        if getattr(options, name) <= 0:
+        if getattr(options, name) is not None and getattr(options, name) <= 0:
             raise OptionError(
                 f"{name} ({getattr(options, name)}) must be > 0; pass a positive "
                 f"--{name.replace('_', '-')}"

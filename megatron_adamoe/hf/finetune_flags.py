@@ -101,8 +101,9 @@ def build_parser(doc: str) -> argparse.ArgumentParser:
     add(
         "--load-controller-rate",
         type=float,
-        default=0.01,
-        help="null-bias step per unit of load error (models with a null bias)",
+        default=None,
+        help="models with a null bias: unset, the bias solves for each step's target load; a "
+        "number (expert override): its step per unit of load error",
     )
     add(
         "--gradient-checkpointing",

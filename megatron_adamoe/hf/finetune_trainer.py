@@ -134,20 +134,57 @@ def make_controller_callback():
     from transformers import TrainerCallback
 
     class LoadControllerCallback(TrainerCallback):
-        """After each optimizer step: every MoE block's [true picks, tokens] of the step, summed
-        over ranks, moves its null bias by rate x (load - target) (megatron_adamoe.mcore's
-        controller, in HF form): the same on every rank."""
+        """After each optimizer step, every MoE block with a null bias moves it: to where that
+        step's tokens would have met the target (``rate`` None: each training forward counts
+        the true picks at the probe offsets of ``ops.load_control``), or by rate x (load -
+        target). The counts are summed over ranks, so every rank takes the same step
+        (megatron_adamoe.mcore's controller, in HF form)."""
 
-        def __init__(self, model, rate: float) -> None:
+        def __init__(self, model, rate) -> None:
+            from megatron_adamoe.ops.load_control import probe_offsets_P
+
             self.blocks = [
                 b for b in moe_blocks(model) if getattr(b, "null_bias", None) is not None
             ]
             targets = model.config.router_target_load
             self.targets = targets if isinstance(targets, list) else [targets] * len(self.blocks)
             self.rate = rate
+            self.offsets_P = probe_offsets_P()
+            self.probe_counts = [None] * len(self.blocks)
+            if rate is None:
+                for index, block in enumerate(self.blocks):
+                    block.register_forward_hook(self._probe_hook(index))
+
+        def _probe_hook(self, index: int):
+            from megatron_adamoe.ops.load_control import true_picks_at_offsets
+
+            def hook(block, inputs, output):
+                if not (block.training and torch.is_grad_enabled()):
+                    return
+                logits_TX = output[1].detach()
+                counted_T = block.counted_T
+                if counted_T is not None and counted_T.numel() == logits_TX.size(0):
+                    logits_TX = logits_TX[counted_T]
+                picks_P = true_picks_at_offsets(
+                    logits_TX,
+                    block.topk,
+                    block.num_true_experts,
+                    self.offsets_P.to(logits_TX.device),
+                    block.selection_bias(),
+                    block.topp_threshold,
+                )
+                counts = torch.cat([picks_P, picks_P.new_tensor([float(logits_TX.size(0))])])
+                counts = counts.double().cpu()
+                previous = self.probe_counts[index]
+                self.probe_counts[index] = counts if previous is None else previous + counts
+
+            return hook
 
         def on_step_end(self, args, state, control, **kwargs):
             if not self.blocks:
+                return
+            if self.rate is None:
+                self._solve_step()
                 return
             counts = _all_reduce(
                 torch.stack(
@@ -164,6 +201,28 @@ def make_controller_callback():
                     if tokens > 0:
                         block.null_bias += self.rate * (float(picks / tokens) - target)
                     block.step_counts = None
+
+        def _solve_step(self) -> None:
+            from megatron_adamoe.ops.load_control import null_bias_step
+
+            width = self.offsets_P.numel() + 1
+            counts = _all_reduce(
+                torch.stack(
+                    [
+                        c if c is not None else torch.zeros(width, dtype=torch.float64)
+                        for c in self.probe_counts
+                    ]
+                ).to(self.blocks[0].null_bias.device)
+            )
+            offsets = self.offsets_P.tolist()
+            with torch.no_grad():
+                for block, row, target in zip(self.blocks, counts, self.targets):
+                    tokens = float(row[-1])
+                    if tokens > 0:
+                        loads = (row[:-1] / tokens).tolist()
+                        block.null_bias += null_bias_step(loads, offsets, target)
+                    block.step_counts = None
+            self.probe_counts = [None] * len(self.blocks)
 
     return LoadControllerCallback
 

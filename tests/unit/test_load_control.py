@@ -241,3 +241,40 @@ def test_rate_free_step_meets_the_target_on_the_batch(megatron_env, logit_scale,
         bias_X = torch.tensor([0.0] * NUM_TRUE + [layer.router.null_bias.item()] * NUM_NULL)
         load = _loop_true_picks(logits_TX, TOPK, NUM_TRUE, bias_X) / tokens
         assert load == pytest.approx(target, abs=0.05), (logit_scale, load)
+
+
+def test_hf_fine_tuning_controller_meets_the_target_without_a_rate():
+    """adamoe-finetune's controller (no --load-controller-rate): after one training forward and
+    step, each block's null bias gives the target load on that batch."""
+    from megatron_adamoe.hf import AdaMoEForCausalLM, AdaMoEHFConfig
+    from megatron_adamoe.hf.finetune_trainer import make_controller_callback, moe_blocks
+
+    config = AdaMoEHFConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        moe_intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_null_experts=4,
+        num_experts_per_tok=3,
+        max_position_embeddings=64,
+        router_null_bias=True,
+        router_target_load=1.0,
+    )
+    torch.manual_seed(0)
+    model = AdaMoEForCausalLM(config)
+    callback = make_controller_callback()(model, None)
+    ids = torch.randint(0, 64, (8, 32), generator=torch.Generator().manual_seed(1))
+    model.train()
+    model(input_ids=ids)
+    callback.on_step_end(None, None, None)
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids, output_router_logits=True).router_logits
+    for block, logits_TX in zip(moe_blocks(model), logits):
+        assert block.null_bias.item() != 0.0
+        load = block.route(logits_TX).routing_map_TE.sum(dim=-1).float().mean()
+        assert float(load) == pytest.approx(1.0, abs=0.05)
