@@ -129,11 +129,14 @@ class AdaMoERouter(TopKRouter):
         return torch.cat([true_E.float(), null_Z.float()])
 
     def _maintain_float32_expert_bias(self):
-        """Mirrors TopKRouter._maintain_float32_expert_bias for the null bias too (Float16Module
-        would otherwise keep it in bf16)."""
+        """Mirrors TopKRouter._maintain_float32_expert_bias for the null bias and the load
+        counts too (Float16Module would otherwise keep them in bf16)."""
         super()._maintain_float32_expert_bias()
-        if self.load_controlled and self.null_bias.dtype != torch.float32:
-            self.null_bias.data = self.null_bias.data.to(torch.float32)
+        if self.load_controlled:  # and the controller's counts, exact in float32 (not bf16)
+            for name in ("null_bias", "local_load_counts", "load_probe_offsets"):
+                buffer = getattr(self, name)
+                if buffer.dtype != torch.float32:
+                    buffer.data = buffer.data.to(torch.float32)
 
     def is_aux_loss_tracked(self) -> bool:
         """The loss is logged at every training step under "aux_loss", also while the schedule's

@@ -278,3 +278,20 @@ def test_hf_fine_tuning_controller_meets_the_target_without_a_rate():
         assert block.null_bias.item() != 0.0
         load = block.route(logits_TX).routing_map_TE.sum(dim=-1).float().mean()
         assert float(load) == pytest.approx(1.0, abs=0.05)
+
+
+def test_controller_counts_stay_float32_when_the_model_is_cast(megatron_env):
+    """Float16Module casts every floating buffer to bf16, where counts above 256 are not exact:
+    the router puts the null bias and its counts back in float32 before counting."""
+    config = adamoe_config(adamoe_target_load=1.0, moe_aux_loss_coeff=0.0)
+    layer = build_adamoe_layer(config)
+    layer.router.set_layer_number(1)
+    for name in ("null_bias", "local_load_counts", "load_probe_offsets"):
+        buffer = getattr(layer.router, name)
+        buffer.data = buffer.data.bfloat16()
+    x = torch.randn(300, 1, config.hidden_size, requires_grad=True)
+    layer(x)[0].sum().backward()
+    counts = layer.router.local_load_counts
+    assert counts.dtype == torch.float32 and counts[-1].item() == 300.0
+    at_zero = layer.router.load_probe_offsets.tolist().index(0.0)  # the routing as it was
+    assert counts[at_zero].item() == layer.router.last_routing_stats.num_true_assignments
