@@ -32,13 +32,21 @@ class KAllocator(nn.Module):
 
 
 def choose_k(
-    logits_TC: torch.Tensor, sample: bool, generator: Optional[torch.Generator] = None
+    logits_TC: torch.Tensor,
+    sample: bool,
+    generator: Optional[torch.Generator] = None,
+    uniform_T: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """[T] k in 1..C: drawn from the distribution (training, Eq. 5) or its most likely value."""
-    if sample:
-        probs_TC = torch.softmax(logits_TC.detach(), dim=-1)
+    """[T] k in 1..C: drawn from the distribution (training, Eq. 5) or its most likely value.
+    ``uniform_T``: the draw's uniform numbers in [0, 1) (inverse CDF), so that a token's draw
+    depends on its own number only, whatever the batch it is in."""
+    if not sample:
+        return logits_TC.argmax(dim=-1) + 1
+    probs_TC = torch.softmax(logits_TC.detach(), dim=-1)
+    if uniform_T is None:
         return torch.multinomial(probs_TC, 1, generator=generator).squeeze(-1) + 1
-    return logits_TC.argmax(dim=-1) + 1
+    below_TC = probs_TC.cumsum(dim=-1) <= uniform_T.unsqueeze(-1).to(probs_TC.dtype)
+    return below_TC.sum(dim=-1).clamp(max=logits_TC.size(-1) - 1) + 1
 
 
 def log_prob(logits_TC: torch.Tensor, k_T: torch.Tensor) -> torch.Tensor:

@@ -96,6 +96,7 @@ class AdaK(nn.Module):
         self.mode = "argmax"
         self.generator: Optional[torch.Generator] = None
         self.replay_k: Optional[list[torch.Tensor]] = None
+        self.uniform: Optional[list[torch.Tensor]] = None  # per layer [T]: "sample" draws
         self.steps: list[Optional[BlockStep]] = [None] * len(blocks)
         for layer, block in enumerate(blocks):
             block.forward = _routed_forward(self, layer, block)
@@ -154,7 +155,8 @@ def _routed_forward(adak: AdaK, layer: int, block: nn.Module):
         if adak.mode == "replay":
             k_T = adak.replay_k[layer]
         else:
-            k_T = choose_k(logits_TC, adak.mode == "sample", adak.generator)
+            uniform_T = adak.uniform[layer] if adak.uniform is not None else None
+            k_T = choose_k(logits_TC, adak.mode == "sample", adak.generator, uniform_T)
         if is_adamoe:
             out = original(block, x_BSH, k_T=k_T)
             true_T = _last_true_experts(block, x_TH, k_T)

@@ -20,7 +20,7 @@ import torch
 
 from megatron_adamoe.adak.allocator import expected_k, log_prob
 from megatron_adamoe.adak.model import AdaK
-from megatron_adamoe.adak.ppo import clip_fraction, clipped_surrogate_loss, layer_advantages
+from megatron_adamoe.adak.ppo import clipped_surrogate_loss, layer_advantages
 from megatron_adamoe.errors import OptionError
 
 
@@ -73,36 +73,91 @@ def token_log_likelihood(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> t
     return (picked_BS * valid_BS).reshape(-1)
 
 
-class AdaKTrainer:
-    """The allocators of ``adak`` trained by PPO on ``model`` (frozen here)."""
+class AllocatorHeads(torch.nn.Module):
+    """The allocators as one module for a data-parallel wrapper (DDP, a DeepSpeed engine):
+    forward(states) -> one [T, C] logits tensor per layer."""
 
-    def __init__(self, model, adak: AdaK, options: AdaKOptions = AdaKOptions(), seed: int = 0):
-        self.model, self.adak, self.options = model, adak, options
+    def __init__(self, allocators: torch.nn.ModuleList) -> None:
+        super().__init__()
+        self.allocators = allocators
+
+    def forward(self, states: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [allocator(state) for allocator, state in zip(self.allocators, states)]
+
+
+def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(values)
+    return values
+
+
+class AdaKTrainer:
+    """The allocators of ``adak`` trained by PPO on ``model`` (frozen here).
+
+    One process by default (AdamW here). Data-parallel: ``heads`` is the ranks' shared
+    ``AllocatorHeads`` (DDP-wrapped, or a DeepSpeed engine, which then also steps), each rank
+    passes its rows of the global batch with ``rows`` (their indices in it) and ``global_rows``;
+    losses are scaled so the averaged gradient is the global batch's, and each token's k is drawn
+    from uniform numbers of the global batch, so the run equals one process with that batch."""
+
+    def __init__(
+        self,
+        model,
+        adak: AdaK,
+        options: AdaKOptions = AdaKOptions(),
+        seed: int = 0,
+        heads=None,
+        optimizer=None,
+    ):
+        self.model, self.adak, self.options, self.seed = model, adak, options, seed
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         model.eval()  # no dropout: the rollout's states are the update's
-        self.optimizer = torch.optim.AdamW(
-            adak.allocators.parameters(), lr=options.lr, weight_decay=options.weight_decay
+        self.heads = heads if heads is not None else AllocatorHeads(adak.allocators)
+        self.engine = heads if hasattr(heads, "backward") and hasattr(heads, "step") else None
+        self.optimizer = optimizer
+        if self.optimizer is None and self.engine is None:
+            self.optimizer = torch.optim.AdamW(
+                adak.allocators.parameters(), lr=options.lr, weight_decay=options.weight_decay
+            )
+        self.step = 0
+        self.world = (
+            torch.distributed.get_world_size()
+            if torch.distributed.is_available() and torch.distributed.is_initialized()
+            else 1
         )
-        self.generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-        adak.generator = self.generator
+
+    def _uniform(self, rows, global_rows: int, seq_length: int, device) -> list[torch.Tensor]:
+        """Per layer [T] uniform numbers of this rank's rows, drawn for the whole global batch
+        from the seed and the step."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step)
+        uniform_LBS = torch.rand(
+            len(self.adak.allocators), global_rows, seq_length, generator=generator
+        )
+        return [u[rows].reshape(-1).to(device) for u in uniform_LBS]
 
     @torch.no_grad()
-    def rollout(self, input_ids, attention_mask=None, labels=None) -> Rollout:
+    def rollout(self, input_ids, attention_mask=None, labels=None, rows=None, global_rows=None):
         labels = input_ids if labels is None else labels
         if attention_mask is not None:
             labels = labels.masked_fill(attention_mask == 0, -100)
         shifted = torch.full_like(labels, -100)
         shifted[:, :-1] = labels[:, 1:]
         mask_T = (shifted != -100).reshape(-1)
+        rows = torch.arange(input_ids.size(0)) if rows is None else torch.as_tensor(rows)
+        global_rows = input_ids.size(0) if global_rows is None else global_rows
         self.adak.set_mode("topk")
         baseline_T = token_log_likelihood(
             self.model(input_ids=input_ids, attention_mask=attention_mask).logits, labels
         )
         self.adak.set_mode("sample")
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        self.adak.uniform = self._uniform(rows, global_rows, input_ids.size(1), input_ids.device)
+        try:
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        finally:
+            self.adak.uniform = None
+            self.adak.set_mode("argmax")
         steps = list(self.adak.steps)
-        self.adak.set_mode("argmax")
         return Rollout(
             states=[s.state_TH for s in steps],
             k=[s.k_T for s in steps],
@@ -114,37 +169,65 @@ class AdaKTrainer:
         )
 
     def update(self, rollout: Rollout) -> dict:
-        """``ppo_epochs`` steps of the clipped surrogate + lambda x expected k on the rollout."""
+        """``ppo_epochs`` steps of the clipped surrogate + lambda x expected k on the rollout;
+        logs are means over the global batch."""
         options, mask_T = self.options, rollout.mask_T
+        local = float(mask_T.sum())
+        total = float(_all_reduce_sum(torch.tensor([local], dtype=torch.float64))[0])
+        scale = self.world * local / max(total, 1.0)  # local means -> the global batch's mean
         advantage_LT = layer_advantages(
             rollout.reward_T, rollout.baseline_T, len(rollout.k), options.gamma
         )[:, mask_T]
         old_LT = rollout.old_log_prob_LT[:, mask_T]
         for _ in range(options.ppo_epochs):
-            logits = [a(s) for a, s in zip(self.adak.allocators, rollout.states)]
+            logits = self.heads(rollout.states)
             new_LT = torch.stack([log_prob(lg, k) for lg, k in zip(logits, rollout.k)])[:, mask_T]
             surrogate = clipped_surrogate_loss(new_LT, old_LT, advantage_LT, options.clip)
             penalty = torch.stack([expected_k(lg)[mask_T].mean() for lg in logits]).mean()
-            loss = surrogate + options.lam * penalty
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            loss = scale * (surrogate + options.lam * penalty)
+            if self.engine is not None:
+                self.engine.backward(loss)
+                self.engine.step()
+            else:
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+        self.step += 1
+        return self._logs(rollout, new_LT.detach(), old_LT, surrogate, penalty, loss, local, total)
+
+    def _logs(self, rollout, new_LT, old_LT, surrogate, penalty, loss, local, total) -> dict:
+        """Global-batch means: every value summed over ranks with its token count."""
+        mask_T = rollout.mask_T
         chosen_LT = torch.stack([k.float() for k in rollout.k])[:, mask_T]
-        return {
-            "loss": float(loss.detach()),
-            "surrogate": float(surrogate.detach()),
-            "expected_k": float(penalty.detach()),
-            "reward": float(rollout.reward_T[mask_T].mean()),
-            "reward_topk": float(rollout.baseline_T[mask_T].mean()),
-            "k": [round(float(v), 4) for v in chosen_LT.mean(dim=-1)],
-            "true_experts": [
-                round(float(v), 4) for v in rollout.true_experts_LT[:, mask_T].mean(dim=-1)
+        clipped = float(((torch.exp(new_LT - old_LT) - 1.0).abs() > self.options.clip).sum())
+        sums = torch.tensor(
+            [
+                float(loss.detach()) / self.world * total,
+                float(surrogate.detach()) * local,
+                float(penalty.detach()) * local,
+                float(rollout.reward_T[mask_T].sum()),
+                float(rollout.baseline_T[mask_T].sum()),
+                clipped,
+                *chosen_LT.sum(dim=-1).tolist(),
+                *rollout.true_experts_LT[:, mask_T].sum(dim=-1).tolist(),
             ],
-            "clip_fraction": clip_fraction(new_LT.detach(), old_LT, options.clip),
+            dtype=torch.float64,
+        )
+        sums = (_all_reduce_sum(sums) / max(total, 1.0)).tolist()
+        layers = len(rollout.k)
+        return {
+            "loss": sums[0],
+            "surrogate": sums[1],
+            "expected_k": sums[2],
+            "reward": sums[3],
+            "reward_topk": sums[4],
+            "clip_fraction": sums[5] / layers,
+            "k": [round(v, 4) for v in sums[6 : 6 + layers]],
+            "true_experts": [round(v, 4) for v in sums[6 + layers :]],
         }
 
-    def train_step(self, input_ids, attention_mask=None, labels=None) -> dict:
-        return self.update(self.rollout(input_ids, attention_mask, labels))
+    def train_step(self, input_ids, attention_mask=None, labels=None, rows=None, global_rows=None):
+        return self.update(self.rollout(input_ids, attention_mask, labels, rows, global_rows))
 
 
 def mean_k(adak: AdaK, model, input_ids, attention_mask=None) -> Optional[list[float]]:

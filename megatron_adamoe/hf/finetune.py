@@ -19,9 +19,10 @@ measured load per layer (averaged over ranks), to stdout and ``--metrics-file``.
 ``--method lora|qlora`` trains PEFT LoRA adapters on the router (all n + m rows) and the experts
 of an AdaMoE model (qlora: its base in 4 bits; paper section 4.2) and writes only the adapters
 (``adamoe-convert merge-lora`` merges them); ``--method mo-lora`` adds AdaMoE LoRA experts to a
-frozen dense model (paper section 4.1). ``--config`` reads a recipe (configs/finetune/; flags
-override it); ``--num-epochs`` with ``--aux-loss-coef-per-epoch`` runs the paper's epochs with
-a tight, then a loose coefficient. docs/finetuning.md has both recipes.
+frozen dense model (paper section 4.1); ``--method ada-k`` trains Ada-K's allocators by PPO on
+a frozen MoE model (megatron_adamoe.adak.finetune). ``--config`` reads a recipe
+(configs/finetune/; flags override it); ``--num-epochs`` with ``--aux-loss-coef-per-epoch`` runs
+the paper's epochs with a tight, then a loose coefficient. docs/finetuning.md has both recipes.
 
 Checkpoints (the Trainer's own, with optimizer, scheduler and RNG state) go to
 ``--checkpoint-dir`` (default ``<output-dir>-checkpoints``) every ``--save-steps`` and when the
@@ -95,6 +96,10 @@ def _finetune_checked(options) -> Optional[str]:
     model = _load_model(options)
     _check_vocabulary(dataset, model, options.model)
     _set_steps(options, len(dataset))
+    if options.method == "ada-k":
+        from megatron_adamoe.adak.finetune import train_allocators
+
+        return train_allocators(options, model, dataset)
     if options.method == "mo-lora":
         from megatron_adamoe.adapters import apply_mo_lora
         from megatron_adamoe.hf.finetune_checks import mo_lora_config
@@ -377,6 +382,7 @@ _WRITES = {
     "lora": "LoRA adapters",
     "qlora": "QLoRA adapters",
     "mo-lora": "Mo-LoRA adapters",
+    "ada-k": "Ada-K allocators",
 }
 
 

@@ -24,6 +24,11 @@ def check(options, world_size: int = 1) -> None:
     if method == "mo-lora":
         config = read_dense_model_config(options.model)
         mo_lora_config(options)  # its own one-line checks
+    elif method == "ada-k":
+        config = read_moe_model_config(options.model)
+        from megatron_adamoe.adak.finetune import adak_options
+
+        adak_options(options)  # its own one-line checks
     else:
         config = read_model_config(options.model)
     if method in ("lora", "qlora"):
@@ -169,6 +174,19 @@ def read_model_config(model: str) -> dict:
             f"model ({model!r}) must be an AdaMoE model (its config.json says "
             f"{architectures[0]}); convert it first: adamoe-convert mixtral-to-adamoe --hf "
             f"{model} --out {model.rstrip(os.sep)}-adamoe --num-null-experts 8 --topk 3"
+        )
+    return config
+
+
+def read_moe_model_config(model: str) -> dict:
+    """The model directory's config.json, which must describe a MoE model Ada-K can route."""
+    config = _model_config_json(model, " (an AdaMoE or Mixtral model)")
+    architectures = config.get("architectures") or [config.get("model_type")]
+    known = {ADAMOE_ARCHITECTURE, "MixtralForCausalLM"} & set(architectures)
+    if not known and config.get("model_type") not in ("adamoe", "mixtral"):
+        raise OptionError(
+            f"model ({model!r}) must be an AdaMoE or Mixtral model for --method ada-k (its "
+            f"config.json says {architectures[0]}); pass a MoE model"
         )
     return config
 

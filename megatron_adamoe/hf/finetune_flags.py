@@ -13,7 +13,7 @@ from megatron_adamoe.adapters.peft_lora import MOE_TARGETS
 from megatron_adamoe.errors import OptionError
 from megatron_adamoe.hf.finetune_data import DEFAULT_MC_TEMPLATE
 
-METHODS = ("full", "lora", "qlora", "mo-lora")
+METHODS = ("full", "lora", "qlora", "mo-lora", "ada-k")
 # Set on the command line or in the recipe, one of the two (checked after parsing).
 _REQUIRED = ("model", "data", "output_dir")
 
@@ -37,7 +37,9 @@ def build_parser(doc: str) -> argparse.ArgumentParser:
         default="full",
         help="full: every weight of an AdaMoE model; lora / qlora: PEFT LoRA adapters on an AdaMoE "
         "model (qlora: its base in 4 bits; paper section 4.2); mo-lora: AdaMoE LoRA experts on a "
-        "frozen dense model (paper section 4.1). Adapter methods write only the adapters",
+        "frozen dense model (paper section 4.1); ada-k: Ada-K's per-token k allocators by PPO "
+        "on a frozen AdaMoE or Mixtral model (docs/ada-k.md). Adapter methods write only the "
+        "adapters, ada-k only the allocators",
     )
     add("--data", nargs="+", help=".jsonl or text files")
     add(
@@ -114,6 +116,11 @@ def build_parser(doc: str) -> argparse.ArgumentParser:
     add("--mo-lora-null-experts", type=int, default=4, help="mo-lora: m null experts")
     add("--mo-lora-topk", type=int, default=2, help="mo-lora: k picks over n + m")
     add("--mo-lora-weight-norm", default="true_experts", help="mo-lora: weight normalisation")
+    add("--adak-lambda", type=float, default=3e-3, help="ada-k: the compute penalty (paper Eq. 11)")
+    add("--adak-max-k", type=int, default=None, help="ada-k: the largest k (default: every expert)")
+    add("--ppo-epochs", type=int, default=2, help="ada-k: PPO updates per rollout")
+    add("--ppo-clip", type=float, default=0.2, help="ada-k: PPO's clip epsilon")
+    add("--ppo-gamma", type=float, default=1.0, help="ada-k: the discount over MoE layers")
     add("--lora-rank", type=int, default=8)
     add("--lora-alpha", type=float, default=16.0)
     add("--lora-dropout", type=float, default=0.05)

@@ -207,3 +207,17 @@ def test_aux_loss_schedule_sets_the_coefficient_at_each_step(tmp_path):
     assert _check_error(_options(tmp_path, "--aux-loss-coef-schedule", "constant:-1")) == (
         "aux_loss_coef_schedule ('constant:-1') has a negative value; values must be >= 0"
     )
+
+
+def test_ada_k_settings_are_checked_in_one_line(tmp_path):
+    check(_options(tmp_path, "--method", "ada-k"))  # an AdaMoE model: fine
+    options = _options(tmp_path, "--method", "ada-k", "--ppo-clip", "1.5")
+    assert _check_error(options) == "adak clip (1.5) is invalid; e.g. 0.2"
+    dense = tmp_path / "llama"
+    dense.mkdir()
+    (dense / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    options.model, options.ppo_clip = str(dense), 0.2
+    assert _check_error(options) == (
+        f"model ({str(dense)!r}) must be an AdaMoE or Mixtral model for --method ada-k (its "
+        "config.json says LlamaForCausalLM); pass a MoE model"
+    )
