@@ -93,7 +93,7 @@ def test_a_recipe_may_hold_the_paths_and_missing_paths_are_named(tmp_path, capsy
             "flags' names, e.g. learning_rate: 5.0e-5 (adamoe-finetune --help lists them)",
         ),
         ("max_steps: ten\n", "max_steps ('ten') must be of type int"),
-        ("method: dora\n", "method ('dora') must be one of full, lora, qlora, mo-lora"),
+        ("method: dora\n", "method ('dora') must be one of full, lora, qlora, mo-lora, ada-k"),
         ("seed: [1, 2]\n", "seed ([1, 2]) must be one value, not a list"),
         ("bf16: 1\n", "bf16 (1) must be true or false"),
         ("- a\n- b\n", "must be a mapping of flag names to values"),
