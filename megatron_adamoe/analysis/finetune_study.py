@@ -210,7 +210,7 @@ def eval_command(protocol: Protocol, arm: str, task: str, run_dir: str, base: st
     tuned = os.path.join(run_dir, "model")
     method = protocol.arms[arm].get("method", protocol.common.get("method", "full"))
     model = ["--model", base] if method == "none" else ["--model", tuned]
-    if method in ("lora", "qlora", "mo-lora"):
+    if method in ("lora", "qlora", "mo-lora", "ada-k"):  # adapters or allocators
         model = ["--model", base, "--adapter", tuned]
     return [
         sys.executable,

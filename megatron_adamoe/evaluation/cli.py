@@ -6,6 +6,7 @@ them (Table 1: Acc., Load, %FLOPs).
         --include-path configs/tasks --baseline-topk 2 --output results.json
     adamoe-eval --model hf/adamoe_mixtral --adapter out/qlora ...      # PEFT (Q)LoRA adapters
     adamoe-eval --model path/to/llama --adapter out/molora ...         # Mo-LoRA adapters
+    adamoe-eval --model hf/top2 --adapter out/adak ...                 # Ada-K allocators
 
 ``NAME=FILE.jsonl`` tasks are multiple-choice records in the fine-tuning format
 (question/choices/answer) rendered with ``--mc-template`` as fine-tuning renders them; other
@@ -40,7 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = parser.add_argument
     add("--model", required=True, help="an HF model directory (AdaMoE, Mixtral, a dense base)")
-    add("--adapter", default=None, help="adamoe-finetune's lora/qlora or mo-lora output")
+    add(
+        "--adapter",
+        default=None,
+        help="adamoe-finetune's lora/qlora, mo-lora or ada-k output (adapters or allocators)",
+    )
     add("--tasks", required=True, help="comma-separated NAME or NAME=FILE.jsonl")
     add("--include-path", default=None, help="a directory of lm-eval task YAMLs")
     add("--mc-template", default=DEFAULT_MC_TEMPLATE, help="as adamoe-finetune's")
@@ -142,9 +147,14 @@ def load_model(model_dir: str, adapter: Optional[str]):
     model = AutoModelForCausalLM.from_pretrained(model_dir, **{dtype_kwarg(): torch.float32})
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if adapter is not None:
+        from megatron_adamoe.adak.model import CONFIG_FILE as ADAK_CONFIG
         from megatron_adamoe.adapters.mo_lora_state import CONFIG_FILE
 
-        if os.path.isfile(os.path.join(adapter, CONFIG_FILE)):
+        if os.path.isfile(os.path.join(adapter, ADAK_CONFIG)):
+            from megatron_adamoe.adak import AdaK
+
+            model.adak = AdaK.load(model, adapter)  # routes the blocks; argmax k
+        elif os.path.isfile(os.path.join(adapter, CONFIG_FILE)):
             from megatron_adamoe.adapters import load_mo_lora
 
             model = load_mo_lora(model, adapter)

@@ -1,8 +1,9 @@
 """Forward FLOPs per token (2 x multiply-adds of the linears a token goes through; attention's
 score and softmax terms, which depend on the context length and are equal in every arm, are left
 out) at measured loads, against a top-k baseline with the same true experts and no nulls:
-``router n`` and ``k`` picks per layer. MoE models are counted from their config (AdaMoE, Mixtral);
-Mo-LoRA models from their modules (the frozen base linears always, each LoRA expert per pick)."""
+``router n`` and ``k`` picks per layer. MoE models are counted from their config (AdaMoE,
+Mixtral; Ada-K's allocators added); Mo-LoRA models from their modules (the frozen base linears
+always, each LoRA expert per pick)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ def flops_report(
             return _report(total, total, None)
         k = baseline_topk or _true_topk(config)
         ours, base = _moe_flops(config, loads, k)
+        adak = getattr(model, "adak", None)
+        if adak is not None:  # each MoE layer's allocator: hidden -> C
+            ours += len(adak.allocators) * 2 * config.hidden_size * adak.max_k
     expert_pct = 100.0 * (sum(loads) / (len(loads) * k) - 1.0) if loads else None
     return _report(ours, base, expert_pct)
 

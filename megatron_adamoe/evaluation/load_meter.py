@@ -4,6 +4,8 @@
   (the same rule it computed with): true picks / tokens.
 - Mo-LoRA linears: the rows each LoRA expert computed / tokens, averaged over a decoder layer's
   wrapped linears (true LoRA experts per token and linear).
+- Blocks routed by Ada-K allocators (``model.adak``, adamoe-eval ``--adapter``): the true
+  experts each token used under its chosen k.
 - Any other MoE (transformers' Mixtral, ...): k, its fixed ``num_experts_per_tok``.
 Every token a forward sees is counted (evaluate with batch size 1: no padding)."""
 
@@ -27,10 +29,16 @@ class LoadMeter:
         self.kind, self.handles = "fixed", []
         self.counts: dict[int, list[float]] = {}  # layer -> [true picks, tokens]
         self.module_counts: dict = {}  # Mo-LoRA linear -> [true picks, tokens]
+        adak = getattr(model, "adak", None)
+        routed = {id(b): i for i, b in enumerate(adak._blocks)} if adak is not None else {}
         for name, module in model.named_modules():
             match = _LAYER.search(name + ".")
             layer = int(match.group(1)) if match else 0
-            if isinstance(module, AdaMoESparseMoeBlock):
+            if id(module) in routed:
+                self.kind = "ada-k"
+                hook = self._adak_hook(layer, adak, routed[id(module)])
+                self.handles.append(module.register_forward_hook(hook))
+            elif isinstance(module, AdaMoESparseMoeBlock):
                 self.kind = "adamoe"
                 self.handles.append(module.register_forward_hook(self._moe_hook(layer)))
             elif isinstance(module, MoLoRALinear):
@@ -51,6 +59,13 @@ class LoadMeter:
             with torch.no_grad():
                 picks = float(block.route(logits_TX).routing_map_TE.sum())
             self._add(layer, picks, float(logits_TX.size(0)))
+
+        return hook
+
+    def _adak_hook(self, layer: int, adak, index: int):
+        def hook(block, inputs, output):
+            true_T = adak.steps[index].true_experts_T
+            self._add(layer, float(true_T.sum()), float(true_T.numel()))
 
         return hook
 

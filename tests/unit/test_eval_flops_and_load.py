@@ -127,3 +127,37 @@ def test_a_fixed_k_moe_is_its_own_baseline():
     assert report["model_flops_pct"] == 0 and report["expert_flops_pct"] == 0
     with pytest.raises(ValueError):
         flops_report(_adamoe(), [1.0, 1.0], baseline_topk=None)  # nulls: the baseline must be named
+
+
+def test_ada_k_load_is_the_rows_experts_received_and_flops_match_torchs_counter():
+    """A top-2 model (m = 0) routed by Ada-K allocators: the Load is each token's chosen k as
+    the experts saw it, and the FLOPs (the allocators' included) are torch's count."""
+    from megatron_adamoe.adak import AdaK
+    from megatron_adamoe.hf import AdaMoEForCausalLM
+
+    config = _adamoe().config
+    config.num_null_experts, config.num_experts_per_tok = 0, 2
+    torch.manual_seed(0)
+    model = AdaMoEForCausalLM(config).eval()
+    model.adak = AdaK(model)
+    with torch.no_grad():
+        for allocator in model.adak.allocators:
+            allocator.proj.weight.normal_(std=1.0)
+    rows = {}
+    for index, layer in enumerate(model.model.layers):
+        for expert in layer.block_sparse_moe.experts:
+            expert.register_forward_hook(
+                lambda m, i, o, index=index: rows.__setitem__(
+                    index, rows.get(index, 0) + i[0].size(0)
+                )
+            )
+    tokens = _one_token_sequences()
+    with LoadMeter(model) as meter:
+        counted = _counted_flops(model, tokens)
+        loads = meter.loads()
+    assert loads == [rows[0] / TOKENS, rows[1] / TOKENS]
+    assert all(load != 2.0 for load in loads)  # the allocators, not top-2, chose the counts
+    report = flops_report(model, loads, baseline_topk=2)
+    attention_scores = 2 * 2 * 2 * 8 * 2
+    assert report["flops_per_token"] * TOKENS == counted - attention_scores * TOKENS
+    assert report["expert_flops_pct"] == pytest.approx(100 * (sum(loads) / 4 - 1))
