@@ -87,7 +87,10 @@ class AdaK(nn.Module):
             )
         limit = min(choices(b) for b in blocks)
         if max_k is not None and not 1 <= max_k <= limit:
-            raise OptionError(f"max_k ({max_k}) must be in 1..{limit}; pass a smaller --adak-max-k")
+            raise OptionError(
+                f"max_k ({max_k}) must be in 1..{limit} (the experts a router scores); fix "
+                "--adak-max-k"
+            )
         hidden = model.config.hidden_size
         self.max_k = max_k or limit
         self.allocators = nn.ModuleList(KAllocator(hidden, self.max_k) for _ in blocks)
@@ -132,12 +135,13 @@ class AdaK(nn.Module):
 
         with open(os.path.join(directory, CONFIG_FILE)) as handle:
             config = json.load(handle)
-        adak = cls(model, config["max_k"])
-        if len(adak.allocators) != config["num_layers"]:
+        layers = len(moe_blocks(model))
+        if layers != config["num_layers"]:
             raise OptionError(
                 f"allocators in {directory} ({config['num_layers']} layers) must match the "
-                f"model's {len(adak.allocators)} MoE layers; pass the model they were trained on"
+                f"model's {layers} MoE layers; pass the model they were trained on"
             )
+        adak = cls(model, config["max_k"])
         adak.allocators.load_state_dict(load_file(os.path.join(directory, ALLOCATORS_FILE)))
         return adak.to(next(model.parameters()).device)
 

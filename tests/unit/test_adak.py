@@ -193,7 +193,7 @@ def test_allocators_save_and_reload_to_the_same_choices(tmp_path):
 
 
 def test_bad_settings_are_one_line_errors():
-    with pytest.raises(OptionError, match=r"max_k \(9\) must be in 1..8; pass a smaller"):
+    with pytest.raises(OptionError, match=r"max_k \(9\) must be in 1..8 \(the experts a router"):
         AdaK(_adamoe(), max_k=9)
     from transformers import LlamaForCausalLM
 

@@ -129,6 +129,6 @@ def test_a_bad_protocol_is_one_line_naming_the_field(tmp_path, changes, message)
 
 def test_the_shipped_protocol_loads():
     protocol = finetune_study.load_protocol("configs/study/cpu_table1.yaml")
-    assert len(protocol.runs()) == 2 * (2 + 6 * 3)  # two tasks; two base arms scored once
+    assert len(protocol.runs()) == 2 * (2 + 8 * 3)  # two tasks; two base arms scored once
     dense = protocol.pretrain["dense"]["overrides"]
     assert dense["num_experts"] == 0  # the dense twin of the top-2 base, for Mo-LoRA
