@@ -33,7 +33,8 @@ def check(grid, continue_from: dict, path: str, load_grid) -> dict:
     grid loaded (``load_grid``)."""
     checked = {}
     for arm, source in continue_from.items():
-        if arm not in grid.arms or not {"grid", "arm"} <= set(source) <= SOURCE_KEYS:
+        keys = set(source) if isinstance(source, dict) else set()
+        if arm not in grid.arms or not {"grid", "arm"} <= keys <= SOURCE_KEYS:
             raise OptionError(
                 f"continue_from.{arm} ({source}) must name an arm of this grid and the grid and "
                 f"arm it continues (add_null_experts optional); fix {path}"
