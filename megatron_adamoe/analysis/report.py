@@ -237,7 +237,8 @@ def _comparison_lines(grid, stats: dict, base: str, base_tps) -> list[str]:
         "",
         "The top-k arms' (expert FLOPs, validation loss) points, joined by straight lines, "
         "form the frontier; each other arm is compared with the frontier of its own expert "
-        "shape (n experts of one FFN width) and training (steps, starting point), at its own "
+        "shape (n experts of one FFN width) and training (steps, starting point, aux loss or "
+        "expert bias), at its own "
         "measured expert FLOPs (loss "
         "difference; negative = AdaMoE better) and at its own loss (the expert FLOPs top-k "
         "would need, interpolated; saving = 1 - AdaMoE's / top-k's).",
@@ -298,8 +299,11 @@ def _against_one(grid, arm: str, s: dict, front: list) -> str:
     of its group (e.g. an upcycled model against the same model continued as top-k)."""
     flops = f"{s['expert_flops_vs_baseline'][0]:.3f}"
     if not front:
-        n, width, steps, _ = grid.group(arm)
-        return f"| {arm} | {flops} | no top-k arm of {n} experts of FFN {width}, {steps} steps |"
+        n, width, steps, _, balancing = grid.group(arm)
+        return (
+            f"| {arm} | {flops} | no top-k arm of {n} experts of FFN {width}, {steps} steps, "
+            f"{balancing} |"
+        )
     name, other = front[0]
     (mean, std, count), (o_mean, o_std, o_count) = s["final_val_loss"], other["final_val_loss"]
     error = math.sqrt(std**2 / count + o_std**2 / o_count)

@@ -127,10 +127,13 @@ class Grid:
         return self.options(arm).num_experts, expert_width(self.options(arm))
 
     def group(self, arm: str) -> tuple:
-        """Arms compared with one frontier: one expert shape, one token budget, one start."""
+        """Arms compared with one frontier: one expert shape, one token budget, one start, one
+        way of balancing (the aux loss, or the aux-loss-free expert bias)."""
         source = self.continued.get(arm)
         start = (source["grid"], source["arm"]) if source else None
-        return (*self.expert_shape(arm), self.options(arm).train_iters, start)
+        options = self.options(arm)
+        balancing = "expert bias" if options.moe_router_enable_expert_bias else "aux loss"
+        return (*self.expert_shape(arm), options.train_iters, start, balancing)
 
     def baseline_shape(self) -> tuple[int, int]:
         """The expert shape of the base config with the common options (top-``baseline_topk``
