@@ -33,6 +33,7 @@ from megatron_adamoe.analysis import continued, plots, report
 from megatron_adamoe.analysis.runs import Run, read_run
 from megatron_adamoe.errors import OptionError
 from megatron_adamoe.options import PretrainArguments, settable_fields
+from megatron_adamoe.options.rules import validate
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAUNCH = "launch/pretrain_adamoe.sh"
@@ -192,6 +193,11 @@ def load_grid(path: str) -> Grid:
         description=raw.get("description", ""),
         discussion=raw.get("discussion", ""),
     )
+    for arm in grid.arms:  # every arm's options pass the pretraining rules before any run
+        try:
+            validate(grid.options(arm), check_io=False, check_topology=False)
+        except OptionError as error:
+            raise OptionError(f"grid arm {arm}: {error}; fix {path}") from None
     if raw.get("reuse"):
         _reuse(grid, raw["reuse"], path)
     if raw.get("continue_from"):
