@@ -77,10 +77,9 @@ def final_target_load(args: PretrainArguments):
     return expected_load(args.moe_router_topk, args.num_experts, args.adamoe_num_null_experts)
 
 
-def hf_config(
-    args: PretrainArguments, vocab_size: int, tokenizer=None, shape: Optional[ModelShape] = None
-) -> AdaMoEHFConfig:
-    ffn = args.ffn_hidden_size or 4 * args.hidden_size
+def decoder_fields(args: PretrainArguments, vocab_size: int, tokenizer=None) -> dict:
+    """The HF config fields every exported decoder shares (AdaMoE's and the dense Llama's): its
+    sizes, attention, positions, norm, and the tokenizer's special ids."""
     special = {}
     if tokenizer is not None:
         ids = {
@@ -89,11 +88,10 @@ def hf_config(
             "pad_token_id": tokenizer.pad_token_id,
         }
         special = {name: value for name, value in ids.items() if value is not None}
-    return AdaMoEHFConfig(
+    return dict(
         vocab_size=vocab_size,
         hidden_size=args.hidden_size,
-        intermediate_size=ffn,
-        moe_intermediate_size=args.moe_ffn_hidden_size or ffn,
+        intermediate_size=args.ffn_hidden_size or 4 * args.hidden_size,
         num_hidden_layers=args.num_layers,
         num_attention_heads=args.num_attention_heads,
         num_key_value_heads=args.num_query_groups or args.num_attention_heads,
@@ -101,6 +99,17 @@ def hf_config(
         max_position_embeddings=args.max_position_embeddings or args.seq_length,
         rms_norm_eps=args.norm_epsilon,
         rope_theta=float(args.rotary_base),
+        **special,
+    )
+
+
+def hf_config(
+    args: PretrainArguments, vocab_size: int, tokenizer=None, shape: Optional[ModelShape] = None
+) -> AdaMoEHFConfig:
+    fields = decoder_fields(args, vocab_size, tokenizer)
+    return AdaMoEHFConfig(
+        **fields,
+        moe_intermediate_size=args.moe_ffn_hidden_size or fields["intermediate_size"],
         num_local_experts=args.num_experts,
         num_null_experts=args.adamoe_num_null_experts,
         num_experts_per_tok=args.moe_router_topk,
@@ -116,7 +125,6 @@ def hf_config(
         router_aux_loss_coef=args.moe_aux_loss_coeff or 0.0,
         tie_word_embeddings=not args.untie_embeddings_and_output_weights,
         architectures=["AdaMoEForCausalLM"],
-        **special,
     )
 
 

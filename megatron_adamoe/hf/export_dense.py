@@ -27,26 +27,13 @@ def llama_names(hf_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def llama_config(args: PretrainArguments, vocab_size: int, tokenizer):
     from transformers import LlamaConfig
 
-    special = {
-        name: getattr(tokenizer, name)
-        for name in ("bos_token_id", "eos_token_id", "pad_token_id")
-        if getattr(tokenizer, name) is not None
-    }
+    from megatron_adamoe.hf.export import decoder_fields
+
     return LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=args.hidden_size,
-        intermediate_size=args.ffn_hidden_size or 4 * args.hidden_size,
-        num_hidden_layers=args.num_layers,
-        num_attention_heads=args.num_attention_heads,
-        num_key_value_heads=args.num_query_groups or args.num_attention_heads,
-        head_dim=args.hidden_size // args.num_attention_heads,
-        max_position_embeddings=args.max_position_embeddings or args.seq_length,
-        rms_norm_eps=args.norm_epsilon,
-        rope_theta=float(args.rotary_base),
+        **decoder_fields(args, vocab_size, tokenizer),
         hidden_act="silu",
         attention_bias=False,
         mlp_bias=False,
         tie_word_embeddings=not args.untie_embeddings_and_output_weights,
         architectures=["LlamaForCausalLM"],
-        **special,
     )
