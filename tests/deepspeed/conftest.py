@@ -3,6 +3,7 @@ process, before any test starts ranks."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -28,3 +29,18 @@ def deepspeed_extension():
         timeout=2400,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def model_and_data(tmp_path_factory):
+    """root/model (a tiny random AdaMoE model) and root/train.jsonl (its synthetic text)."""
+    from megatron_adamoe.data.corpus import synthetic_documents
+    from tests.hf_models import tiny_adamoe
+
+    root = tmp_path_factory.mktemp("finetune")
+    documents = synthetic_documents(120, seed=3)
+    with open(root / "train.jsonl", "w") as handle:
+        for text in documents:
+            handle.write(json.dumps({"text": text}) + "\n")
+    tiny_adamoe(str(root / "model"), "\n".join(documents))
+    return root

@@ -4,30 +4,14 @@ batches: every logged value and the saved allocators agree within 1e-3; they rel
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from tests.deepspeed.finetune_runs import run_finetune
-from tests.hf_models import tiny_adamoe
 
 pytestmark = pytest.mark.distributed
 
 ADAK = ["--method", "ada-k", "--learning-rate", "1e-2", "--adak-lambda", "0.01"]
-
-
-@pytest.fixture(scope="module")
-def model_and_data(tmp_path_factory):
-    from megatron_adamoe.data.corpus import synthetic_documents
-
-    root = tmp_path_factory.mktemp("adak")
-    documents = synthetic_documents(120, seed=3)
-    with open(root / "train.jsonl", "w") as handle:
-        for text in documents:
-            handle.write(json.dumps({"text": text}) + "\n")
-    tiny_adamoe(str(root / "model"), "\n".join(documents))
-    return root
 
 
 def _allocators(directory):

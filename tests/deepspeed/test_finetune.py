@@ -5,7 +5,6 @@ reload; the aux loss is megatron_adamoe.ops' loss on the model's own router logi
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -15,23 +14,9 @@ import pytest
 import torch
 
 from tests.deepspeed.finetune_runs import ENV, STEPS, finetune_command, read_records, run_finetune
-from tests.hf_models import tiny_adamoe
 from tests.runs import REPO
 
 pytestmark = pytest.mark.distributed
-
-
-@pytest.fixture(scope="module")
-def model_and_data(tmp_path_factory):
-    from megatron_adamoe.data.corpus import synthetic_documents
-
-    root = tmp_path_factory.mktemp("finetune")
-    documents = synthetic_documents(120, seed=3)
-    with open(root / "train.jsonl", "w") as handle:
-        for text in documents:
-            handle.write(json.dumps({"text": text}) + "\n")
-    tiny_adamoe(str(root / "model"), "\n".join(documents))
-    return root
 
 
 def _ranks_of(out) -> list[int]:
