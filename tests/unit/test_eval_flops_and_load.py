@@ -37,8 +37,8 @@ def _counted_flops(model, tokens) -> int:
     return counter.get_total_flops()
 
 
-def test_adamoe_load_is_the_rows_experts_received_and_flops_match_torchs_counter():
-    model = _adamoe()
+def _count_expert_rows(model) -> dict:
+    """{layer: rows its experts received}, filled by hooks on the experts as the model runs."""
     rows = {}
     for index, layer in enumerate(model.model.layers):
         for expert in layer.block_sparse_moe.experts:
@@ -47,6 +47,12 @@ def test_adamoe_load_is_the_rows_experts_received_and_flops_match_torchs_counter
                     index, rows.get(index, 0) + i[0].size(0)
                 )
             )
+    return rows
+
+
+def test_adamoe_load_is_the_rows_experts_received_and_flops_match_torchs_counter():
+    model = _adamoe()
+    rows = _count_expert_rows(model)
     tokens = _one_token_sequences()
     with LoadMeter(model) as meter:
         counted = _counted_flops(model, tokens)
@@ -143,14 +149,7 @@ def test_ada_k_load_is_the_rows_experts_received_and_flops_match_torchs_counter(
     with torch.no_grad():
         for allocator in model.adak.allocators:
             allocator.proj.weight.normal_(std=1.0)
-    rows = {}
-    for index, layer in enumerate(model.model.layers):
-        for expert in layer.block_sparse_moe.experts:
-            expert.register_forward_hook(
-                lambda m, i, o, index=index: rows.__setitem__(
-                    index, rows.get(index, 0) + i[0].size(0)
-                )
-            )
+    rows = _count_expert_rows(model)
     tokens = _one_token_sequences()
     with LoadMeter(model) as meter:
         counted = _counted_flops(model, tokens)
