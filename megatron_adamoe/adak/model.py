@@ -192,5 +192,10 @@ def _mixtral_forward(block, x_TH: torch.Tensor, k_T: torch.Tensor):
     weights_TK, indices_TK = topk_slots_from_routing_map(
         routing.probs_TE, routing.routing_map_TE, int(k_T.max())
     )
-    indices_TK = indices_TK.masked_fill(indices_TK < 0, num_experts)  # the experts' "no expert"
+    # A token with fewer than max k picks fills its empty slots with its first pick at weight 0:
+    # transformers' grouped_mm and batched_mm experts skip the "no expert" index (num_experts)
+    # only under expert parallelism, and otherwise leave its rows uninitialised (NaN * 0 = NaN).
+    empty_TK = indices_TK < 0
+    indices_TK = torch.where(empty_TK, indices_TK[:, :1], indices_TK)
+    weights_TK = weights_TK.masked_fill(empty_TK, 0.0)
     return block.experts(x_TH, indices_TK, weights_TK), k_T
