@@ -6,6 +6,8 @@ play, fine-tuning and test items from different plays.
 - ``next_line``: a passage of two lines from a speech; choose its true next line among four
   (the other three: lines of the same play), HellaSwag-style.
 - ``speaker``: the first lines of a speech; name its speaker among four of the play's speakers.
+- ``validation``: the test plays' held-out documents as text, for a validation loss (bits per
+  byte through lm-eval's rolling log-likelihood) on text neither pretraining nor fine-tuning saw.
 
 Records are in the fine-tuning format (question, choices, answer), rendered for training and
 for adamoe-eval by the same template. Pure Python; deterministic for a seed."""
@@ -98,9 +100,10 @@ def build_tasks(
     test_items: int,
     seed: int,
 ) -> dict:
-    """{"manifest": {...}, "<task>_<train|test>": [records]}: the held-out plays split by play
-    (the largest fine-tunes, the others test), each task's items shuffled with ``seed`` and cut
-    to the sizes asked."""
+    """{"manifest": {...}, "<task>_<train|test>": [records], "validation": [{play, text}]}: the
+    held-out plays split by play (the largest fine-tunes, the others test), each task's items
+    shuffled with ``seed`` and cut to the sizes asked; validation holds the test plays'
+    documents whole."""
     held = held_out_plays(plays, train_fraction)
     if len(held) < 2:
         raise OptionError(
@@ -119,6 +122,10 @@ def build_tasks(
             "items": {},
         }
     }
+    out["validation"] = [
+        {"play": play, "text": document} for play in parts["test"] for document in held[play]
+    ]
+    out["manifest"]["items"]["validation"] = len(out["validation"])
     for task, make in (("next_line", next_line_items), ("speaker", speaker_items)):
         for part, wanted in (("train", train_items), ("test", test_items)):
             items = [item for play in parts[part] for item in make(speeches(held[play]), rng)]

@@ -1,12 +1,14 @@
 """``adamoe-eval``: accuracy per task through lm-evaluation-harness, with the measured Load (true
 experts per token, per layer and mean) and FLOPs against a top-k baseline, as the paper reports
-them (Table 1: Acc., Load, %FLOPs).
+them (Table 1: Acc., Load, %FLOPs). Perplexity tasks (lm-eval's ``loglikelihood_rolling``, e.g.
+``shakespeare_validation``) report bits per byte and byte / word perplexity instead of accuracy.
 
     adamoe-eval --model hf/adamoe_tuned --tasks next_line=tasks/next_line_test.jsonl,speaker \\
         --include-path configs/tasks --baseline-topk 2 --output results.json
     adamoe-eval --model hf/adamoe_mixtral --adapter out/qlora ...      # PEFT (Q)LoRA adapters
     adamoe-eval --model path/to/llama --adapter out/molora ...         # Mo-LoRA adapters
     adamoe-eval --model hf/top2 --adapter out/adak ...                 # Ada-K allocators
+    adamoe-eval --model hf/top2 --topk 1 ...                           # the top-2 model as top-1
 
 ``NAME=FILE.jsonl`` tasks are multiple-choice records in the fine-tuning format
 (question/choices/answer) rendered with ``--mc-template`` as fine-tuning renders them; other
@@ -27,7 +29,7 @@ from typing import Optional
 from megatron_adamoe.errors import OptionError, report
 
 logger = logging.getLogger("megatron_adamoe.eval")
-_METRICS = ("acc", "acc_norm")
+_METRICS = ("acc", "acc_norm", "bits_per_byte", "byte_perplexity", "word_perplexity")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="k of the top-k baseline FLOPs are compared with (same true experts, no nulls; "
         "default: the model's k when it has no nulls)",
     )
+    add(
+        "--topk",
+        type=int,
+        default=None,
+        help="route every token to this many picks instead of the model's num_experts_per_tok "
+        "(e.g. a top-2 model evaluated as top-1)",
+    )
     add("--num-fewshot", type=int, default=0)
     add("--limit", type=int, default=None, help="at most this many items per task")
     add("--output", default=None, help="the results as JSON (written whole or not at all)")
@@ -72,7 +81,7 @@ def evaluate(options) -> dict:
     from megatron_adamoe.evaluation.tasks import parse_tasks, write_local_task
 
     tasks = parse_tasks(options.tasks)
-    for name, least in (("baseline_topk", 1), ("num_fewshot", 0), ("limit", 1)):
+    for name, least in (("baseline_topk", 1), ("topk", 1), ("num_fewshot", 0), ("limit", 1)):
         value = getattr(options, name)
         if value is not None and value < least:
             raise OptionError(
@@ -88,7 +97,7 @@ def evaluate(options) -> dict:
                 "baseline_topk must be given for a model with null experts (its k counts null "
                 "picks); e.g. --baseline-topk 2 for a top-2 model converted to AdaMoE"
             )
-        model, tokenizer = load_model(options.model, options.adapter)
+        model, tokenizer = load_model(options.model, options.adapter, options.topk)
         if options.baseline_topk is None and _has_mo_lora_nulls(model):
             raise OptionError(
                 "baseline_topk must be given for Mo-LoRA adapters with null experts (their k "
@@ -110,7 +119,14 @@ def evaluate(options) -> dict:
                 logger.info("%s: %s", name, _line(results[name]))
     overall = {
         key: sum(r[key] for r in results.values()) / len(results)
-        for key in ("acc", "acc_norm", "load_mean", "model_flops_pct", "expert_flops_pct")
+        for key in (
+            "acc",
+            "acc_norm",
+            "bits_per_byte",
+            "load_mean",
+            "model_flops_pct",
+            "expert_flops_pct",
+        )
         if all(r.get(key) is not None for r in results.values())
     }
     return {"tasks": results, "overall": overall}
@@ -134,17 +150,33 @@ def _model_config(model_dir: str) -> dict:
         return json.load(handle)
 
 
-def load_model(model_dir: str, adapter: Optional[str]):
+def load_model(model_dir: str, adapter: Optional[str], topk: Optional[int] = None):
     """The model in fp32, eval mode, with its adapters: PEFT ones merged (merged = unmerged),
-    Mo-LoRA ones wrapped (they cannot merge)."""
+    Mo-LoRA ones wrapped (they cannot merge); ``topk`` overrides the config's picks per token."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import megatron_adamoe.hf  # noqa: F401  (registers the AdaMoE Auto classes)
     from megatron_adamoe.hf.versions import dtype_kwarg
 
-    _model_config(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **{dtype_kwarg(): torch.float32})
+    config = _model_config(model_dir)
+    overrides = {}
+    if topk is not None:
+        if "num_experts_per_tok" not in config:
+            raise OptionError(
+                f"topk ({topk}) needs a model with routed experts; {model_dir} has no "
+                "num_experts_per_tok: drop --topk"
+            )
+        true, null = config["num_local_experts"], config.get("num_null_experts", 0)
+        if topk > true + null:
+            raise OptionError(
+                f"topk ({topk}) must be <= the model's {true + null} experts ({true} true + "
+                f"{null} null); lower --topk"
+            )
+        overrides["num_experts_per_tok"] = topk
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, **{dtype_kwarg(): torch.float32}, **overrides
+    )
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if adapter is not None:
         from megatron_adamoe.adak.model import CONFIG_FILE as ADAK_CONFIG
@@ -210,6 +242,8 @@ def _run_task(lm, name: str, manager, options) -> dict:
 
 def _line(result: dict) -> str:
     parts = [f"acc {result['acc']:.4f}" if "acc" in result else ""]
+    if "bits_per_byte" in result:
+        parts.append(f"bits/byte {result['bits_per_byte']:.4f}")
     if result.get("load_mean") is not None:
         parts.append(f"load {result['load_mean']:.3f}")
     if result.get("expert_flops_pct") is not None:
@@ -219,8 +253,8 @@ def _line(result: dict) -> str:
 
 
 def table(results: dict) -> str:
-    """The paper's layout: one column per task and the mean; rows Acc. (± stderr), Load,
-    %FLOPs (expert part, then the whole model)."""
+    """The paper's layout: one column per task and the mean; rows Acc. (± stderr) and, for
+    perplexity tasks, bits per byte; Load, %FLOPs (expert part, then the whole model)."""
     names = list(results["tasks"])
     rows = [["", *names, "mean"]]
 
@@ -228,19 +262,29 @@ def table(results: dict) -> str:
         value = result.get(key)
         return "-" if value is None else fmt.format(value)
 
-    rows.append(
-        ["Acc."]
-        + [
-            cell(results["tasks"][n], "acc", "{:.2%}")
-            + (
-                f" ± {results['tasks'][n]['acc_stderr']:.2%}"
-                if results["tasks"][n].get("acc_stderr") is not None
-                else ""
-            )
-            for n in names
-        ]
-        + [cell(results["overall"], "acc", "{:.2%}")]
-    )
+    def shown(key):
+        return any(key in results["tasks"][n] for n in names)
+
+    if shown("acc"):
+        rows.append(
+            ["Acc."]
+            + [
+                cell(results["tasks"][n], "acc", "{:.2%}")
+                + (
+                    f" ± {results['tasks'][n]['acc_stderr']:.2%}"
+                    if results["tasks"][n].get("acc_stderr") is not None
+                    else ""
+                )
+                for n in names
+            ]
+            + [cell(results["overall"], "acc", "{:.2%}")]
+        )
+    if shown("bits_per_byte"):
+        rows.append(
+            ["Bits/byte"]
+            + [cell(results["tasks"][n], "bits_per_byte", "{:.4f}") for n in names]
+            + [cell(results["overall"], "bits_per_byte", "{:.4f}")]
+        )
     for label, key, fmt in (
         ("Load", "load_mean", "{:.2f}"),
         ("%FLOPs (experts)", "expert_flops_pct", "{:+.1f}%"),

@@ -123,6 +123,53 @@ def test_a_shipped_task_is_scored_as_an_independent_loop_scores_it(
     assert table.splitlines()[3].startswith(f"| Load | {result['load_mean']:.2f} |")
 
 
+def test_the_validation_text_is_scored_in_bits_per_byte_as_an_independent_loop_scores_it(
+    model_and_task, capsys, tmp_path, monkeypatch
+):
+    """configs/tasks/shakespeare_validation.yaml (lm-eval's rolling log-likelihood): bits per
+    byte = the documents' summed negative log-likelihood after lm-eval's prefix token (BOS) over
+    their UTF-8 bytes, in bits, each document one window here; --topk 1 routes one pick."""
+    import math
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import megatron_adamoe.hf  # noqa: F401
+    from tests.runs import REPO
+
+    documents = ["the king speaks of the crown", "a fool speaks of her ring and a letter"]
+    (tmp_path / "data" / "tasks" / "shakespeare").mkdir(parents=True)
+    with open(tmp_path / "data/tasks/shakespeare/validation.jsonl", "w") as handle:
+        handle.writelines(json.dumps({"play": "p", "text": text}) + "\n" for text in documents)
+    monkeypatch.chdir(tmp_path)
+    results = {}
+    for topk in (None, 1):
+        out = tmp_path / f"topk{topk}.json"
+        status, table, _ = _eval(
+            capsys, "--model", model_and_task / "model", "--include-path", f"{REPO}/configs/tasks",
+            "--tasks", "shakespeare_validation", "--baseline-topk", "2", "--output", out,
+            *(["--topk", topk] if topk else []),
+        )  # fmt: skip
+        assert status == 0
+        results[topk] = json.loads(out.read_text())["tasks"]["shakespeare_validation"]
+    assert table.splitlines()[2].startswith(f"| Bits/byte | {results[1]['bits_per_byte']:.4f} |")
+    model = AutoModelForCausalLM.from_pretrained(model_and_task / "model", dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_and_task / "model")
+    nll = 0.0
+    for text in documents:
+        ids = [tokenizer.bos_token_id] + tokenizer.encode(text, add_special_tokens=False)
+        with torch.no_grad():
+            log_probs = torch.log_softmax(model.eval()(torch.tensor([ids[:-1]])).logits[0], -1)
+        nll -= float(log_probs.gather(1, torch.tensor(ids[1:]).unsqueeze(1)).sum())
+    want = nll / sum(len(text.encode()) for text in documents) / math.log(2)
+    assert results[None]["bits_per_byte"] == pytest.approx(want, rel=1e-5)
+    assert results[None]["samples"] == 2 and "acc" not in results[None]
+    # One pick over the n + m experts instead of three: at most one true expert per token, and
+    # never more than the top-3 routing's, in every layer (its null bias keeps that below 1).
+    one, three = results[1]["load"], results[None]["load"]
+    assert all(a <= min(b, 1) for a, b in zip(one, three)) and one != three
+    assert results[1]["bits_per_byte"] != results[None]["bits_per_byte"]
+
+
 def test_adapters_are_evaluated_on_their_base(model_and_task, capsys, tmp_path):
     """PEFT adapters (merged for evaluation) change the scores of the base; the merged model's
     own directory gives the same numbers."""
@@ -175,6 +222,11 @@ def test_adapters_are_evaluated_on_their_base(model_and_task, capsys, tmp_path):
             "baseline_topk (0) must be >= 1; fix --baseline-topk",
         ),
         (["--tasks", "TASK", "--limit", "0"], "limit (0) must be >= 1; fix --limit"),
+        (["--tasks", "TASK", "--topk", "0"], "topk (0) must be >= 1; fix --topk"),
+        (
+            ["--tasks", "TASK", "--topk", "9", "--baseline-topk", "2"],
+            "topk (9) must be <= the model's 8 experts (4 true + 4 null); lower --topk",
+        ),
     ],
 )
 def test_bad_inputs_are_one_line(model_and_task, capsys, args, message):
@@ -207,6 +259,11 @@ def test_mo_lora_adapters_on_a_dense_base_report_their_lora_load(tmp_path, capsy
     assert status == 2 and err.strip().endswith(
         "error: baseline_topk must be given for Mo-LoRA adapters with null experts (their k "
         "counts null picks); e.g. --baseline-topk 2 for plain top-2 MoLA"
+    )
+    status, _, err = _eval(capsys, *args, "--baseline-topk", "2", "--topk", "1")
+    assert status == 2 and err.strip().endswith(
+        f"error: topk (1) needs a model with routed experts; {tmp_path / 'llama'} has no "
+        "num_experts_per_tok: drop --topk"
     )
     status, _, _ = _eval(capsys, *args, "--baseline-topk", "2")
     assert status == 0

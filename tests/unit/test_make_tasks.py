@@ -88,6 +88,12 @@ def test_items_are_true_disjoint_by_play_and_deterministic():
             else:
                 assert item["question"].startswith('Who says: "')
                 assert item["question"].endswith(f' by {right.upper()}"?')  # the true speaker
+    held = held_out_plays(_plays(), 0.34)
+    assert tasks["validation"] == [
+        {"play": play, "text": text} for play in manifest["test_plays"] for text in held[play]
+    ]
+    assert manifest["items"]["validation"] == len(tasks["validation"]) > 0
+    assert not set(manifest["train_plays"]) & {record["play"] for record in tasks["validation"]}
     assert build_tasks(_plays(), 0.34, 50, 30, seed=1) == tasks
 
 
