@@ -1,6 +1,7 @@
 """The fine-tuning protocol's report: the table in the paper's Table 1 layout (per task: accuracy
-mean ± standard deviation over seeds, Load, %FLOPs against the top-k baseline) and the
-accuracy-against-FLOPs plot, from the rows ``finetune_study.collect`` reads off the runs."""
+mean ± standard deviation over seeds, Load, %FLOPs against the top-k baseline), the
+accuracy-against-FLOPs plot and, with a validation text, bits per byte against FLOPs, from the
+rows ``finetune_study.collect`` reads off the runs."""
 
 from __future__ import annotations
 
@@ -56,6 +57,58 @@ def table(protocol, rows: list[dict]) -> list[str]:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def validation_table(protocol, rows: list[dict]) -> list[str]:
+    """Markdown: one row per arm; on the validation text, over all its runs (every task's
+    fine-tuned model, every seed): bits per byte, Load and %FLOPs, mean ± std (runs)."""
+    lines = [
+        "| Arm | Bits/byte | Load | %FLOPs |",
+        "|---|---|---|---|",
+    ]
+    for arm in protocol.arms:
+        bits = [r["val_bits_per_byte"] for r in rows if r["arm"] == arm and _has_val(r)]
+        if not bits:
+            continue
+        load = [r["val_load_mean"] for r in rows if r["arm"] == arm and _has_val(r)]
+        flops = [r["val_model_flops_pct"] for r in rows if r["arm"] == arm and _has_val(r)]
+        (b, b_std), (lo, lo_std), (f, f_std) = map(_mean_std, (bits, load, flops))
+        lines.append(
+            f"| {arm} | {b:.4f} ± {b_std:.4f} ({len(bits)}) | {lo:.2f} ± {lo_std:.2f} | "
+            f"{f:+.1f} ± {f_std:.1f} |"
+        )
+    return lines
+
+
+def _has_val(row: dict) -> bool:
+    return row.get("val_bits_per_byte") is not None
+
+
+def write_validation_plot(protocol, rows: list[dict], path: str) -> None:
+    """Bits per byte on the validation text against whole-model FLOPs there, mean ± std per arm
+    over its runs."""
+    figure, axis = plt.subplots(figsize=(6.5, 4.6))
+    colors = plt.get_cmap("tab10")
+    for number, arm in enumerate(protocol.arms):
+        runs = [r for r in rows if r["arm"] == arm and _has_val(r)]
+        if not runs:
+            continue
+        (y, y_std), (x, x_std) = (
+            _mean_std([r[key] for r in runs])
+            for key in ("val_bits_per_byte", "val_model_flops_pct")
+        )
+        axis.errorbar(
+            x, y, yerr=y_std, xerr=x_std, fmt="o", capsize=3, color=colors(number % 10), label=arm
+        )
+    axis.set_xlabel(f"model FLOPs per token vs top-{protocol.baseline_topk} (%)")
+    axis.set_ylabel(f"bits per byte ({protocol.validation})")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, loc="best")
+    axis.set_title(f"{protocol.name}: validation loss against compute (mean ± std over runs)")
+    figure.tight_layout()
+    figure.savefig(path + ".tmp.png", dpi=110)
+    plt.close(figure)
+    os.replace(path + ".tmp.png", path)
 
 
 def _seed_mean_over_tasks(rows, arm, tasks, key):
@@ -123,6 +176,20 @@ def render(protocol, rows: list[dict], machine: dict, commands: list[str]) -> st
         "![accuracy against FLOPs](accuracy_flops.png)",
         "",
     ]
+    if any(_has_val(r) for r in rows):
+        lines += [
+            f"### Validation text ({protocol.validation})",
+            "",
+            "Each run's model (base, fine-tuned or with its adapters or allocators) on the "
+            "held-out text: lm-evaluation-harness `bits_per_byte` (rolling log-likelihood), Load "
+            "and %FLOPs measured on that text; mean ± population std over the arm's runs (every "
+            "task's model and seed; number of runs).",
+            "",
+            *validation_table(protocol, rows),
+            "",
+            "![validation loss against FLOPs](validation_flops.png)",
+            "",
+        ]
     if protocol.discussion.strip():
         lines += ["## What the runs show", "", protocol.discussion.strip(), ""]
     lines += ["## Arms", ""]

@@ -5,8 +5,11 @@ A protocol file (YAML, e.g. ``configs/study/cpu_table1.yaml``) names the pretrai
 make the bases (an arm and seed of a pretraining study grid, run as that grid runs it, with
 optional overrides, e.g. the dense twin), the bases made from them (``export-hf`` of a
 checkpoint, or ``add-null-experts`` first), the tasks (a
-fine-tuning JSONL and an lm-eval task), ``adamoe-finetune`` flags common to every arm, the arms
-(a base plus their own flags; ``method: none`` scores the base as it is) and the seeds. Every
+fine-tuning JSONL and an lm-eval task), optionally a ``validation`` lm-eval perplexity task every
+run is also scored on (``validation.json``: bits per byte, Load and FLOPs on held-out text),
+``adamoe-finetune`` flags common to every arm, the arms (a base plus their own flags;
+``method: none`` scores the base as it is, ``topk`` there with another k per token) and the
+seeds. Every
 step is one of the project's commands as a user types it, run as a process of its own; a step
 whose output exists is skipped, so rerunning the same command resumes a stopped protocol. The
 report under ``<out>/<name>/`` (``results.csv``, ``accuracy_flops.png``, ``README.md``) keeps
@@ -28,7 +31,7 @@ from typing import Callable, Optional
 import yaml
 
 from megatron_adamoe.analysis import study
-from megatron_adamoe.analysis.finetune_report import render, write_plot
+from megatron_adamoe.analysis.finetune_report import render, write_plot, write_validation_plot
 from megatron_adamoe.errors import OptionError
 
 REPO = study.REPO
@@ -44,10 +47,12 @@ KEYS = {
     "common",
     "arms",
     "discussion",
+    "validation",
 }
 BASE_KEYS = {"from", "num_null_experts", "topk", "null_router_init"}
 PRETRAIN_KEYS = {"grid", "arm", "seed", "overrides"}
 RESERVED = {"model", "data", "output_dir", "checkpoint_dir", "seed", "metrics_file", "resume"}
+EVAL_KEYS = {"topk"}  # adamoe-eval's, for method: none arms (the base routed with another k)
 CSV_COLUMNS = (
     "arm",
     "task",
@@ -60,7 +65,15 @@ CSV_COLUMNS = (
     "model_flops_pct",
     "final_train_loss",
     "wall_s",
+    "val_bits_per_byte",
+    "val_load_mean",
+    "val_model_flops_pct",
 )
+VALIDATION_COLUMNS = {
+    "val_bits_per_byte": "bits_per_byte",
+    "val_load_mean": "load_mean",
+    "val_model_flops_pct": "model_flops_pct",
+}
 
 
 @dataclass
@@ -77,6 +90,7 @@ class Protocol:
     arms: dict[str, dict]
     description: str = ""
     discussion: str = ""
+    validation: str = ""
 
     def seeds_of(self, arm: str) -> list[int]:
         """A ``method: none`` arm is the base scored as it is: one run, seed 0."""
@@ -136,7 +150,7 @@ def load_protocol(path: str) -> Protocol:
             raise OptionError(f"tasks.{task} must name train (JSONL) and eval (an lm-eval task)")
     flags = _finetune_flags()
     for where, options in [("common", raw.get("common") or {}), *raw["arms"].items()]:
-        options = {k: v for k, v in options.items() if k != "base"}
+        options = {k: v for k, v in options.items() if k != "base" and k not in EVAL_KEYS}
         bad = sorted((set(options) - flags) | (set(options) & RESERVED))
         if bad:
             raise OptionError(
@@ -144,6 +158,11 @@ def load_protocol(path: str) -> Protocol:
                 f"harness does not set itself ({', '.join(sorted(RESERVED))}); fix {path}"
             )
     for arm, options in raw["arms"].items():
+        if "topk" in options and options.get("method") != "none":
+            raise OptionError(
+                f"arms.{arm}.topk ({options['topk']}) is for method: none arms (the base scored "
+                "with another k); a fine-tuned arm keeps its base's k: drop topk"
+            )
         if options.get("base") not in raw["bases"]:
             raise OptionError(
                 f"arms.{arm}.base ({options.get('base')!r}) must be one of the bases "
@@ -162,6 +181,7 @@ def load_protocol(path: str) -> Protocol:
         arms=raw["arms"],
         description=raw.get("description", ""),
         discussion=raw.get("discussion", ""),
+        validation=raw.get("validation") or "",
     )
 
 
@@ -188,6 +208,8 @@ def _flags(options: dict) -> list[str]:
 def finetune_command(protocol: Protocol, arm: str, task: str, seed: int, run_dir: str, base: str):
     options = {**protocol.common, **protocol.arms[arm]}
     options.pop("base")
+    for key in EVAL_KEYS:
+        options.pop(key, None)
     return [
         sys.executable,
         "-m",
@@ -207,6 +229,15 @@ def finetune_command(protocol: Protocol, arm: str, task: str, seed: int, run_dir
 
 
 def eval_command(protocol: Protocol, arm: str, task: str, run_dir: str, base: str) -> list[str]:
+    return _eval_command(protocol, arm, protocol.tasks[task]["eval"], run_dir, base, "eval.json")
+
+
+def validation_command(protocol: Protocol, arm: str, run_dir: str, base: str) -> list[str]:
+    """The run's model scored on the protocol's validation text."""
+    return _eval_command(protocol, arm, protocol.validation, run_dir, base, "validation.json")
+
+
+def _eval_command(protocol, arm, lm_task, run_dir, base, output) -> list[str]:
     tuned = os.path.join(run_dir, "model")
     method = protocol.arms[arm].get("method", protocol.common.get("method", "full"))
     model = ["--model", base] if method == "none" else ["--model", tuned]
@@ -220,11 +251,12 @@ def eval_command(protocol: Protocol, arm: str, task: str, run_dir: str, base: st
         "--include-path",
         protocol.include_path,
         "--tasks",
-        protocol.tasks[task]["eval"],
+        lm_task,
         "--baseline-topk",
         str(protocol.baseline_topk),
+        *_flags({key: protocol.arms[arm].get(key) for key in sorted(EVAL_KEYS)}),
         "--output",
-        os.path.join(run_dir, "eval.json"),
+        os.path.join(run_dir, output),
     ]
 
 
@@ -278,34 +310,48 @@ def run_protocol(
                 target = command[command.index("--out") + 1]
                 if not os.path.isdir(target):
                     _step(command, os.path.join(work, "bases", f"{base}.log"), launch)
-    todo = [
-        run
-        for run in protocol.runs()
-        if not os.path.isfile(os.path.join(work, "runs", Protocol.run_name(*run), "eval.json"))
-    ]
+    todo = [run for run in protocol.runs() if _missing(protocol, _run_dir(work, *run))]
     bar = tqdm(total=len(todo), unit="run", disable=not progress, desc=protocol.name)
     for arm, task, seed in todo:
         name = Protocol.run_name(arm, task, seed)
         bar.set_postfix_str(name)
-        run_dir = os.path.join(work, "runs", name)
+        run_dir = _run_dir(work, arm, task, seed)
+        keep_dir = os.path.join(report_dir, "runs", name)
         os.makedirs(run_dir, exist_ok=True)
         base = os.path.join(work, "bases", protocol.arms[arm]["base"])
         log = os.path.join(run_dir, "run.log")
-        wall = 0.0
-        if protocol.arms[arm].get("method") != "none" and not os.path.isdir(
-            os.path.join(run_dir, "model")
-        ):
-            for stale in ("model-checkpoints", "train_metrics.jsonl"):  # a stopped attempt's
-                path = os.path.join(run_dir, stale)
-                shutil.rmtree(path) if os.path.isdir(path) else None
-                os.remove(path) if os.path.isfile(path) else None
-            wall += _step(finetune_command(protocol, arm, task, seed, run_dir, base), log, launch)
-        wall += _step(eval_command(protocol, arm, task, run_dir, base), log, launch)
-        _keep(run_dir, os.path.join(report_dir, "runs", name), wall)
+        timing = {}
+        if "eval.json" in _missing(protocol, run_dir):
+            wall = 0.0
+            if protocol.arms[arm].get("method") != "none" and not os.path.isdir(
+                os.path.join(run_dir, "model")
+            ):
+                for stale in ("model-checkpoints", "train_metrics.jsonl"):  # a stopped attempt's
+                    path = os.path.join(run_dir, stale)
+                    shutil.rmtree(path) if os.path.isdir(path) else None
+                    os.remove(path) if os.path.isfile(path) else None
+                command = finetune_command(protocol, arm, task, seed, run_dir, base)
+                wall += _step(command, log, launch)
+            wall += _step(eval_command(protocol, arm, task, run_dir, base), log, launch)
+            timing["wall_s"] = round(wall, 1)
+        if "validation.json" in _missing(protocol, run_dir):
+            command = validation_command(protocol, arm, run_dir, base)
+            timing["validation_wall_s"] = round(_step(command, log, launch), 1)
+        _keep(run_dir, keep_dir, timing)
         write_report(protocol, out_dir)
         bar.update(1)
     bar.close()
     write_report(protocol, out_dir)
+
+
+def _run_dir(work: str, arm: str, task: str, seed: int) -> str:
+    return os.path.join(work, "runs", Protocol.run_name(arm, task, seed))
+
+
+def _missing(protocol: Protocol, run_dir: str) -> list[str]:
+    """The scores a run still lacks: eval.json (its task), validation.json (if asked)."""
+    wanted = ["eval.json"] + (["validation.json"] if protocol.validation else [])
+    return [name for name in wanted if not os.path.isfile(os.path.join(run_dir, name))]
 
 
 def _pretrain(protocol: Protocol, name: str, work: str, progress: bool, launch: Callable) -> None:
@@ -333,14 +379,27 @@ def _pretrain(protocol: Protocol, name: str, work: str, progress: bool, launch: 
         json.dump({"wall_s": wall, "commit": study._git_commit()}, handle)
 
 
-def _keep(run_dir: str, keep_dir: str, wall_s: float) -> None:
-    """eval.json, the training metrics and the run's wall time next to the report."""
+def _keep(run_dir: str, keep_dir: str, timing: dict) -> None:
+    """eval.json, validation.json, the training metrics and the steps' wall times (added to what
+    an earlier pass kept: a validation score added later keeps the run's own wall time)."""
     os.makedirs(keep_dir, exist_ok=True)
-    for name in ("eval.json", "train_metrics.jsonl"):
+    for name in ("eval.json", "validation.json", "train_metrics.jsonl"):
         if os.path.isfile(os.path.join(run_dir, name)):
             shutil.copyfile(os.path.join(run_dir, name), os.path.join(keep_dir, name))
-    with open(os.path.join(keep_dir, "done.json"), "w") as handle:
-        json.dump({"wall_s": round(wall_s, 1), "commit": study._git_commit()}, handle)
+    path = os.path.join(keep_dir, "done.json")
+    done = {}
+    if os.path.isfile(path):
+        with open(path) as handle:
+            done = json.load(handle)
+    commit = study._git_commit()
+    if "wall_s" in timing:
+        done["commit"] = commit
+    if "validation_wall_s" in timing:
+        done["validation_commit"] = commit
+    done.update(timing)
+    with open(path + ".tmp", "w") as handle:
+        json.dump(done, handle)
+    os.replace(path + ".tmp", path)
 
 
 def collect(protocol: Protocol, out_dir: str) -> list[dict]:
@@ -354,8 +413,12 @@ def collect(protocol: Protocol, out_dir: str) -> list[dict]:
             scores = next(iter(json.load(handle)["tasks"].values()))
         with open(os.path.join(keep, "done.json")) as handle:
             done = json.load(handle)
-        row = {"arm": arm, "task": task, "seed": seed, "wall_s": done["wall_s"]}
+        row = {"arm": arm, "task": task, "seed": seed, "wall_s": done.get("wall_s")}
         row.update({k: scores.get(k) for k in CSV_COLUMNS if k in scores})
+        if os.path.isfile(os.path.join(keep, "validation.json")):
+            with open(os.path.join(keep, "validation.json")) as handle:
+                validation = next(iter(json.load(handle)["tasks"].values()))
+            row.update({k: validation.get(v) for k, v in VALIDATION_COLUMNS.items()})
         row["final_train_loss"] = _final_train_loss(os.path.join(keep, "train_metrics.jsonl"))
         rows.append(row)
     return rows
@@ -388,6 +451,8 @@ def write_report(protocol: Protocol, out_dir: str) -> Optional[str]:
             )
     os.replace(path + ".tmp", path)
     write_plot(protocol, rows, os.path.join(report_dir, "accuracy_flops.png"))
+    if any(row.get("val_bits_per_byte") is not None for row in rows):
+        write_validation_plot(protocol, rows, os.path.join(report_dir, "validation_flops.png"))
     text = render(protocol, rows, study.machine(), commands=_commands(protocol))
     path = os.path.join(report_dir, "README.md")
     with open(path + ".tmp", "w") as handle:
@@ -409,4 +474,6 @@ def _commands(protocol: Protocol) -> list[str]:
         if protocol.arms[arm].get("method") != "none":
             lines.append(" ".join(finetune_command(protocol, arm, task, seed, run_dir, base)))
         lines.append(" ".join(eval_command(protocol, arm, task, run_dir, base)))
+        if protocol.validation:
+            lines.append(" ".join(validation_command(protocol, arm, run_dir, base)))
     return [line.replace(sys.executable, "python").replace(REPO + "/", "") for line in lines]

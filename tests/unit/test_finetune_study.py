@@ -29,7 +29,8 @@ PROTOCOL = {
         "adamoe-lora": {"base": "adamoe", "method": "lora", "learning_rate": 1e-3},
     },
 }
-ACC = {"top2-base": 0.30, "top2-lora": 0.40, "adamoe-lora": 0.45}
+ACC = {"top2-base": 0.30, "top2-lora": 0.40, "adamoe-lora": 0.45, "top1-base": 0.2}
+BPB = {"top2-base": 2.0, "top2-lora": 1.9, "adamoe-lora": 1.95, "top1-base": 2.2}
 
 
 def _write(tmp_path, **changes) -> str:
@@ -57,8 +58,13 @@ class StandIn:
             acc = ACC[arm] + 0.01 * int(seed)
             result = {"acc": acc, "load_mean": 1.4 if "adamoe" in arm else 2.0,
                       "model_flops_pct": -8.0 if "adamoe" in arm else 0.0}  # fmt: skip
+            task = value("--tasks")
+            if task == "shakespeare_validation":
+                result = {"bits_per_byte": BPB[arm] + 0.01 * int(seed),
+                          "load_mean": 1.0 if "--topk=1" in command else result["load_mean"],
+                          "model_flops_pct": result["model_flops_pct"]}  # fmt: skip
             with open(value("--output"), "w") as handle:
-                json.dump({"tasks": {"shakespeare_next_line": result}, "overall": result}, handle)
+                json.dump({"tasks": {task: result}, "overall": result}, handle)
         else:  # tools/convert_checkpoint.py
             os.makedirs(value("--out"))
         return 0
@@ -106,6 +112,49 @@ def test_protocol_runs_every_step_resumes_and_reports(tmp_path, monkeypatch):
     assert rebuilt.split("Machine:")[0] == readme.split("Machine:")[0]
 
 
+def test_a_validation_text_added_later_scores_every_run_and_nothing_else(tmp_path, monkeypatch):
+    """A finished protocol given `validation` (and a top-1 arm: the base with --topk 1) runs only
+    what is missing: the new arm's task scores and every run's validation score; the runs keep
+    their own wall times; the report gains the validation table, mean ± std over runs."""
+    monkeypatch.setattr(finetune_study.study, "_git_commit", lambda: "abc1234")
+    monkeypatch.setattr(finetune_study.study, "machine", lambda: {"cores": 2})
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    (runs / "tiny_table1" / "pretrain" / "top2").mkdir(parents=True)
+    (runs / "tiny_table1" / "pretrain" / "top2" / "done.json").write_text("{}")
+    before = finetune_study.load_protocol(_write(tmp_path))
+    finetune_study.run_protocol(before, str(runs), str(out), progress=False, launch=StandIn())
+    kept = out / "tiny_table1" / "runs" / "top2-lora-next_line-seed1" / "done.json"
+    wall = json.loads(kept.read_text())["wall_s"]
+
+    arms = {**PROTOCOL["arms"], "top1-base": {"base": "top2", "method": "none", "topk": 1}}
+    after = finetune_study.load_protocol(
+        _write(tmp_path, validation="shakespeare_validation", arms=arms)
+    )
+    stand_in = StandIn()
+    finetune_study.run_protocol(after, str(runs), str(out), progress=False, launch=stand_in)
+    assert not [c for c in stand_in.commands if "megatron_adamoe.hf.finetune" in c]
+    tasks = [c[c.index("--tasks") + 1] for c in stand_in.commands]
+    assert tasks.count("shakespeare_validation") == 6 and tasks.count("shakespeare_next_line") == 1
+    top1 = [c for c in stand_in.commands if "top1-base-next_line-seed0" in " ".join(c)]
+    assert len(top1) == 2 and all("--topk=1" in c for c in top1)
+    assert all("--topk=1" not in c for c in stand_in.commands if c not in top1)
+    done = json.loads(kept.read_text())
+    assert done["wall_s"] == wall and done["validation_wall_s"] >= 0
+
+    readme = (out / "tiny_table1" / "README.md").read_text()
+    values = [BPB["adamoe-lora"] + 0.01 * seed for seed in (1, 2)]
+    row = next(line for line in readme.splitlines() if line.startswith("| adamoe-lora | 1."))
+    assert row == (
+        f"| adamoe-lora | {fmean(values):.4f} ± {pstdev(values):.4f} (2) | 1.40 ± 0.00 | "
+        "-8.0 ± 0.0 |"
+    )
+    assert "| top1-base | 2.2000 ± 0.0000 (1) | 1.00 ± 0.00 |" in readme
+    assert (out / "tiny_table1" / "validation_flops.png").stat().st_size > 0
+    with open(out / "tiny_table1" / "results.csv") as handle:
+        header = handle.readline().strip().split(",")
+    assert header[-3:] == ["val_bits_per_byte", "val_load_mean", "val_model_flops_pct"]
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [
@@ -119,6 +168,9 @@ def test_protocol_runs_every_step_resumes_and_reports(tmp_path, monkeypatch):
         ({"pretrain": {"b": {"arm": "top2"}}}, "pretrain.b ({'arm': 'top2'}) must name grid"),
         ({"tasks": {"t": {"train": "x.jsonl"}}}, "tasks.t must name train (JSONL) and eval"),
         ({"colour": "blue"}, "protocol keys (colour) must be among"),
+        ({"arms": {"a": {"base": "top2", "method": "lora", "topk": 1}}},
+         "arms.a.topk (1) is for method: none arms (the base scored with another k); a "
+         "fine-tuned arm keeps its base's k: drop topk"),
     ],
 )  # fmt: skip
 def test_a_bad_protocol_is_one_line_naming_the_field(tmp_path, changes, message):
@@ -129,6 +181,7 @@ def test_a_bad_protocol_is_one_line_naming_the_field(tmp_path, changes, message)
 
 def test_the_shipped_protocol_loads():
     protocol = finetune_study.load_protocol("configs/study/cpu_table1.yaml")
-    assert len(protocol.runs()) == 2 * (2 + 8 * 3)  # two tasks; two base arms scored once
+    assert len(protocol.runs()) == 2 * (3 + 8 * 3)  # two tasks; three base arms scored once
+    assert protocol.validation == "shakespeare_validation"
     dense = protocol.pretrain["dense"]["overrides"]
     assert dense["num_experts"] == 0  # the dense twin of the top-2 base, for Mo-LoRA
