@@ -5,6 +5,10 @@ the number of true experts they used), a PNG heat map, and mean k_eff by token c
     python tools/compute_map.py --hf runs/cpu_adamoe_tiny/hf --text passage.txt --out map/
     python tools/compute_map.py --load runs/cpu_adamoe_tiny/checkpoints --text passage.txt \\
         --out map/ --per-layer
+    python tools/compute_map.py --hf hf/top2 --adapter out/adak --text passage.txt --out map/
+
+--adapter takes adamoe-finetune's output on that export, as adamoe-eval does: Ada-K allocators
+(each token's k is theirs) or PEFT LoRA adapters (merged).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--hf", help="an exported AdaMoE model directory")
     parser.add_argument("--load", help="a Megatron checkpoint (save directory or iter_N)")
+    parser.add_argument("--adapter", help="Ada-K allocators or LoRA adapters of the --hf model")
     parser.add_argument("--text", required=True, help="a UTF-8 text file")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--per-layer", action="store_true", help="one text row per MoE layer")
@@ -56,7 +61,16 @@ def main(argv=None) -> int:
             raise OptionError(f"text ({options.text!r}) must be an existing file; check the path")
         with open(options.text, encoding="utf-8") as handle:
             text = handle.read()
-        model, tokenizer = compute_map.load_model(options.hf, options.load)
+        if options.adapter and not options.hf:
+            raise OptionError(
+                f"adapter ({options.adapter!r}) applies to an exported model; pass --hf with it"
+            )
+        if options.adapter:
+            from megatron_adamoe.evaluation.cli import load_model
+
+            model, tokenizer = load_model(options.hf, options.adapter)
+        else:
+            model, tokenizer = compute_map.load_model(options.hf, options.load)
         cmap = compute_map.compute(model, tokenizer, text, options.max_tokens)
         title = options.title or f"Compute map: {os.path.basename(options.text)}"
         stats = compute_map.write(cmap, options.out, title, options.per_layer, options.show_tokens)

@@ -7,8 +7,10 @@ pretraining's train split, fine-tuning and test items from different plays
         --split 96,4,0 --out data/tasks/shakespeare
 
 writes <task>_train.jsonl (fine-tuning: adamoe-finetune --data) and <task>_test.jsonl
-(adamoe-eval --tasks <task>=<file>), and manifest.json (plays, counts, settings); the whole
-directory is written beside --out and renamed when complete."""
+(adamoe-eval --tasks <task>=<file>), the test play's held-out documents as validation.jsonl
+(configs/tasks/shakespeare_validation.yaml) and validation.txt (the same text, documents apart by
+a blank line: tools/compute_map.py --text), and manifest.json (plays, counts, settings); the
+whole directory is written beside --out and renamed when complete."""
 
 from __future__ import annotations
 
@@ -60,6 +62,8 @@ def main(argv=None) -> int:
                     continue
                 with open(os.path.join(temporary, f"{name}.jsonl"), "w") as handle:
                     handle.writelines(json.dumps(record) + "\n" for record in records)
+            with open(os.path.join(temporary, "validation.txt"), "w") as handle:
+                handle.write("\n\n".join(record["text"] for record in tasks["validation"]))
             with open(os.path.join(temporary, "manifest.json"), "w") as handle:
                 json.dump(tasks["manifest"], handle, indent=2)
     except OptionError as error:

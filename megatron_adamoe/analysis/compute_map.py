@@ -73,7 +73,9 @@ def frequency_quartiles(token_ids: list[int]) -> list[int]:
 
 
 def compute(model, tokenizer, text: str, max_tokens: Optional[int] = None) -> ComputeMap:
-    """Route every token of ``text`` through ``model`` (an ``AdaMoEForCausalLM``)."""
+    """Route every token of ``text`` through ``model`` (an ``AdaMoEForCausalLM``; with Ada-K
+    allocators attached as ``model.adak``, each token's k is theirs and its true experts are
+    what that routing used)."""
     config = model.config
     token_ids = tokenizer.sp_model.encode(text)
     if max_tokens:
@@ -83,12 +85,16 @@ def compute(model, tokenizer, text: str, max_tokens: Optional[int] = None) -> Co
     window = config.max_position_embeddings
     per_layer: list[list[torch.Tensor]] = [[] for _ in config.moe_layers]
     blocks = [layer.block_sparse_moe for layer in model.model.layers if layer.is_moe]
+    adak = getattr(model, "adak", None)
     model.eval()
     with torch.no_grad():
         for start in range(0, len(token_ids), window):
             chunk = torch.tensor([token_ids[start : start + window]])
             out = model.model(input_ids=chunk, use_cache=False, output_router_logits=True)
             for layer, (block, logits_TX) in enumerate(zip(blocks, out.router_logits)):
+                if adak is not None:  # the allocators' k, recorded by their routed forward
+                    per_layer[layer].append(adak.steps[layer].true_experts_T)
+                    continue
                 picked_TE = block.route(logits_TX).routing_map_TE  # the block's own routing
                 per_layer[layer].append(picked_TE.sum(dim=-1))
     k_eff_LT = torch.stack([torch.cat(chunks) for chunks in per_layer])

@@ -111,6 +111,35 @@ def write_validation_plot(protocol, rows: list[dict], path: str) -> None:
     os.replace(path + ".tmp.png", path)
 
 
+def compute_map_table(protocol, rows: list[dict]) -> list[str]:
+    """Markdown: per mapped arm, true experts per token on the map's text (mean over its maps):
+    overall, by MoE layer, by token class and by frequency quartile (Q1 rarest)."""
+    maps = {arm: [r["compute_map"] for r in rows if r["arm"] == arm and r.get("compute_map")]
+            for arm in protocol.compute_maps.get("arms", [])}  # fmt: skip
+    maps = {arm: found for arm, found in maps.items() if found}
+    if not maps:
+        return []
+    first = next(iter(maps.values()))[0]
+    layers = list(first["by_layer"])
+    classes = list(first["by_class"])
+    quartiles = list(first["by_frequency"])
+    header = ["Arm", "maps", "mean"] + [f"layer {i}" for i in layers] + classes + quartiles
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def mean(found, pick):
+        values = [pick(m) for m in found]
+        values = [v for v in values if v is not None]
+        return f"{fmean(values):.2f}" if values else "-"
+
+    for arm, found in maps.items():
+        cells = [arm, str(len(found)), mean(found, lambda m: m["mean_k_eff"])]
+        cells += [mean(found, lambda m, i=i: m["by_layer"][i]) for i in layers]
+        cells += [mean(found, lambda m, c=c: m["by_class"][c]["mean_k_eff"]) for c in classes]
+        cells += [mean(found, lambda m, q=q: m["by_frequency"][q]["mean_k_eff"]) for q in quartiles]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def _seed_mean_over_tasks(rows, arm, tasks, key):
     per_task = [_values(rows, arm, task, key) for task in tasks]
     if not all(per_task):
@@ -188,6 +217,22 @@ def render(protocol, rows: list[dict], machine: dict, commands: list[str]) -> st
             *validation_table(protocol, rows),
             "",
             "![validation loss against FLOPs](validation_flops.png)",
+            "",
+        ]
+    maps = compute_map_table(protocol, rows)
+    if maps:
+        text = protocol.compute_maps["text"]
+        lines += [
+            "### Compute maps",
+            "",
+            f"`tools/compute_map.py` over `{text}` for each mapped arm's runs of seed "
+            f"{protocol.compute_maps['seed']} (every task's model): true experts per token, mean "
+            "over the arm's maps, overall, by MoE layer, by token class (punctuation, "
+            "word-initial piece, continuation piece) and by frequency quartile of the token in "
+            "that text (Q1 rarest). Each map (HTML, PNG, summary.json) is kept under "
+            "`runs/<run>/compute_map/`.",
+            "",
+            *maps,
             "",
         ]
     if protocol.discussion.strip():

@@ -8,8 +8,9 @@ checkpoint, or ``add-null-experts`` first), the tasks (a
 fine-tuning JSONL and an lm-eval task), optionally a ``validation`` lm-eval perplexity task every
 run is also scored on (``validation.json``: bits per byte, Load and FLOPs on held-out text),
 ``adamoe-finetune`` flags common to every arm, the arms (a base plus their own flags;
-``method: none`` scores the base as it is, ``topk`` there with another k per token) and the
-seeds. Every
+``method: none`` scores the base as it is, ``topk`` there with another k per token), the seeds
+and optionally ``compute_maps`` (``tools/compute_map.py`` over a text for some arms' runs of
+one seed: true experts per token by layer, token class and frequency). Every
 step is one of the project's commands as a user types it, run as a process of its own; a step
 whose output exists is skipped, so rerunning the same command resumes a stopped protocol. The
 report under ``<out>/<name>/`` (``results.csv``, ``accuracy_flops.png``, ``README.md``) keeps
@@ -48,7 +49,10 @@ KEYS = {
     "arms",
     "discussion",
     "validation",
+    "compute_maps",
 }
+COMPUTE_MAP_KEYS = {"text", "seed", "arms"}
+MAP_FILES = ("summary.json", "compute_map.png", "compute_map.html")
 BASE_KEYS = {"from", "num_null_experts", "topk", "null_router_init"}
 PRETRAIN_KEYS = {"grid", "arm", "seed", "overrides"}
 RESERVED = {"model", "data", "output_dir", "checkpoint_dir", "seed", "metrics_file", "resume"}
@@ -91,6 +95,11 @@ class Protocol:
     description: str = ""
     discussion: str = ""
     validation: str = ""
+    compute_maps: dict = dataclasses.field(default_factory=dict)
+
+    def has_map(self, arm: str, seed: int) -> bool:
+        maps = self.compute_maps
+        return arm in maps.get("arms", []) and seed in (maps.get("seed"), 0)
 
     def seeds_of(self, arm: str) -> list[int]:
         """A ``method: none`` arm is the base scored as it is: one run, seed 0."""
@@ -182,7 +191,29 @@ def load_protocol(path: str) -> Protocol:
         description=raw.get("description", ""),
         discussion=raw.get("discussion", ""),
         validation=raw.get("validation") or "",
+        compute_maps=_compute_maps(raw, path),
     )
+
+
+def _compute_maps(raw: dict, path: str) -> dict:
+    maps = raw.get("compute_maps") or {}
+    if not maps:
+        return {}
+    if set(maps) != COMPUTE_MAP_KEYS:
+        raise OptionError(
+            f"compute_maps keys ({', '.join(sorted(maps))}) must be {sorted(COMPUTE_MAP_KEYS)}: "
+            f"the text, the seed whose runs are mapped and the arms; fix {path}"
+        )
+    if maps["seed"] not in raw["seeds"]:
+        raise OptionError(f"compute_maps.seed ({maps['seed']}) must be one of the seeds")
+    for arm in maps["arms"]:
+        options = raw["arms"].get(arm)
+        if options is None or options.get("method") == "mo-lora" or "topk" in options:
+            raise OptionError(
+                f"compute_maps.arms ({arm!r}) must name arms of MoE models routed as exported "
+                "(not mo-lora, no topk)"
+            )
+    return maps
 
 
 def _finetune_flags() -> set[str]:
@@ -235,6 +266,25 @@ def eval_command(protocol: Protocol, arm: str, task: str, run_dir: str, base: st
 def validation_command(protocol: Protocol, arm: str, run_dir: str, base: str) -> list[str]:
     """The run's model scored on the protocol's validation text."""
     return _eval_command(protocol, arm, protocol.validation, run_dir, base, "validation.json")
+
+
+def compute_map_command(protocol: Protocol, arm: str, run_dir: str, base: str) -> list[str]:
+    """tools/compute_map.py on the run's model (its adapters or allocators on the base)."""
+    method = protocol.arms[arm].get("method", protocol.common.get("method", "full"))
+    tuned = os.path.join(run_dir, "model")
+    model = ["--hf", tuned if method == "full" else base]
+    if method in ("lora", "qlora", "ada-k"):
+        model += ["--adapter", tuned]
+    return [
+        sys.executable,
+        os.path.join(REPO, "tools/compute_map.py"),
+        *model,
+        "--text",
+        protocol.compute_maps["text"],
+        "--per-layer",
+        "--out",
+        os.path.join(run_dir, "compute_map"),
+    ]
 
 
 def _eval_command(protocol, arm, lm_task, run_dir, base, output) -> list[str]:
@@ -310,7 +360,7 @@ def run_protocol(
                 target = command[command.index("--out") + 1]
                 if not os.path.isdir(target):
                     _step(command, os.path.join(work, "bases", f"{base}.log"), launch)
-    todo = [run for run in protocol.runs() if _missing(protocol, _run_dir(work, *run))]
+    todo = [run for run in protocol.runs() if _missing(protocol, _run_dir(work, *run), run)]
     bar = tqdm(total=len(todo), unit="run", disable=not progress, desc=protocol.name)
     for arm, task, seed in todo:
         name = Protocol.run_name(arm, task, seed)
@@ -321,7 +371,8 @@ def run_protocol(
         base = os.path.join(work, "bases", protocol.arms[arm]["base"])
         log = os.path.join(run_dir, "run.log")
         timing = {}
-        if "eval.json" in _missing(protocol, run_dir):
+        missing = _missing(protocol, run_dir, (arm, task, seed))
+        if "eval.json" in missing:
             wall = 0.0
             if protocol.arms[arm].get("method") != "none" and not os.path.isdir(
                 os.path.join(run_dir, "model")
@@ -334,9 +385,12 @@ def run_protocol(
                 wall += _step(command, log, launch)
             wall += _step(eval_command(protocol, arm, task, run_dir, base), log, launch)
             timing["wall_s"] = round(wall, 1)
-        if "validation.json" in _missing(protocol, run_dir):
+        if "validation.json" in missing:
             command = validation_command(protocol, arm, run_dir, base)
             timing["validation_wall_s"] = round(_step(command, log, launch), 1)
+        if "compute_map" in missing:
+            command = compute_map_command(protocol, arm, run_dir, base)
+            timing["compute_map_wall_s"] = round(_step(command, log, launch), 1)
         _keep(run_dir, keep_dir, timing)
         write_report(protocol, out_dir)
         bar.update(1)
@@ -348,10 +402,15 @@ def _run_dir(work: str, arm: str, task: str, seed: int) -> str:
     return os.path.join(work, "runs", Protocol.run_name(arm, task, seed))
 
 
-def _missing(protocol: Protocol, run_dir: str) -> list[str]:
-    """The scores a run still lacks: eval.json (its task), validation.json (if asked)."""
-    wanted = ["eval.json"] + (["validation.json"] if protocol.validation else [])
-    return [name for name in wanted if not os.path.isfile(os.path.join(run_dir, name))]
+def _missing(protocol: Protocol, run_dir: str, run: tuple) -> list[str]:
+    """What a run still lacks: eval.json (its task), validation.json (if asked), compute_map
+    (if its arm and seed are mapped)."""
+    wanted = {"eval.json": "eval.json"}
+    if protocol.validation:
+        wanted["validation.json"] = "validation.json"
+    if protocol.has_map(run[0], run[2]):
+        wanted["compute_map"] = os.path.join("compute_map", "summary.json")
+    return [key for key, name in wanted.items() if not os.path.isfile(os.path.join(run_dir, name))]
 
 
 def _pretrain(protocol: Protocol, name: str, work: str, progress: bool, launch: Callable) -> None:
@@ -383,8 +442,11 @@ def _keep(run_dir: str, keep_dir: str, timing: dict) -> None:
     """eval.json, validation.json, the training metrics and the steps' wall times (added to what
     an earlier pass kept: a validation score added later keeps the run's own wall time)."""
     os.makedirs(keep_dir, exist_ok=True)
-    for name in ("eval.json", "validation.json", "train_metrics.jsonl"):
+    names = ["eval.json", "validation.json", "train_metrics.jsonl"]
+    names += [os.path.join("compute_map", name) for name in MAP_FILES]
+    for name in names:
         if os.path.isfile(os.path.join(run_dir, name)):
+            os.makedirs(os.path.dirname(os.path.join(keep_dir, name)), exist_ok=True)
             shutil.copyfile(os.path.join(run_dir, name), os.path.join(keep_dir, name))
     path = os.path.join(keep_dir, "done.json")
     done = {}
@@ -419,6 +481,10 @@ def collect(protocol: Protocol, out_dir: str) -> list[dict]:
             with open(os.path.join(keep, "validation.json")) as handle:
                 validation = next(iter(json.load(handle)["tasks"].values()))
             row.update({k: validation.get(v) for k, v in VALIDATION_COLUMNS.items()})
+        summary = os.path.join(keep, "compute_map", "summary.json")
+        if os.path.isfile(summary):
+            with open(summary) as handle:
+                row["compute_map"] = json.load(handle)
         row["final_train_loss"] = _final_train_loss(os.path.join(keep, "train_metrics.jsonl"))
         rows.append(row)
     return rows
@@ -476,4 +542,6 @@ def _commands(protocol: Protocol) -> list[str]:
         lines.append(" ".join(eval_command(protocol, arm, task, run_dir, base)))
         if protocol.validation:
             lines.append(" ".join(validation_command(protocol, arm, run_dir, base)))
+        if arm in protocol.compute_maps.get("arms", []):
+            lines.append(" ".join(compute_map_command(protocol, arm, run_dir, base)))
     return [line.replace(sys.executable, "python").replace(REPO + "/", "") for line in lines]

@@ -262,6 +262,54 @@ def test_compute_map_counts_true_picks_like_a_per_token_loop(tiny_model_and_toke
     assert (tmp_path / "map" / "compute_map.png").stat().st_size > 1000
 
 
+def test_compute_map_of_ada_k_counts_the_allocators_picks_like_a_per_token_loop(
+    tiny_model_and_tokenizer,
+):
+    """With Ada-K allocators on the model, each token's k is its allocator's most likely count
+    (argmax of its weights times the block input, plus one) and its true experts are the true
+    ones among the router's top k over n + m."""
+    from megatron_adamoe.adak import AdaK
+
+    model, tokenizer, text = tiny_model_and_tokenizer
+    model.adak = AdaK(model)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for allocator in model.adak.allocators:
+            allocator.proj.weight.copy_(
+                torch.randn(allocator.proj.weight.shape, generator=generator)
+            )
+    allocators = [allocator.proj.weight.detach().clone() for allocator in model.adak.allocators]
+    try:
+        cmap = compute(model, tokenizer, text)
+        ids = tokenizer.sp_model.encode(text)
+        inputs = {0: [], 2: []}
+        hooks = [
+            model.model.layers[i].block_sparse_moe.register_forward_pre_hook(
+                lambda module, args, i=i: inputs[i].append(args[0].detach())
+            )
+            for i in (0, 2)
+        ]
+        with torch.no_grad():
+            for start in range(0, len(ids), 16):
+                model(torch.tensor([ids[start : start + 16]]), use_cache=False)
+        for hook in hooks:
+            hook.remove()
+    finally:
+        model.adak.detach()
+        del model.adak
+    chosen = set()
+    for row, layer in enumerate((0, 2)):
+        gate = model.model.layers[layer].block_sparse_moe.gate.weight
+        expected = []
+        for x in torch.cat([g.reshape(-1, 16) for g in inputs[layer]]):
+            k = int(torch.argmax(allocators[row] @ x)) + 1
+            chosen.add(k)
+            picks = torch.topk(torch.softmax(gate @ x, dim=-1), k).indices
+            expected.append(int((picks < 4).sum()))
+        assert cmap.k_eff_LT[row].tolist() == expected
+    assert len(chosen) > 1  # the allocators vary k
+
+
 def _check_html_and_css(page: str) -> None:
     """The page parses as HTML5 without a single parse error, and its style sheet and every
     inline style parse as CSS: the rules a browser applies are the ones written (a stray brace

@@ -31,6 +31,7 @@ PROTOCOL = {
 }
 ACC = {"top2-base": 0.30, "top2-lora": 0.40, "adamoe-lora": 0.45, "top1-base": 0.2}
 BPB = {"top2-base": 2.0, "top2-lora": 1.9, "adamoe-lora": 1.95, "top1-base": 2.2}
+MAP = {"adamoe-lora": 1.25, "top2-base": 2.0}
 
 
 def _write(tmp_path, **changes) -> str:
@@ -65,6 +66,18 @@ class StandIn:
                           "model_flops_pct": result["model_flops_pct"]}  # fmt: skip
             with open(value("--output"), "w") as handle:
                 json.dump({"tasks": {task: result}, "overall": result}, handle)
+        elif command[1].endswith("tools/compute_map.py"):
+            os.makedirs(value("--out"))
+            arm = os.path.basename(os.path.dirname(value("--out"))).split("-next_line")[0]
+            summary = {
+                "mean_k_eff": MAP[arm],
+                "by_layer": {"0": MAP[arm] + 0.5, "1": 0.5},
+                "by_class": {"punctuation": {"tokens": 3, "mean_k_eff": 1.0}},
+                "by_frequency": {"Q1 rarest": {"tokens": 0, "mean_k_eff": None}},
+            }
+            for name, text in (("summary.json", json.dumps(summary)), ("compute_map.png", "png")):
+                with open(os.path.join(value("--out"), name), "w") as handle:
+                    handle.write(text)
         else:  # tools/convert_checkpoint.py
             os.makedirs(value("--out"))
         return 0
@@ -113,9 +126,10 @@ def test_protocol_runs_every_step_resumes_and_reports(tmp_path, monkeypatch):
 
 
 def test_a_validation_text_added_later_scores_every_run_and_nothing_else(tmp_path, monkeypatch):
-    """A finished protocol given `validation` (and a top-1 arm: the base with --topk 1) runs only
-    what is missing: the new arm's task scores and every run's validation score; the runs keep
-    their own wall times; the report gains the validation table, mean ± std over runs."""
+    """A finished protocol given `validation`, `compute_maps` and a top-1 arm (the base with
+    --topk 1) runs only what is missing: the new arm's task scores, every run's validation score
+    and the mapped arms' maps of their seed; the runs keep their own wall times; the report gains
+    the validation table (mean ± std over runs) and the compute-map table."""
     monkeypatch.setattr(finetune_study.study, "_git_commit", lambda: "abc1234")
     monkeypatch.setattr(finetune_study.study, "machine", lambda: {"cores": 2})
     runs, out = tmp_path / "runs", tmp_path / "out"
@@ -127,14 +141,23 @@ def test_a_validation_text_added_later_scores_every_run_and_nothing_else(tmp_pat
     wall = json.loads(kept.read_text())["wall_s"]
 
     arms = {**PROTOCOL["arms"], "top1-base": {"base": "top2", "method": "none", "topk": 1}}
+    maps = {"text": "val.txt", "seed": 2, "arms": ["adamoe-lora", "top2-base"]}
     after = finetune_study.load_protocol(
-        _write(tmp_path, validation="shakespeare_validation", arms=arms)
+        _write(tmp_path, validation="shakespeare_validation", arms=arms, compute_maps=maps)
     )
     stand_in = StandIn()
     finetune_study.run_protocol(after, str(runs), str(out), progress=False, launch=stand_in)
     assert not [c for c in stand_in.commands if "megatron_adamoe.hf.finetune" in c]
-    tasks = [c[c.index("--tasks") + 1] for c in stand_in.commands]
+    tasks = [c[c.index("--tasks") + 1] for c in stand_in.commands if "--tasks" in c]
     assert tasks.count("shakespeare_validation") == 6 and tasks.count("shakespeare_next_line") == 1
+    mapped = [c for c in stand_in.commands if c[1].endswith("compute_map.py")]
+    assert [c[c.index("--out") + 1].split("/")[-2] for c in mapped] == [
+        "top2-base-next_line-seed0",
+        "adamoe-lora-next_line-seed2",
+    ]
+    lora_map = mapped[1]
+    assert lora_map[lora_map.index("--hf") + 1].endswith("bases/adamoe")
+    assert lora_map[lora_map.index("--adapter") + 1].endswith("adamoe-lora-next_line-seed2/model")
     top1 = [c for c in stand_in.commands if "top1-base-next_line-seed0" in " ".join(c)]
     assert len(top1) == 2 and all("--topk=1" in c for c in top1)
     assert all("--topk=1" not in c for c in stand_in.commands if c not in top1)
@@ -150,6 +173,10 @@ def test_a_validation_text_added_later_scores_every_run_and_nothing_else(tmp_pat
     )
     assert "| top1-base | 2.2000 ± 0.0000 (1) | 1.00 ± 0.00 |" in readme
     assert (out / "tiny_table1" / "validation_flops.png").stat().st_size > 0
+    assert "| adamoe-lora | 1 | 1.25 | 1.75 | 0.50 | 1.00 | - |" in readme
+    assert "| top2-base | 1 | 2.00 | 2.50 | 0.50 | 1.00 | - |" in readme
+    kept_map = out / "tiny_table1" / "runs" / "adamoe-lora-next_line-seed2" / "compute_map"
+    assert sorted(p.name for p in kept_map.iterdir()) == ["compute_map.png", "summary.json"]
     with open(out / "tiny_table1" / "results.csv") as handle:
         header = handle.readline().strip().split(",")
     assert header[-3:] == ["val_bits_per_byte", "val_load_mean", "val_model_flops_pct"]
@@ -168,6 +195,11 @@ def test_a_validation_text_added_later_scores_every_run_and_nothing_else(tmp_pat
         ({"pretrain": {"b": {"arm": "top2"}}}, "pretrain.b ({'arm': 'top2'}) must name grid"),
         ({"tasks": {"t": {"train": "x.jsonl"}}}, "tasks.t must name train (JSONL) and eval"),
         ({"colour": "blue"}, "protocol keys (colour) must be among"),
+        ({"compute_maps": {"text": "t", "seed": 1}}, "compute_maps keys (seed, text) must be"),
+        ({"compute_maps": {"text": "t", "seed": 7, "arms": []}},
+         "compute_maps.seed (7) must be one of the seeds"),
+        ({"compute_maps": {"text": "t", "seed": 1, "arms": ["x"]}},
+         "compute_maps.arms ('x') must name arms of MoE models routed as exported"),
         ({"arms": {"a": {"base": "top2", "method": "lora", "topk": 1}}},
          "arms.a.topk (1) is for method: none arms (the base scored with another k); a "
          "fine-tuned arm keeps its base's k: drop topk"),

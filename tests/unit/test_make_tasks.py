@@ -4,6 +4,7 @@ come from different plays, the same seed gives the same files; bad settings are 
 
 from __future__ import annotations
 
+import json
 import random
 
 from megatron_adamoe.data.tasks import build_tasks, held_out_plays, speeches
@@ -113,6 +114,19 @@ def test_the_tool_writes_the_directory_or_says_why_not(tmp_path, capsys):
     (tmp_path / "t").mkdir()
     assert tool.main(["--input", "x.tar.gz", "--out", str(tmp_path / "t")]) == 2
     assert "must not exist yet" in capsys.readouterr().err
+    # From plays: every task file, the validation text both ways, the manifest.
+    tool.shakespeare_plays = lambda path: _plays()
+    out = tmp_path / "tasks"
+    assert tool.main(["--input", "x.tar.gz", "--split", "34,66,0", "--out", str(out)]) == 0
+    want = build_tasks(_plays(), 0.34, 1000, 400, seed=0)
+    for name in ("next_line_train", "next_line_test", "speaker_train", "speaker_test"):
+        assert [json.loads(line) for line in open(out / f"{name}.jsonl")] == want[name]
+    validation = [json.loads(line) for line in open(out / "validation.jsonl")]
+    assert validation == want["validation"]
+    text = (out / "validation.txt").read_text()
+    assert text == "\n\n".join(record["text"] for record in validation)
+    assert json.loads((out / "manifest.json").read_text())["split"] == "34,66,0"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t", "tasks"]  # nothing half-written
 
 
 def test_shipped_task_yamls_prompt_as_fine_tuning_renders():
