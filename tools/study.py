@@ -45,9 +45,10 @@ def main(argv=None) -> int:
     options = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from megatron_adamoe.analysis import study
+    from megatron_adamoe.analysis.grid import load_grid
 
     try:
-        grid = study.load_grid(options.grid)
+        grid = load_grid(options.grid)
         if options.timing:
             study.time_arms(grid, options.runs_dir, options.out, options.timing_steps)
         elif not options.report_only:

@@ -33,9 +33,9 @@ import yaml
 
 from megatron_adamoe.analysis import study
 from megatron_adamoe.analysis.finetune_report import render, write_plot, write_validation_plot
+from megatron_adamoe.analysis.grid import REPO, load_grid
 from megatron_adamoe.errors import OptionError
 
-REPO = study.REPO
 KEYS = {
     "name",
     "description",
@@ -138,7 +138,7 @@ def load_protocol(path: str) -> Protocol:
                 f"pretrain.{name} ({pretrain}) must name grid, arm and seed (and may give "
                 f"overrides); fix {path}"
             )
-        if pretrain["arm"] not in study.load_grid(os.path.join(REPO, pretrain["grid"])).arms:
+        if pretrain["arm"] not in load_grid(os.path.join(REPO, pretrain["grid"])).arms:
             raise OptionError(
                 f"pretrain.{name}.arm ({pretrain['arm']!r}) must be an arm of {pretrain['grid']}"
             )
@@ -422,7 +422,7 @@ def _pretrain(protocol: Protocol, name: str, work: str, progress: bool, launch: 
     from tqdm import tqdm
 
     settings = protocol.pretrain[name]
-    grid = study.load_grid(os.path.join(REPO, settings["grid"]))
+    grid = load_grid(os.path.join(REPO, settings["grid"]))
     arm, seed = settings["arm"], int(settings["seed"])
     if settings.get("overrides"):
         arm = f"{arm}+{name}"

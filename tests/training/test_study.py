@@ -87,8 +87,9 @@ def _pool_launch(command, log, poll) -> int:
 
 def _run_grid(grid_path, runs, out, **timing):
     from megatron_adamoe.analysis import study
+    from megatron_adamoe.analysis.grid import load_grid
 
-    grid = study.load_grid(grid_path)
+    grid = load_grid(grid_path)
     if timing:
         study.time_arms(grid, str(runs), str(out), launch=_pool_launch, **timing)
     else:
@@ -175,6 +176,7 @@ def _check_second_grid(tmp_path, grid_path, runs, out):
     rerun) and upcycling them (each seed's top2 checkpoint through add-null-experts, then a few
     steps from it); an arm whose options differ from the reused grid's is refused in one line."""
     from megatron_adamoe.analysis import study
+    from megatron_adamoe.analysis.grid import load_grid
     from megatron_adamoe.errors import OptionError
 
     raw = yaml.safe_load(open(grid_path))
@@ -187,7 +189,7 @@ def _check_second_grid(tmp_path, grid_path, runs, out):
     }
     path = tmp_path / "grid2.yaml"
     path.write_text(yaml.safe_dump(second, sort_keys=False))
-    grid = study.load_grid(str(path))
+    grid = load_grid(str(path))
     assert grid.reused == {"top2": "tiny"} and grid.own_runs() == [("ada", 7), ("up", 7)]
     kept = out / "tiny2" / "runs" / "ada-seed7"  # as if this grid had run its own arm
     kept.mkdir(parents=True)
@@ -212,7 +214,7 @@ def _check_second_grid(tmp_path, grid_path, runs, out):
     second["common"] = {**raw["common"], "lr": 1.0}
     path.write_text(yaml.safe_dump(second, sort_keys=False))
     with pytest.raises(OptionError, match="reuse arm 'top2' must have the same options"):
-        study.load_grid(str(path))
+        load_grid(str(path))
 
 
 def test_study_rejects_a_bad_grid_with_one_line(tmp_path):

@@ -341,7 +341,7 @@ def _check_html_and_css(page: str) -> None:
 def test_a_grid_arm_that_breaks_the_pretraining_rules_is_refused_before_any_run(tmp_path):
     import yaml
 
-    from megatron_adamoe.analysis import study
+    from megatron_adamoe.analysis.grid import load_grid
     from megatron_adamoe.errors import OptionError
 
     path = tmp_path / "grid.yaml"
@@ -352,9 +352,9 @@ def test_a_grid_arm_that_breaks_the_pretraining_rules_is_refused_before_any_run(
     grid = {"name": "x", "base_config": "configs/cpu_adamoe_tiny.yaml", "seeds": [1], "arms": arms}
     path.write_text(yaml.safe_dump(grid))
     with pytest.raises(OptionError) as error:
-        study.load_grid(str(path))
+        load_grid(str(path))
     message = str(error.value)
     assert message.startswith("grid arm top1: adamoe_weight_norm ('true_experts') must be 'none'")
     assert message.endswith(f"; fix {path}") and "\n" not in message
     for shipped in ("cpu_shakespeare", "cpu_shakespeare_axes"):  # the shipped grids pass
-        study.load_grid(f"configs/study/{shipped}.yaml")
+        load_grid(f"configs/study/{shipped}.yaml")
