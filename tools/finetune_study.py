@@ -38,9 +38,10 @@ def main(argv=None) -> int:
     options = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from megatron_adamoe.analysis import finetune_study
+    from megatron_adamoe.analysis.protocol import load_protocol
 
     try:
-        protocol = finetune_study.load_protocol(options.protocol)
+        protocol = load_protocol(options.protocol)
         if not options.report_only:
             finetune_study.run_protocol(
                 protocol, options.runs_dir, options.out, progress=not options.no_progress

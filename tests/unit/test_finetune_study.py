@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from megatron_adamoe.analysis import finetune_study
+from megatron_adamoe.analysis.protocol import load_protocol
 from megatron_adamoe.errors import OptionError
 
 PROTOCOL = {
@@ -86,7 +87,7 @@ class StandIn:
 def test_protocol_runs_every_step_resumes_and_reports(tmp_path, monkeypatch):
     monkeypatch.setattr(finetune_study.study, "_git_commit", lambda: "abc1234")  # no git,
     monkeypatch.setattr(finetune_study.study, "machine", lambda: {"cores": 2})  # no uname here
-    protocol = finetune_study.load_protocol(_write(tmp_path))
+    protocol = load_protocol(_write(tmp_path))
     runs, out = tmp_path / "runs", tmp_path / "out"
     (runs / "tiny_table1" / "pretrain" / "top2").mkdir(parents=True)  # pretrained already
     (runs / "tiny_table1" / "pretrain" / "top2" / "done.json").write_text("{}")
@@ -135,14 +136,14 @@ def test_a_validation_text_added_later_scores_every_run_and_nothing_else(tmp_pat
     runs, out = tmp_path / "runs", tmp_path / "out"
     (runs / "tiny_table1" / "pretrain" / "top2").mkdir(parents=True)
     (runs / "tiny_table1" / "pretrain" / "top2" / "done.json").write_text("{}")
-    before = finetune_study.load_protocol(_write(tmp_path))
+    before = load_protocol(_write(tmp_path))
     finetune_study.run_protocol(before, str(runs), str(out), progress=False, launch=StandIn())
     kept = out / "tiny_table1" / "runs" / "top2-lora-next_line-seed1" / "done.json"
     wall = json.loads(kept.read_text())["wall_s"]
 
     arms = {**PROTOCOL["arms"], "top1-base": {"base": "top2", "method": "none", "topk": 1}}
     maps = {"text": "val.txt", "seed": 2, "arms": ["adamoe-lora", "top2-base"]}
-    after = finetune_study.load_protocol(
+    after = load_protocol(
         _write(tmp_path, validation="shakespeare_validation", arms=arms, compute_maps=maps)
     )
     stand_in = StandIn()
@@ -207,12 +208,12 @@ def test_a_validation_text_added_later_scores_every_run_and_nothing_else(tmp_pat
 )  # fmt: skip
 def test_a_bad_protocol_is_one_line_naming_the_field(tmp_path, changes, message):
     with pytest.raises(OptionError) as error:
-        finetune_study.load_protocol(_write(tmp_path, **changes))
+        load_protocol(_write(tmp_path, **changes))
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
 
 
 def test_the_shipped_protocol_loads():
-    protocol = finetune_study.load_protocol("configs/study/cpu_table1.yaml")
+    protocol = load_protocol("configs/study/cpu_table1.yaml")
     assert len(protocol.runs()) == 2 * (3 + 8 * 3)  # two tasks; three base arms scored once
     assert protocol.validation == "shakespeare_validation"
     dense = protocol.pretrain["dense"]["overrides"]
