@@ -38,8 +38,24 @@ def adak_options(options) -> AdaKOptions:
     )
 
 
+FROZEN_MODEL_FLAGS = ("aux_loss_coef", "aux_loss_coef_schedule", "aux_loss_coef_per_epoch")
+
+
+def unused_flags(options) -> list[str]:
+    """The flags set that train the model's own routers, which Ada-K leaves frozen (a protocol
+    may pass them to every arm): named in a warning, not applied."""
+    return [name for name in FROZEN_MODEL_FLAGS if getattr(options, name, None) is not None]
+
+
 def train_allocators(options, model, dataset) -> str:
     """Train; write the allocators; return their directory."""
+    for name in unused_flags(options):
+        logger.warning(
+            "ada-k: %s (%s) does not apply (the model and its routers are frozen; only the "
+            "allocators train): ignored",
+            name,
+            getattr(options, name),
+        )
     if options.resume:
         raise OptionError(
             "resume (true) is not available for --method ada-k (no checkpoints are kept; a run "

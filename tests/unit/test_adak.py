@@ -210,6 +210,16 @@ def test_bad_settings_are_one_line_errors():
         AdaKOptions(clip=1.5)
 
 
+def test_flags_for_the_frozen_routers_are_named_as_unused():
+    from types import SimpleNamespace
+
+    from megatron_adamoe.adak.finetune import unused_flags
+
+    options = SimpleNamespace(aux_loss_coef=None, aux_loss_coef_per_epoch=[0.01, 0.001])
+    assert unused_flags(options) == ["aux_loss_coef_per_epoch"]
+    assert unused_flags(SimpleNamespace(aux_loss_coef=None)) == []
+
+
 def _memorising_model():
     """A one-layer top-2 MoE (m = 0) trained to memorise 8 random sequences with all 4 experts
     per token: taking fewer experts than that then costs likelihood."""
