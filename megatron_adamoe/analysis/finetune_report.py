@@ -80,6 +80,55 @@ def validation_table(protocol, rows: list[dict]) -> list[str]:
     return lines
 
 
+def frontier_table(protocol, rows: list[dict]) -> list[str]:
+    """Markdown: each arm's validation bits per byte minus the frontier's at its FLOPs (the
+    straight line between the neighbouring frontier arms' means), per run, then mean ± std
+    (runs); '-' outside the frontier's FLOPs range."""
+    points = []
+    for arm in protocol.validation_frontier:
+        runs = [r for r in rows if r["arm"] == arm and _has_val(r)]
+        if not runs:
+            return []
+        points.append(
+            (
+                fmean(r["val_model_flops_pct"] for r in runs),
+                fmean(r["val_bits_per_byte"] for r in runs),
+            )
+        )
+    points.sort()
+
+    def line(x):
+        for (x0, y0), (x1, y1) in zip(points, points[1:]):
+            if x0 <= x <= x1:
+                return y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 > x0 else min(y0, y1)
+        return None
+
+    lines = [
+        "| Arm | %FLOPs | Bits/byte − frontier | runs below |",
+        "|---|---|---|---|",
+    ]
+    for arm in protocol.arms:
+        runs = [r for r in rows if r["arm"] == arm and _has_val(r)]
+        if arm in protocol.validation_frontier or not runs:
+            continue
+        flops = fmean(r["val_model_flops_pct"] for r in runs)
+        gaps = [
+            r["val_bits_per_byte"] - line(r["val_model_flops_pct"])
+            for r in runs
+            if line(r["val_model_flops_pct"]) is not None
+        ]
+        if len(gaps) < len(runs):
+            lines.append(f"| {arm} | {flops:+.1f} | outside the frontier's FLOPs range | - |")
+            continue
+        gap, spread = _mean_std(gaps)
+        below = sum(g < 0 for g in gaps)
+        lines.append(
+            f"| {arm} | {flops:+.1f} | {gap:+.4f} ± {spread:.4f} ({len(gaps)}) | "
+            f"{below}/{len(gaps)} |"
+        )
+    return lines
+
+
 def _has_val(row: dict) -> bool:
     return row.get("val_bits_per_byte") is not None
 
@@ -100,6 +149,18 @@ def write_validation_plot(protocol, rows: list[dict], path: str) -> None:
         axis.errorbar(
             x, y, yerr=y_std, xerr=x_std, fmt="o", capsize=3, color=colors(number % 10), label=arm
         )
+    frontier = [
+        [r for r in rows if r["arm"] == arm and _has_val(r)] for arm in protocol.validation_frontier
+    ]
+    if frontier and all(frontier):
+        points = sorted(
+            (
+                fmean(r["val_model_flops_pct"] for r in runs),
+                fmean(r["val_bits_per_byte"] for r in runs),
+            )
+            for runs in frontier
+        )
+        axis.plot(*zip(*points), "--", color="grey", lw=1, label="frontier")
     axis.set_xlabel(f"model FLOPs per token vs top-{protocol.baseline_topk} (%)")
     axis.set_ylabel(f"bits per byte ({protocol.validation})")
     axis.grid(alpha=0.3)
@@ -219,6 +280,17 @@ def render(protocol, rows: list[dict], machine: dict, commands: list[str]) -> st
             "![validation loss against FLOPs](validation_flops.png)",
             "",
         ]
+        frontier = frontier_table(protocol, rows)
+        if frontier:
+            lines += [
+                f"Against the frontier of {', '.join(protocol.validation_frontier)} (the base "
+                "as it is, at each k): each run's bits per byte minus the straight line between "
+                "the frontier arms' means at that run's FLOPs (negative: below the frontier, "
+                "better), mean ± std over runs, and how many runs lie below.",
+                "",
+                *frontier,
+                "",
+            ]
     maps = compute_map_table(protocol, rows)
     if maps:
         text = protocol.compute_maps["text"]

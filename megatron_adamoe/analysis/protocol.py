@@ -33,6 +33,7 @@ KEYS = {
     "discussion",
     "validation",
     "compute_maps",
+    "validation_frontier",
 }
 COMPUTE_MAP_KEYS = {"text", "seed", "arms"}
 BASE_KEYS = {"from", "num_null_experts", "topk", "null_router_init"}
@@ -57,6 +58,7 @@ class Protocol:
     discussion: str = ""
     validation: str = ""
     compute_maps: dict = dataclasses.field(default_factory=dict)
+    validation_frontier: list = dataclasses.field(default_factory=list)
 
     def has_map(self, arm: str, seed: int) -> bool:
         maps = self.compute_maps
@@ -153,7 +155,24 @@ def load_protocol(path: str) -> Protocol:
         discussion=raw.get("discussion", ""),
         validation=raw.get("validation") or "",
         compute_maps=_compute_maps(raw, path),
+        validation_frontier=_validation_frontier(raw, path),
     )
+
+
+def _validation_frontier(raw: dict, path: str) -> list:
+    """Two or more method-none arms (the base at several k) whose validation scores draw the
+    line every other arm is measured against."""
+    arms = raw.get("validation_frontier") or []
+    if not arms:
+        return []
+    if not raw.get("validation"):
+        raise OptionError(f"validation_frontier needs a validation task; set validation in {path}")
+    if len(arms) < 2 or any((raw["arms"].get(a) or {}).get("method") != "none" for a in arms):
+        raise OptionError(
+            f"validation_frontier ({arms}) must name two or more method: none arms (the base "
+            f"routed at different k); fix {path}"
+        )
+    return list(arms)
 
 
 def _compute_maps(raw: dict, path: str) -> dict:

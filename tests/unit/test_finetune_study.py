@@ -62,9 +62,12 @@ class StandIn:
                       "model_flops_pct": -8.0 if "adamoe" in arm else 0.0}  # fmt: skip
             task = value("--tasks")
             if task == "shakespeare_validation":
-                result = {"bits_per_byte": BPB[arm] + 0.01 * int(seed),
-                          "load_mean": 1.0 if "--topk=1" in command else result["load_mean"],
-                          "model_flops_pct": result["model_flops_pct"]}  # fmt: skip
+                top1 = "--topk=1" in command
+                result = {
+                    "bits_per_byte": BPB[arm] + 0.01 * int(seed),
+                    "load_mean": 1.0 if top1 else result["load_mean"],
+                    "model_flops_pct": -25.0 if top1 else result["model_flops_pct"],
+                }
             with open(value("--output"), "w") as handle:
                 json.dump({"tasks": {task: result}, "overall": result}, handle)
         elif command[1].endswith("tools/compute_map.py"):
@@ -144,7 +147,13 @@ def test_a_validation_text_added_later_scores_every_run_and_nothing_else(tmp_pat
     arms = {**PROTOCOL["arms"], "top1-base": {"base": "top2", "method": "none", "topk": 1}}
     maps = {"text": "val.txt", "seed": 2, "arms": ["adamoe-lora", "top2-base"]}
     after = load_protocol(
-        _write(tmp_path, validation="shakespeare_validation", arms=arms, compute_maps=maps)
+        _write(
+            tmp_path,
+            validation="shakespeare_validation",
+            arms=arms,
+            compute_maps=maps,
+            validation_frontier=["top1-base", "top2-base"],
+        )
     )
     stand_in = StandIn()
     finetune_study.run_protocol(after, str(runs), str(out), progress=False, launch=stand_in)
@@ -173,6 +182,10 @@ def test_a_validation_text_added_later_scores_every_run_and_nothing_else(tmp_pat
         "-8.0 ± 0.0 |"
     )
     assert "| top1-base | 2.2000 ± 0.0000 (1) | 1.00 ± 0.00 |" in readme
+    # The frontier: (-25 %, 2.20) to (0 %, 2.00); adamoe-lora at -8 % lies on it at 2.064.
+    gaps = [value - (2.2 - 0.2 * 17 / 25) for value in values]
+    assert f"| adamoe-lora | -8.0 | {fmean(gaps):+.4f} ± {pstdev(gaps):.4f} (2) | 2/2 |" in readme
+    assert "| top2-lora | +0.0 | -0.0850 ± 0.0050 (2) | 2/2 |" in readme
     assert (out / "tiny_table1" / "validation_flops.png").stat().st_size > 0
     assert "| adamoe-lora | 1 | 1.25 | 1.75 | 0.50 | 1.00 | - |" in readme
     assert "| top2-base | 1 | 2.00 | 2.50 | 0.50 | 1.00 | - |" in readme
@@ -197,6 +210,9 @@ def test_a_validation_text_added_later_scores_every_run_and_nothing_else(tmp_pat
         ({"tasks": {"t": {"train": "x.jsonl"}}}, "tasks.t must name train (JSONL) and eval"),
         ({"colour": "blue"}, "protocol keys (colour) must be among"),
         ({"compute_maps": {"text": "t", "seed": 1}}, "compute_maps keys (seed, text) must be"),
+        ({"validation_frontier": ["a", "b"]}, "validation_frontier needs a validation task"),
+        ({"validation": "v", "validation_frontier": ["top2-base", "top2-lora"]},
+         "validation_frontier (['top2-base', 'top2-lora']) must name two or more method: none"),
         ({"compute_maps": {"text": "t", "seed": 7, "arms": []}},
          "compute_maps.seed (7) must be one of the seeds"),
         ({"compute_maps": {"text": "t", "seed": 1, "arms": ["x"]}},
