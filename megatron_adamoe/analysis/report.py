@@ -60,15 +60,32 @@ def _interpolate(points: list[tuple[float, float]], x: float) -> Optional[float]
     return None
 
 
-def frontier(grid, stats: dict, group: tuple) -> list[tuple[str, dict]]:
+def topk_arms(grid, stats: dict, group: tuple) -> list[tuple[str, dict]]:
     """The top-k arms with results in comparison ``group`` (``Grid.group``: expert shape, token
-    budget, start), sorted by measured expert FLOPs."""
+    budget, start, balancing), sorted by measured expert FLOPs."""
     arms = [
         (arm, stats[arm])
         for arm in grid.arms
         if arm in stats and grid.is_topk(arm) and grid.group(arm) == group and stats[arm]["rows"]
     ]
     return sorted(arms, key=lambda item: item[1]["expert_flops_vs_baseline"][0])
+
+
+def frontier(grid, stats: dict, group: tuple) -> list[tuple[str, dict]]:
+    """The group's top-k arms that no other dominates (none with fewer expert FLOPs reaches a
+    lower mean loss): the frontier is what top-k can do, so an arm that spends more for a higher
+    loss is not a point of it."""
+    front = []
+    for arm, s in topk_arms(grid, stats, group):
+        if not front or s["final_val_loss"][0] < front[-1][1]["final_val_loss"][0]:
+            front.append((arm, s))
+    return front
+
+
+def dominating(front: list[tuple[str, dict]], point: dict) -> str:
+    """The frontier arm that dominates an arm left out of it: the last with no more FLOPs."""
+    flops = point["expert_flops_vs_baseline"][0]
+    return [arm for arm, s in front if s["expert_flops_vs_baseline"][0] <= flops][-1]
 
 
 END_TOLERANCE = 0.01  # a measured load within 1 % past the frontier's end counts as at the end
@@ -271,6 +288,16 @@ def _comparison_lines(grid, stats: dict, base: str, base_tps) -> list[str]:
             f"| {arm} | {s['expert_flops_vs_baseline'][0]:.3f} | {diff} | {exceeds} | "
             f"{how} | {saved} |"
         )
+    dominated = [
+        (arm, dominating(front, s))
+        for group, front in fronts.items()
+        for arm, s in topk_arms(grid, stats, group)
+        if front and arm not in dict(front)
+    ]
+    for arm, by in dominated:
+        lines.append(
+            f"Not on the frontier: {arm} (more expert FLOPs than {by} for a higher mean loss)."
+        )
     lines += [""]
     if base_tps:
         lines += [
@@ -311,8 +338,8 @@ def _against_one(grid, arm: str, s: dict, front: list) -> str:
         "-" if min(count, o_count) < 2 else ("yes" if abs(mean - o_mean) > 2 * error else "no")
     )
     return (
-        f"| {arm} | {flops} | {mean - o_mean:+.4f} ± {error:.4f} against {name} (the one top-k "
-        f"arm of the same training; expert FLOPs "
+        f"| {arm} | {flops} | {mean - o_mean:+.4f} ± {error:.4f} against {name} (the one "
+        f"frontier top-k arm of the same training; expert FLOPs "
         f"{other['expert_flops_vs_baseline'][0]:.3f}) | {exceeds} | - | - |"
     )
 

@@ -171,6 +171,22 @@ def test_frontier_comparisons_interpolate_the_top_k_points():
     assert report.flops_at_equal_loss(_stats(4.2, 0, 0.75), front)[1] is None
 
 
+def test_a_top_k_arm_that_spends_more_for_a_higher_loss_is_not_on_the_frontier():
+    from types import SimpleNamespace
+
+    stats = {
+        "top4": {**_stats(4.8, 0.01, 0.5), "rows": [1]},
+        "top6": {**_stats(4.7, 0.01, 0.75), "rows": [1]},
+        "top8": {**_stats(5.0, 0.01, 1.0), "rows": [1]},
+        "top12": {**_stats(4.6, 0.01, 1.5), "rows": [1]},
+    }
+    grid = SimpleNamespace(arms=list(stats), is_topk=lambda arm: True, group=lambda arm: "g")
+    assert [arm for arm, _ in report.topk_arms(grid, stats, "g")] == list(stats)
+    front = report.frontier(grid, stats, "g")
+    assert [arm for arm, _ in front] == ["top4", "top6", "top12"]
+    assert report.dominating(front, stats["top8"]) == "top6"
+
+
 def test_token_classes_and_frequency_quartiles():
     assert [token_class(p) for p in ("\u2581the", "ing", ",", "\u2581.", "\u2581", "3")] == [
         "word-initial",
