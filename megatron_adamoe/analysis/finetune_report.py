@@ -301,8 +301,9 @@ def render(protocol, rows: list[dict], machine: dict, commands: list[str]) -> st
             f"{protocol.compute_maps['seed']} (every task's model): true experts per token, mean "
             "over the arm's maps, overall, by MoE layer, by token class (punctuation, "
             "word-initial piece, continuation piece) and by frequency quartile of the token in "
-            "that text (Q1 rarest). Each map (HTML, PNG, summary.json) is kept under "
-            "`runs/<run>/compute_map/`.",
+            "that text (Q1 rarest). Each map's PNG and summary.json are kept under "
+            "`runs/<run>/compute_map/`; its HTML page (tokens coloured by experts used) is in "
+            "the work directory, or rerun the listed command.",
             "",
             *maps,
             "",

@@ -33,7 +33,7 @@ from megatron_adamoe.analysis.finetune_report import render, write_plot, write_v
 from megatron_adamoe.analysis.grid import REPO, load_grid
 from megatron_adamoe.analysis.protocol import Protocol
 
-MAP_FILES = ("summary.json", "compute_map.png", "compute_map.html")
+MAP_FILES = ("summary.json", "compute_map.png")  # the HTML page (~0.7 MB) stays in the work dir
 CSV_COLUMNS = (
     "arm",
     "task",
