@@ -137,7 +137,7 @@ def write_validation_plot(protocol, rows: list[dict], path: str) -> None:
     """Bits per byte on the validation text against whole-model FLOPs there, mean ± std per arm
     over its runs."""
     figure, axis = plt.subplots(figsize=(6.5, 4.6))
-    colors = plt.get_cmap("tab10")
+    colors = plt.get_cmap("tab20")
     for number, arm in enumerate(protocol.arms):
         runs = [r for r in rows if r["arm"] == arm and _has_val(r)]
         if not runs:
@@ -147,7 +147,7 @@ def write_validation_plot(protocol, rows: list[dict], path: str) -> None:
             for key in ("val_bits_per_byte", "val_model_flops_pct")
         )
         axis.errorbar(
-            x, y, yerr=y_std, xerr=x_std, fmt="o", capsize=3, color=colors(number % 10), label=arm
+            x, y, yerr=y_std, xerr=x_std, fmt="o", capsize=3, color=colors(number % 20), label=arm
         )
     frontier = [
         [r for r in rows if r["arm"] == arm and _has_val(r)] for arm in protocol.validation_frontier
@@ -212,7 +212,7 @@ def write_plot(protocol, rows: list[dict], path: str) -> None:
     """Accuracy against whole-model FLOPs (vs top-k), one panel per task, mean ± std per arm."""
     tasks = list(protocol.tasks)
     figure, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
-    colors = plt.get_cmap("tab10")
+    colors = plt.get_cmap("tab20")
     for axis, task in zip(axes[0], tasks):
         for number, arm in enumerate(protocol.arms):
             acc = [100 * a for a in _values(rows, arm, task, "acc")]
@@ -222,7 +222,7 @@ def write_plot(protocol, rows: list[dict], path: str) -> None:
             (acc_mean, acc_std), (x_mean, x_std) = _mean_std(acc), _mean_std(flops)
             axis.errorbar(
                 x_mean, acc_mean, yerr=acc_std, xerr=x_std, fmt="o", capsize=3,
-                color=colors(number % 10), label=arm,
+                color=colors(number % 20), label=arm,
             )  # fmt: skip
         axis.set_title(task)
         axis.set_xlabel(f"model FLOPs per token vs top-{protocol.baseline_topk} (%)")
