@@ -60,30 +60,38 @@ def table(protocol, rows: list[dict]) -> list[str]:
 
 
 def validation_table(protocol, rows: list[dict]) -> list[str]:
-    """Markdown: one row per arm; on the validation text, over all its runs (every task's
-    fine-tuned model, every seed): bits per byte, Load and %FLOPs, mean ± std (runs)."""
-    lines = [
-        "| Arm | Bits/byte | Load | %FLOPs |",
-        "|---|---|---|---|",
-    ]
+    """Markdown: one row per arm; per task (the model fine-tuned on that task; a base arm's is
+    the same model for every task) bits per byte on the validation text, mean ± std over seeds
+    (number), and Load and %FLOPs measured there."""
+    tasks = list(protocol.tasks)
+    header = ["Arm"] + [f"{t} {c}" for t in tasks for c in ("Bits/byte", "Load", "%FLOPs")]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for arm in protocol.arms:
-        bits = [r["val_bits_per_byte"] for r in rows if r["arm"] == arm and _has_val(r)]
-        if not bits:
-            continue
-        load = [r["val_load_mean"] for r in rows if r["arm"] == arm and _has_val(r)]
-        flops = [r["val_model_flops_pct"] for r in rows if r["arm"] == arm and _has_val(r)]
-        (b, b_std), (lo, lo_std), (f, f_std) = map(_mean_std, (bits, load, flops))
-        lines.append(
-            f"| {arm} | {b:.4f} ± {b_std:.4f} ({len(bits)}) | {lo:.2f} ± {lo_std:.2f} | "
-            f"{f:+.1f} ± {f_std:.1f} |"
-        )
+        cells = [arm]
+        for task in tasks:
+            runs = _val_runs(rows, arm, task)
+            if not runs:
+                cells += ["-", "-", "-"]
+                continue
+            bits, spread = _mean_std([r["val_bits_per_byte"] for r in runs])
+            cells += [
+                f"{bits:.4f} ± {spread:.4f} ({len(runs)})",
+                f"{fmean(r['val_load_mean'] for r in runs):.2f}",
+                f"{fmean(r['val_model_flops_pct'] for r in runs):+.1f}",
+            ]
+        if any(cell != "-" for cell in cells[1:]):
+            lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
+def _val_runs(rows: list[dict], arm: str, task: str) -> list[dict]:
+    return [r for r in rows if r["arm"] == arm and r["task"] == task and _has_val(r)]
+
+
 def frontier_table(protocol, rows: list[dict]) -> list[str]:
-    """Markdown: each arm's validation bits per byte minus the frontier's at its FLOPs (the
-    straight line between the neighbouring frontier arms' means), per run, then mean ± std
-    (runs); '-' outside the frontier's FLOPs range."""
+    """Markdown: per arm and task, the runs' validation bits per byte minus the frontier's at
+    their FLOPs (the straight line between the neighbouring frontier arms' means), mean ± std
+    over seeds and how many runs lie below; '-' outside the frontier's FLOPs range."""
     points = []
     for arm in protocol.validation_frontier:
         runs = [r for r in rows if r["arm"] == arm and _has_val(r)]
@@ -103,29 +111,31 @@ def frontier_table(protocol, rows: list[dict]) -> list[str]:
                 return y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 > x0 else min(y0, y1)
         return None
 
-    lines = [
-        "| Arm | %FLOPs | Bits/byte − frontier | runs below |",
-        "|---|---|---|---|",
-    ]
+    tasks = list(protocol.tasks)
+    header = ["Arm"] + [f"{t} {c}" for t in tasks for c in ("%FLOPs", "− frontier", "below")]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for arm in protocol.arms:
-        runs = [r for r in rows if r["arm"] == arm and _has_val(r)]
-        if arm in protocol.validation_frontier or not runs:
+        if arm in protocol.validation_frontier or not any(_val_runs(rows, arm, t) for t in tasks):
             continue
-        flops = fmean(r["val_model_flops_pct"] for r in runs)
-        gaps = [
-            r["val_bits_per_byte"] - line(r["val_model_flops_pct"])
-            for r in runs
-            if line(r["val_model_flops_pct"]) is not None
-        ]
-        if len(gaps) < len(runs):
-            lines.append(f"| {arm} | {flops:+.1f} | outside the frontier's FLOPs range | - |")
-            continue
-        gap, spread = _mean_std(gaps)
-        below = sum(g < 0 for g in gaps)
-        lines.append(
-            f"| {arm} | {flops:+.1f} | {gap:+.4f} ± {spread:.4f} ({len(gaps)}) | "
-            f"{below}/{len(gaps)} |"
-        )
+        cells = [arm]
+        for task in tasks:
+            runs = _val_runs(rows, arm, task)
+            flops = [r["val_model_flops_pct"] for r in runs]
+            gaps = [r["val_bits_per_byte"] - line(x) for r, x in zip(runs, flops)
+                    if line(x) is not None]  # fmt: skip
+            if not runs:
+                cells += ["-", "-", "-"]
+            elif len(gaps) < len(runs):
+                cells += [f"{fmean(flops):+.1f}", "outside the frontier's range", "-"]
+            else:
+                gap, spread = _mean_std(gaps)
+                below = sum(g < 0 for g in gaps)
+                cells += [
+                    f"{fmean(flops):+.1f}",
+                    f"{gap:+.4f} ± {spread:.4f}",
+                    f"{below}/{len(gaps)}",
+                ]
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
@@ -270,10 +280,10 @@ def render(protocol, rows: list[dict], machine: dict, commands: list[str]) -> st
         lines += [
             f"### Validation text ({protocol.validation})",
             "",
-            "Each run's model (base, fine-tuned or with its adapters or allocators) on the "
-            "held-out text: lm-evaluation-harness `bits_per_byte` (rolling log-likelihood), Load "
-            "and %FLOPs measured on that text; mean ± population std over the arm's runs (every "
-            "task's model and seed; number of runs).",
+            "Each run's model (base, fine-tuned on that task, or with its adapters or "
+            "allocators) on the held-out text: lm-evaluation-harness `bits_per_byte` (rolling "
+            "log-likelihood), mean ± population std over seeds (number of runs); Load and %FLOPs "
+            "measured on that text.",
             "",
             *validation_table(protocol, rows),
             "",
@@ -286,7 +296,7 @@ def render(protocol, rows: list[dict], machine: dict, commands: list[str]) -> st
                 f"Against the frontier of {', '.join(protocol.validation_frontier)} (the base "
                 "as it is, at each k): each run's bits per byte minus the straight line between "
                 "the frontier arms' means at that run's FLOPs (negative: below the frontier, "
-                "better), mean ± std over runs, and how many runs lie below.",
+                "better), mean ± std over seeds, and how many runs lie below.",
                 "",
                 *frontier,
                 "",
