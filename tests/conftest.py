@@ -18,6 +18,9 @@ import torch
 # a directory of this session, not the user's cache (read when transformers is first imported).
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="adamoe-hf-modules-"))
+# megatron-core 0.19 runs `git rev-parse` when first imported unless this is set: a unit test that
+# happens to import it first would then start a process.
+os.environ.setdefault("NO_VCS_VERSION", "1")
 
 from tests.runs import write_synthetic_corpus  # noqa: E402
 
