@@ -313,12 +313,22 @@ def _comparison_lines(grid, stats: dict, base: str, base_tps) -> list[str]:
             flops, tps = s["model_flops_vs_baseline"][0], s["tokens_per_s"]
             if tps[2] and not math.isnan(flops):
                 time_ratio = base_tps[0] / tps[0]
+                if grid.expert_shape(arm) != grid.baseline_shape():
+                    lines.append(f"- {arm}: time {time_ratio:.3f}, {_own_shape(grid, arm)}")
+                    continue
                 lines.append(
                     f"- {arm}: time {time_ratio:.3f}, model FLOPs {flops:.3f}, "
                     f"time/FLOPs {time_ratio / flops:.3f}"
                 )
         lines += [""]
     return lines
+
+
+def _own_shape(grid, arm: str) -> str:
+    """Why an arm of another expert shape has no time/FLOPs ratio: its model FLOPs (the run's
+    own measure) are against top-k of its own experts, not the baseline's."""
+    n, width = grid.expert_shape(arm)
+    return f"model FLOPs against top-{grid.baseline_topk} of its own {n} experts of FFN {width}"
 
 
 def _against_one(grid, arm: str, s: dict, front: list) -> str:
@@ -367,5 +377,8 @@ def _timing_lines(grid, stats: dict, base: str, timing: dict) -> list[str]:
             continue
         flops = stats[arm]["model_flops_vs_baseline"][0]
         ratio = seconds / timing[base_arm]
+        if grid.expert_shape(arm) != grid.baseline_shape():
+            lines.append(f"| {arm} | {seconds:.3f} | {ratio:.3f} | {_own_shape(grid, arm)} | - |")
+            continue
         lines.append(f"| {arm} | {seconds:.3f} | {ratio:.3f} | {flops:.3f} | {ratio / flops:.3f} |")
     return lines + [""]

@@ -187,6 +187,34 @@ def test_a_top_k_arm_that_spends_more_for_a_higher_loss_is_not_on_the_frontier()
     assert report.dominating(front, stats["top8"]) == "top6"
 
 
+def test_wall_clock_gives_no_time_per_flops_ratio_for_another_expert_shape():
+    """An arm of 16 experts of FFN 64 logs model FLOPs against top-2 of its own experts: its
+    time is listed, but not divided by FLOPs of another baseline."""
+    from types import SimpleNamespace
+
+    def arm_stats(loss, flops, model_flops, tokens_per_s):
+        return {**_stats(loss, 0.01, flops), "rows": [1], "tokens_per_s": (tokens_per_s, 0, 3),
+                "model_flops_vs_baseline": (model_flops, 0, 3)}  # fmt: skip
+
+    stats = {
+        "top1": arm_stats(4.9, 0.5, 0.786, 1200.0),
+        "top2": arm_stats(4.8, 1.0, 1.0, 1000.0),
+        "fine": arm_stats(4.85, 0.75, 1.157, 800.0),
+    }
+    shapes = {"top1": (4, 256), "top2": (4, 256), "fine": (16, 64)}
+    grid = SimpleNamespace(
+        arms=list(stats),
+        baseline_topk=2,
+        is_topk=lambda arm: arm != "fine",
+        group=lambda arm: "g",
+        expert_shape=lambda arm: shapes[arm],
+        baseline_shape=lambda: (4, 256),
+    )
+    lines = report._comparison_lines(grid, stats, "top2", stats["top2"]["tokens_per_s"])
+    assert "- top1: time 0.833, model FLOPs 0.786, time/FLOPs 1.060" in lines
+    assert "- fine: time 1.250, model FLOPs against top-2 of its own 16 experts of FFN 64" in lines
+
+
 def test_token_classes_and_frequency_quartiles():
     assert [token_class(p) for p in ("\u2581the", "ing", ",", "\u2581.", "\u2581", "3")] == [
         "word-initial",
