@@ -402,3 +402,42 @@ def test_a_grid_arm_that_breaks_the_pretraining_rules_is_refused_before_any_run(
     assert message.endswith(f"; fix {path}") and "\n" not in message
     for shipped in ("cpu_shakespeare", "cpu_shakespeare_axes"):  # the shipped grids pass
         load_grid(f"configs/study/{shipped}.yaml")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--max-tokens", "0"], "max_tokens (0) must be >= 1; pass a positive --max-tokens"),
+        (
+            ["--text", "/no/such.txt"],
+            "text ('/no/such.txt') must be an existing file; check the path",
+        ),
+        (
+            ["--adapter", "out/adak"],
+            "adapter ('out/adak') applies to an exported model; pass --hf with it",
+        ),
+        (
+            [],
+            "model (--hf and --load) must be given by exactly one of them; pass an exported "
+            "directory or a checkpoint",
+        ),
+        (
+            ["--hf", "/no/such/export"],
+            "hf ('/no/such/export') must be an exported AdaMoE model directory; run "
+            "tools/convert_checkpoint.py export-hf",
+        ),
+    ],
+)
+def test_the_compute_map_tool_says_what_is_wrong_in_one_line(tmp_path, capsys, args, message):
+    import importlib.util
+    import os
+
+    tool_path = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "compute_map.py")
+    spec = importlib.util.spec_from_file_location("compute_map_tool", tool_path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    (tmp_path / "passage.txt").write_text("To be, or not to be.")
+    base = ["--text", str(tmp_path / "passage.txt"), "--out", str(tmp_path / "map")]
+    assert tool.main(base + args) == 2
+    assert capsys.readouterr().err.strip() == f"error: {message}"
+    assert not (tmp_path / "map").exists()  # nothing written
