@@ -114,7 +114,7 @@ def base_commands(protocol: Protocol, base: str, work: str) -> list[list[str]]:
     ]
 
 
-def listed(protocol: Protocol) -> list[str]:
+def command_lines(protocol: Protocol) -> list[str]:
     """The commands of the first seed of each arm and task, with the repository's paths."""
     work = os.path.join("runs/study", protocol.name)
     lines = [f"python tools/finetune_study.py {os.path.relpath(protocol.path, REPO)}"]

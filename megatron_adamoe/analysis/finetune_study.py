@@ -23,10 +23,10 @@ from typing import Callable, Optional
 from megatron_adamoe.analysis import study
 from megatron_adamoe.analysis.finetune_commands import (
     base_commands,
+    command_lines,
     compute_map_command,
     eval_command,
     finetune_command,
-    listed,
     validation_command,
 )
 from megatron_adamoe.analysis.finetune_report import render, write_plot, write_validation_plot
@@ -251,7 +251,7 @@ def write_report(protocol: Protocol, out_dir: str) -> Optional[str]:
     write_plot(protocol, rows, os.path.join(report_dir, "accuracy_flops.png"))
     if any(row.get("val_bits_per_byte") is not None for row in rows):
         write_validation_plot(protocol, rows, os.path.join(report_dir, "validation_flops.png"))
-    text = render(protocol, rows, study.machine(), commands=listed(protocol))
+    text = render(protocol, rows, study.machine(), commands=command_lines(protocol))
     path = os.path.join(report_dir, "README.md")
     with open(path + ".tmp", "w") as handle:
         handle.write(text)
