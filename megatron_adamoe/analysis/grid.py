@@ -102,6 +102,11 @@ class Grid:
         balancing = "expert bias" if options.moe_router_enable_expert_bias else "aux loss"
         return (*self.expert_shape(arm), options.train_iters, start, balancing)
 
+    def baseline_group(self) -> tuple:
+        """The group of the base config with the common options (no arm's own): the training
+        the FLOPs baseline's top-k arm has, e.g. the aux loss rather than the expert bias."""
+        return self.group(None)
+
     def baseline_shape(self) -> tuple[int, int]:
         """The expert shape of the base config with the common options (top-``baseline_topk``
         of these experts is the FLOPs baseline)."""

@@ -215,14 +215,17 @@ def render(
 
 
 def _arm_with_k(grid, stats: dict, k: int) -> Optional[str]:
-    for arm, s in stats.items():
-        if (
-            grid.is_topk(arm)
-            and grid.expert_shape(arm) == grid.baseline_shape()
-            and (s["rows"][0]["k"] == k)
-        ):
-            return arm
-    return None
+    """The top-k arm the wall clock is measured against: top-``k`` of the baseline's experts,
+    trained as the base config trains (its group) if the grid has one, else of any training."""
+    arms = [
+        arm
+        for arm, s in stats.items()
+        if grid.is_topk(arm)
+        and grid.expert_shape(arm) == grid.baseline_shape()
+        and s["rows"][0]["k"] == k
+    ]
+    own = [arm for arm in arms if grid.group(arm) == grid.baseline_group()]
+    return (own or arms or [None])[0]
 
 
 def _setup_lines(grid, rows: list[dict]) -> list[str]:

@@ -441,3 +441,21 @@ def test_the_compute_map_tool_says_what_is_wrong_in_one_line(tmp_path, capsys, a
     assert tool.main(base + args) == 2
     assert capsys.readouterr().err.strip() == f"error: {message}"
     assert not (tmp_path / "map").exists()  # nothing written
+
+
+def test_wall_clock_is_measured_against_top_k_trained_as_the_base_config_trains():
+    """The axes grid lists its expert-bias top-2 before the reused top-2 with the aux loss: the
+    reference for time ratios is the latter (the base config's training), the other only when
+    the grid has no such arm."""
+    from megatron_adamoe.analysis.grid import load_grid
+
+    grid = load_grid("configs/study/cpu_shakespeare_axes.yaml")
+    stats = {
+        arm: {"rows": [{"k": grid.options(arm).moe_router_topk}]}
+        for arm in ("bias-top1", "bias-top2", "fg-top8", "top1", "top2", "top3")
+    }
+    assert list(stats).index("bias-top2") < list(stats).index("top2")
+    assert report._arm_with_k(grid, stats, 2) == "top2"
+    del stats["top2"]
+    assert report._arm_with_k(grid, stats, 2) == "bias-top2"
+    assert report._arm_with_k(grid, {"fg-top8": stats["fg-top8"]}, 8) is None  # another shape
