@@ -224,7 +224,8 @@ def _arm_with_k(grid, stats: dict, k: int) -> Optional[str]:
         and grid.expert_shape(arm) == grid.baseline_shape()
         and s["rows"][0]["k"] == k
     ]
-    own = [arm for arm in arms if grid.group(arm) == grid.baseline_group()]
+    baseline = grid.baseline_group()
+    own = [arm for arm in arms if grid.group(arm) == baseline]
     return (own or arms or [None])[0]
 
 

@@ -429,13 +429,9 @@ def test_a_grid_arm_that_breaks_the_pretraining_rules_is_refused_before_any_run(
     ],
 )
 def test_the_compute_map_tool_says_what_is_wrong_in_one_line(tmp_path, capsys, args, message):
-    import importlib.util
-    import os
+    from tests.tools import load_tool
 
-    tool_path = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "compute_map.py")
-    spec = importlib.util.spec_from_file_location("compute_map_tool", tool_path)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("compute_map")
     (tmp_path / "passage.txt").write_text("To be, or not to be.")
     base = ["--text", str(tmp_path / "passage.txt"), "--out", str(tmp_path / "map")]
     assert tool.main(base + args) == 2

@@ -3,20 +3,14 @@ on CPU too), and a tiny run of the HF model benchmark."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "bench_moe_layer.py"
+from tests.tools import load_tool
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_moe_layer", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("bench_moe_layer")
 
 
 @pytest.mark.parametrize(
@@ -37,18 +31,10 @@ def test_bench_rejects_bad_options_with_one_line(bench, capsys, argv, message):
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"error: {message}")
 
 
-def _tool(name: str):
-    path = TOOL.parent / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_hf_model_benchmark_prints_both_models_and_their_ratios(capsys):
     """A tiny run of tools/bench_hf_model.py (make bench-hf) in this process: one row per
     attention implementation and batch size, AdaMoE and top-k tokens/s, and the time ratios."""
-    bench_hf = _tool("bench_hf_model")
+    bench_hf = load_tool("bench_hf_model")
     argv = ["--layers", "1", "--hidden", "32", "--ffn", "32", "--prompt", "8"]
     assert bench_hf.main([*argv, "--new-tokens", "2", "--repeats", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()

@@ -99,11 +99,9 @@ def test_items_are_true_disjoint_by_play_and_deterministic():
 
 
 def test_the_tool_writes_the_directory_or_says_why_not(tmp_path, capsys):
-    import importlib.util
+    from tests.tools import load_tool
 
-    spec = importlib.util.spec_from_file_location("make_tasks", f"{REPO}/tools/make_tasks.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("make_tasks")
     assert (
         tool.main(["--input", "x.tar.gz", "--split", "100,0,0", "--out", str(tmp_path / "t")]) == 2
     )

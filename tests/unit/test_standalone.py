@@ -5,23 +5,15 @@ this package)."""
 from __future__ import annotations
 
 import ast
-import importlib.util
 import os
+
+from tests.tools import load_tool
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location(
-        "sync_standalone", os.path.join(REPO, "tools", "sync_standalone.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_every_generated_copy_equals_its_source():
-    tool = _tool()
+    tool = load_tool("sync_standalone")
     assert tool.COPIES
     for target, source in tool.COPIES:
         with open(os.path.join(REPO, target)) as handle:
@@ -34,7 +26,7 @@ def test_every_generated_copy_equals_its_source():
 
 
 def test_an_edited_copy_is_drift():
-    tool = _tool()
+    tool = load_tool("sync_standalone")
     target, source = tool.COPIES[0]
     with open(os.path.join(REPO, target)) as handle:
         text = handle.read()
@@ -48,7 +40,7 @@ def test_shared_code_imports_nothing_and_its_targets_import_what_it_uses():
     """The shared parts import nothing themselves; what their sources import at the top comes
     from the standard library or torch, or from a package module whose standalone copy the
     target imports instead (``STANDALONE_MODULES``), and the target imports it too."""
-    tool = _tool()
+    tool = load_tool("sync_standalone")
     for target, source in tool.COPIES:
         shared = ast.parse(tool.shared_part(source))
         assert not [n for n in ast.walk(shared) if isinstance(n, (ast.Import, ast.ImportFrom))]
